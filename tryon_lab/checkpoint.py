@@ -1,0 +1,396 @@
+"""The embedded default checkpoint: small models with the real FLUX Fill / Redux architectures.
+
+No weights can be downloaded, so the workbench builds its own checkpoint in the exact folder layout
+of the public snapshots (``FLUX.1-Fill-dev/`` and ``FLUX.1-Redux-dev/``, diffusers layout, safetensors
+only). Every loader in ``tryon_lab`` reads this folder exactly as it would read a real snapshot, so
+pointing ``TRYON_LAB_MODELS`` at real weights changes nothing else.
+
+Two flavours:
+- ``random``: deterministic random weights from a seed, built on first use into a cache folder
+  (for tests and shape-only runs);
+- ``trained``: the committed toy try-on model (``checkpoints/toy-tryon``) trained by
+  ``scripts/train_default_model.py``; the default when present.
+
+Identity is a fingerprint: sha256 over every config and weight file (per-file hashes cached by size
+and mtime, so re-fingerprinting 24 GB of real weights is instant after the first time).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINED_DIR = REPO_ROOT / "checkpoints" / "toy-tryon"
+FILL_SUBDIR = "FLUX.1-Fill-dev"
+REDUX_SUBDIR = "FLUX.1-Redux-dev"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# The fixed task prompt of in-context try-on (one prompt for every request: it is encoded once).
+TRYON_PROMPT = (
+    "The pair of images highlights a clothing and its styling on a model, high resolution, 4K, 8K; "
+    "[IMAGE1] Detailed product shot of a clothing; "
+    "[IMAGE2] The same cloth is worn by a model in a lifestyle setting."
+)
+
+
+def cache_dir() -> Path:
+    """Where generated checkpoints and file-hash caches live (``TRYON_LAB_CACHE`` overrides)."""
+    root = os.environ.get("TRYON_LAB_CACHE") or Path.home() / ".cache" / "tryon_lab"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@dataclass
+class SmallModelConfig:
+    """Scaled-down FLUX Fill + Redux: same block structure, fewer/narrower blocks.
+
+    The Fill transformer's ``in_channels`` follows from the VAE: packed noise latents (4 * latent
+    channels) + packed masked-image latents (same) + packed mask (4 * vae_scale_factor**2).
+    """
+
+    seed: int = 0
+    num_layers: int = 2  # double-stream blocks (19 in FLUX.1)
+    num_single_layers: int = 4  # single-stream blocks (38 in FLUX.1)
+    num_attention_heads: int = 4
+    attention_head_dim: int = 64
+    axes_dims_rope: tuple[int, int, int] = (8, 28, 28)  # sums to attention_head_dim, like (16, 56, 56)
+    joint_attention_dim: int = 256  # T5 width (4096 in FLUX.1)
+    pooled_projection_dim: int = 64  # CLIP width (768 in FLUX.1)
+    latent_channels: int = 16
+    vae_block_out_channels: tuple[int, ...] = (32, 64, 64, 64)  # 4 levels -> 8x down, like FLUX
+    vae_layers_per_block: int = 1
+    vae_norm_num_groups: int = 32
+    siglip_hidden: int = 64
+    siglip_layers: int = 2
+    siglip_image_size: int = 64
+    siglip_patch: int = 8  # (64/8)^2 = 64 Redux image tokens (729 in FLUX.1 Redux)
+    t5_layers: int = 2
+    clip_layers: int = 2
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae_block_out_channels) - 1)
+
+    @property
+    def fill_in_channels(self) -> int:
+        return 4 * self.latent_channels * 2 + 4 * self.vae_scale_factor**2
+
+
+def load_shared_config(path: str | Path) -> dict:
+    """Read the published FLUX Fill / Redux configs (e.g. the full-size config used for GPU timing)."""
+    return json.loads(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def transformer_config(cfg: SmallModelConfig) -> dict:
+    return dict(
+        patch_size=1,
+        in_channels=cfg.fill_in_channels,
+        out_channels=4 * cfg.latent_channels,
+        num_layers=cfg.num_layers,
+        num_single_layers=cfg.num_single_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.joint_attention_dim,
+        pooled_projection_dim=cfg.pooled_projection_dim,
+        guidance_embeds=True,
+        axes_dims_rope=list(cfg.axes_dims_rope),
+    )
+
+
+def vae_config(cfg: SmallModelConfig) -> dict:
+    n = len(cfg.vae_block_out_channels)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg.latent_channels,
+        block_out_channels=list(cfg.vae_block_out_channels),
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        layers_per_block=cfg.vae_layers_per_block,
+        norm_num_groups=cfg.vae_norm_num_groups,
+        act_fn="silu",
+        mid_block_add_attention=True,
+        force_upcast=True,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        sample_size=256,
+    )
+
+
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+_WORDS = (
+    "the pair of images highlights a clothing and its styling on model high resolution 4k 8k "
+    "[image1] [image2] detailed product shot same cloth is worn by in lifestyle setting shirt dress "
+    "jacket t-shirt logo person garment photo red green blue white black striped checked , ; ."
+).split()
+
+
+def _clip_bpe_tokenizer():
+    """A tiny byte-pair tokenizer trained locally on the prompt vocabulary (CLIP's tokenizer is BPE)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
+    tok = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, end_of_word_suffix="</w>",
+                                  show_progress=False)
+    tok.train_from_iterator([" ".join(_WORDS)] * 4 + [TRYON_PROMPT], trainer=trainer)
+    return tok
+
+
+def build_tokenizers(out_root: Path) -> tuple[int, int]:
+    """Write a CLIP and a T5 tokenizer (fast, tokenizer.json) into ``tokenizer/`` and ``tokenizer_2/``."""
+    from tokenizers import processors
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip_tok = _clip_bpe_tokenizer()
+    bos, eos = clip_tok.token_to_id("<|startoftext|>"), clip_tok.token_to_id("<|endoftext|>")
+    clip_tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)],
+    )
+    clip = CLIPTokenizer(
+        tokenizer_object=clip_tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    clip.save_pretrained(out_root / "tokenizer")
+    n_clip = clip_tok.get_vocab_size()
+
+    # T5's tokenizer is a Unigram model over "▁"-prefixed pieces (sentencepiece style).
+    words = sorted(set(_WORDS) | set(TRYON_PROMPT.split()))
+    chars = sorted(set("".join(words)))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    t5 = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
+    t5.save_pretrained(out_root / "tokenizer_2")
+    return n_clip, len(vocab)
+
+
+def t5_vocab_size() -> int:
+    words = set(_WORDS) | set(TRYON_PROMPT.split())
+    return 4 + len(words) + len(set("".join(words)))
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def build_models(cfg: SmallModelConfig) -> dict[str, torch.nn.Module]:
+    """Instantiate every model with deterministic random weights (float32)."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    n_clip_vocab, n_t5_vocab = 400, t5_vocab_size()
+    torch.manual_seed(cfg.seed)
+    models: dict[str, torch.nn.Module] = {}
+    models["transformer"] = FluxTransformer2DModel(**transformer_config(cfg))
+    models["vae"] = AutoencoderKL(**vae_config(cfg))
+    models["text_encoder"] = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=n_clip_vocab, hidden_size=cfg.pooled_projection_dim, intermediate_size=2 * cfg.pooled_projection_dim,
+            num_hidden_layers=cfg.clip_layers, num_attention_heads=2, max_position_embeddings=77,
+            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=cfg.pooled_projection_dim,
+        )
+    )
+    models["text_encoder_2"] = T5EncoderModel(
+        T5Config(
+            vocab_size=n_t5_vocab, d_model=cfg.joint_attention_dim, d_kv=32, d_ff=2 * cfg.joint_attention_dim,
+            num_layers=cfg.t5_layers, num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=0,
+            eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False,
+        )
+    )
+    models["image_encoder"] = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=cfg.siglip_hidden, intermediate_size=2 * cfg.siglip_hidden, num_hidden_layers=cfg.siglip_layers,
+            num_attention_heads=2, image_size=cfg.siglip_image_size, patch_size=cfg.siglip_patch,
+        )
+    )
+    models["image_embedder"] = ReduxImageEncoder(redux_dim=cfg.siglip_hidden, txt_in_features=cfg.joint_attention_dim)
+    for m in models.values():
+        m.eval()
+    return models
+
+
+def save_checkpoint(models: dict[str, torch.nn.Module], cfg: SmallModelConfig, root: Path,
+                    max_shard_size: str = "15MB") -> Path:
+    """Write models in the public snapshots' layout: ``root/FLUX.1-Fill-dev`` and ``root/FLUX.1-Redux-dev``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxPriorReduxPipeline
+    from transformers import CLIPTokenizer, SiglipImageProcessor, T5TokenizerFast
+
+    root = Path(root)
+    fill_dir, redux_dir = root / FILL_SUBDIR, root / REDUX_SUBDIR
+    tok_dir = Path(tempfile.mkdtemp())
+    try:
+        build_tokenizers(tok_dir)
+        fill = FluxFillPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
+            vae=models["vae"],
+            text_encoder=models["text_encoder"],
+            tokenizer=CLIPTokenizer.from_pretrained(tok_dir / "tokenizer"),
+            text_encoder_2=models["text_encoder_2"],
+            tokenizer_2=T5TokenizerFast.from_pretrained(tok_dir / "tokenizer_2"),
+            transformer=models["transformer"],
+        )
+        fill.save_pretrained(fill_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    finally:
+        shutil.rmtree(tok_dir, ignore_errors=True)
+    processor = SiglipImageProcessor(
+        size={"height": cfg.siglip_image_size, "width": cfg.siglip_image_size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    redux = FluxPriorReduxPipeline(
+        image_encoder=models["image_encoder"], feature_extractor=processor, image_embedder=models["image_embedder"]
+    )
+    redux.save_pretrained(redux_dir, safe_serialization=True, max_shard_size=max_shard_size)
+    (root / "tryon_lab_config.json").write_text(json.dumps(_config_dict(cfg), indent=2, sort_keys=True))
+    return root
+
+
+def _config_dict(cfg: SmallModelConfig) -> dict:
+    d = copy.deepcopy(cfg.__dict__)
+    d["axes_dims_rope"] = list(cfg.axes_dims_rope)
+    d["vae_block_out_channels"] = list(cfg.vae_block_out_channels)
+    return d
+
+
+def random_checkpoint(cfg: SmallModelConfig | None = None, root: Path | None = None) -> Path:
+    """The random-weights embedded checkpoint, built on first use (seconds on a CPU), then reused.
+
+    Built into a temporary folder and renamed into place, so an interrupted build never leaves a
+    half-written checkpoint that later runs would load.
+    """
+    cfg = cfg or SmallModelConfig()
+    key = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    root = Path(root) if root else cache_dir() / f"embedded-random-{key}"
+    if (root / "tryon_lab_config.json").exists():
+        return root
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".building-"))
+    save_checkpoint(build_models(cfg), cfg, tmp)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def default_model_dir() -> Path:
+    """The model folder every notebook uses unless told otherwise.
+
+    ``TRYON_LAB_MODELS`` (a folder holding ``FLUX.1-Fill-dev/`` and ``FLUX.1-Redux-dev/``, e.g. real
+    snapshots) wins; then the committed trained toy model; then the random embedded default.
+    """
+    env = os.environ.get("TRYON_LAB_MODELS")
+    if env:
+        return Path(env)
+    if (TRAINED_DIR / FILL_SUBDIR / "model_index.json").exists():
+        return TRAINED_DIR
+    return random_checkpoint()
+
+
+def resolve_model_dir(model: str | Path | None) -> Path:
+    """Map a notebook's ``model`` parameter to a folder: ``default``/None, ``random``, ``trained`` or a path."""
+    if model in (None, "", "default"):
+        return default_model_dir()
+    if model == "random":
+        return random_checkpoint()
+    if model == "trained":
+        return TRAINED_DIR
+    return Path(model)
+
+
+def describe_model(model_dir: Path) -> str:
+    """One line saying which model a number came from."""
+    model_dir = Path(model_dir)
+    info = model_dir / "tryon_lab_config.json"
+    if model_dir.resolve() == TRAINED_DIR.resolve():
+        kind = "trained toy try-on model (committed)"
+    elif info.exists():
+        kind = "embedded default with random weights"
+    else:
+        kind = "external weights"
+    return f"{kind} at {model_dir} [fingerprint {fingerprint(model_dir)[:16]}]"
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _hash_cache_path() -> Path:
+    return cache_dir() / "file_hashes.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, cached by (path, size, mtime) so large weight files are hashed once."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    cache[key] = h.hexdigest()
+    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, cache_file)
+    return cache[key]
+
+
+def fingerprint(folder: str | Path, subfolders: tuple[str, ...] | None = None) -> str:
+    """Hash of every config and weight file under ``folder`` (or only the named subfolders)."""
+    folder = Path(folder)
+    roots = [folder / s for s in subfolders] if subfolders else [folder]
+    h = hashlib.sha256()
+    for root in roots:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt", ".model"))
+        for p in files:
+            if p.name == "tryon_lab_card.json":  # the card describes the weights; it is not part of them
+                continue
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(file_sha256(p).encode())
+    return h.hexdigest()

@@ -1,0 +1,182 @@
+"""Image input handling: validate, convert, fit to the model's grid, and build the in-context diptych.
+
+Documented conversions (everything else is a clear ``ImageInputError``):
+- RGBA / LA / P with transparency: composited over white (garment photos are product shots on white);
+- CMYK, P, L, I;16 / I (16/32-bit): converted to 8-bit RGB (16-bit values scaled to 0..255);
+- masks: any mode becomes 8-bit ``L`` and is binarised at 128 (white = repaint, black = keep);
+- sizes that are not multiples of 16: the person and mask are padded (edge pixels, mask 0) up to the
+  next multiple of 16 and the output is cropped back, so the result has the input size exactly
+  (``fit="pad"``, default), or resized to the nearest multiple (``fit="resize"``) and resized back;
+- a garment of another size than the person: resized to fit inside the person frame, keeping its
+  aspect, and centred on white.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+MULTIPLE = 16  # FLUX packs 2x2 latents of an 8x VAE: pixel sizes must be multiples of 16
+MIN_SIDE = 32
+
+
+class ImageInputError(ValueError):
+    """A bad try-on input; the message names the problem and the fix."""
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """Open a path / PIL image / uint8 array and return 8-bit RGB, applying the documented conversions."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise ImageInputError(f"{what}: file not found: {path}. Check the path (relative paths are from the repo root).")
+        try:
+            img = Image.open(path)
+            img.load()
+        except (UnidentifiedImageError, OSError) as e:
+            raise ImageInputError(f"{what}: {path} is not a readable image ({e}). Use a PNG or JPEG file.") from e
+    elif isinstance(source, np.ndarray):
+        img = _array_to_image(source, what)
+    elif isinstance(source, Image.Image):
+        img = source
+    else:
+        raise ImageInputError(f"{what}: expected a path, PIL image or numpy array, got {type(source).__name__}.")
+    return to_rgb(img)
+
+
+def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
+    if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+        if arr.dtype == np.uint16:
+            arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+        elif arr.dtype in (np.float32, np.float64):
+            if arr.min() < 0 or arr.max() > 1:
+                raise ImageInputError(f"{what}: float arrays must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}].")
+            arr = (arr * 255).round().astype(np.uint8)
+        elif arr.dtype == bool:
+            arr = arr.astype(np.uint8) * 255
+        elif arr.dtype != np.uint8:
+            raise ImageInputError(f"{what}: unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
+        return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    raise ImageInputError(f"{what}: array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4).")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode (alpha over white, 16-bit scaled down, CMYK converted)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
+        img = Image.fromarray((arr / scale * 255).clip(0, 255).round().astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def load_mask(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """Binary ``L`` mask (255 = repaint) of exactly ``size`` (width, height); empty or full is an error."""
+    if isinstance(source, np.ndarray) and source.ndim == 3 and source.shape[2] not in (1, 3, 4):
+        raise ImageInputError(f"mask: array of shape {source.shape} is not a mask; expected (H, W).")
+    img = source if isinstance(source, Image.Image) else None
+    if img is None:
+        img = _array_to_image(source, "mask") if isinstance(source, np.ndarray) else load_image(source, "mask")
+    if img.mode not in ("L", "1"):
+        img = to_rgb(img).convert("L")
+    if img.size != tuple(size):
+        raise ImageInputError(
+            f"mask: size {img.size[0]}x{img.size[1]} does not match the person image {size[0]}x{size[1]}. "
+            "The mask marks the garment region on the person: make it the person image's size."
+        )
+    arr = np.asarray(img.convert("L")) >= 128
+    frac = arr.mean()
+    if frac == 0:
+        raise ImageInputError("mask: it is empty (no pixel >= 128), so there is nothing to repaint. "
+                              "Paint the garment region white.")
+    if frac == 1:
+        raise ImageInputError("mask: it covers the whole person image, so nothing of the person would be kept. "
+                              "Paint only the garment region white.")
+    return Image.fromarray(arr.astype(np.uint8) * 255, "L")
+
+
+@dataclass
+class PreparedInput:
+    """A request fitted to the model grid: the diptych (garment | person), its mask, and how to undo the fit."""
+
+    diptych: Image.Image
+    mask: Image.Image
+    person_size: tuple[int, int]  # original (width, height)
+    fitted_size: tuple[int, int]  # (width, height) of the person half
+    fit: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _next_multiple(x: int) -> int:
+    return -(-x // MULTIPLE) * MULTIPLE
+
+
+def fit_garment(garment: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, str | None]:
+    """Resize the garment to fit inside ``size`` keeping its aspect, centred on white."""
+    if garment.size == tuple(size):
+        return garment, None
+    w, h = size
+    scale = min(w / garment.width, h / garment.height)
+    new = garment.resize((max(1, round(garment.width * scale)), max(1, round(garment.height * scale))), Image.BICUBIC)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(new, ((w - new.width) // 2, (h - new.height) // 2))
+    return canvas, f"garment {garment.width}x{garment.height} resized into the person frame {w}x{h} (aspect kept, white border)"
+
+
+def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
+    """Validate one request and compose the diptych and its mask (``fit``: 'pad' or 'resize')."""
+    if fit not in ("pad", "resize"):
+        raise ImageInputError(f"fit must be 'pad' or 'resize', got {fit!r}.")
+    person = load_image(person, "person")
+    garment = load_image(garment, "garment")
+    if min(person.size) < MIN_SIDE:
+        raise ImageInputError(f"person: {person.size[0]}x{person.size[1]} is too small; each side must be >= {MIN_SIDE} px.")
+    mask_img = load_mask(mask, person.size)
+    notes: list[str] = []
+    w, h = person.size
+    tw, th = _next_multiple(w), _next_multiple(h)
+    if (tw, th) != (w, h):
+        if fit == "pad":
+            arr = np.asarray(person)
+            person = Image.fromarray(np.pad(arr, ((0, th - h), (0, tw - w), (0, 0)), mode="edge"))
+            m = np.pad(np.asarray(mask_img), ((0, th - h), (0, tw - w)), constant_values=0)
+            mask_img = Image.fromarray(m, "L")
+            notes.append(f"person {w}x{h} padded to {tw}x{th} (multiples of {MULTIPLE}); output cropped back")
+        else:
+            tw, th = max(MULTIPLE, round(w / MULTIPLE) * MULTIPLE), max(MULTIPLE, round(h / MULTIPLE) * MULTIPLE)
+            person = person.resize((tw, th), Image.BICUBIC)
+            mask_img = mask_img.resize((tw, th), Image.NEAREST)
+            notes.append(f"person {w}x{h} resized to {tw}x{th} (multiples of {MULTIPLE}); output resized back")
+    garment, note = fit_garment(garment, (tw, th))
+    if note:
+        notes.append(note)
+    diptych = Image.new("RGB", (2 * tw, th))
+    diptych.paste(garment, (0, 0))
+    diptych.paste(person, (tw, 0))
+    mask_full = Image.new("L", (2 * tw, th), 0)
+    mask_full.paste(mask_img, (tw, 0))
+    return PreparedInput(diptych, mask_full, (w, h), (tw, th), fit, notes)
+
+
+def person_half(image: Image.Image, prepared: PreparedInput) -> Image.Image:
+    """Cut the person side out of a generated diptych and undo the fit (crop or resize back)."""
+    tw, th = prepared.fitted_size
+    half = image.crop((tw, 0, 2 * tw, th))
+    w, h = prepared.person_size
+    if prepared.fit == "pad":
+        return half.crop((0, 0, w, h))
+    return half.resize((w, h), Image.BICUBIC)
+
+
+def image_hash(img: Image.Image) -> str:
+    """Content hash of an image's pixels (for caches keyed by garment)."""
+    import hashlib
+
+    return hashlib.sha256(img.tobytes() + repr((img.mode, img.size)).encode()).hexdigest()

@@ -1,0 +1,225 @@
+"""Tests for tryon_lab.runs: headless runs, manifests, sweeps, verify and notebook sync.
+
+Kernel starts are the expensive part, so runs are shared through module-scoped fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from PIL import Image
+
+from tryon_lab import runs
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="module")
+def nbs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("nbs")
+    out = {}
+    for py in sorted((HERE / "notebooks").glob("*.py")):
+        out[py.stem] = d / f"{py.stem}.ipynb"
+        jupytext.write(jupytext.read(py), out[py.stem], fmt="ipynb")
+    return out
+
+
+@pytest.fixture(scope="module")
+def input_file(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("inputs") / "coeffs.json"
+    p.write_text('{"a": 1}\n')
+    return p
+
+
+@pytest.fixture(scope="module")
+def ok_run(nbs, root, input_file) -> Path:
+    with pytest.warns(UserWarning, match="bogus"):
+        return runs.run([nbs["nb_ok"]], {"seed": 3, "size": 5, "input_file": str(input_file), "bogus": 1},
+                        name="ok", runs_root=root, progress=False)
+
+
+@pytest.fixture(scope="module")
+def mixed_run(nbs, root) -> tuple[int, Path, str]:
+    out = io.StringIO()
+    with pytest.warns(UserWarning, match="nb_fail: .* size"), contextlib.redirect_stdout(out):
+        rc = runs.main(["run", str(nbs["nb_fail"]), str(nbs["nb_ok"]), "-p", "seed=7", "-p", "size=3",
+                        "--runs-root", str(root), "--name", "mixed", "--no-progress"])
+    (run_dir,) = root.glob("*-mixed")
+    return rc, run_dir, out.getvalue()
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / run_dir.name))
+
+
+def test_parameters_are_injected(ok_run):
+    with Image.open(ok_run / "nb_ok" / "image.png") as img:
+        assert img.size == (5, 5)
+    metrics = json.loads((ok_run / "nb_ok" / "metrics.json").read_text())
+    assert metrics["seed"] == 3 and metrics["size"] == 5
+    executed = nbformat.read(ok_run / "nb_ok" / "nb_ok.ipynb", as_version=4)
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert "bogus" not in "".join(c.source for c in executed.cells)
+    assert (ok_run / "nb_ok" / "nb_ok.html").stat().st_size > 1000
+    assert "nb_ok/nb_ok.html" in (ok_run / "index.html").read_text()
+
+
+def test_manifest_fields(ok_run, input_file):
+    m = json.loads((ok_run / "manifest.json").read_text())
+    assert m["status"] == "ok" and m["name"] == "ok"
+    assert {"commit", "dirty"} <= set(m["git"])
+    for key in ("created", "finished", "host", "python", "command", "device"):
+        assert m[key]
+    assert set(runs.PACKAGES) <= set(m["packages"]) and m["packages"]["papermill"]
+    assert m["device"]["type"] in {"cpu", "cuda"} and m["device"]["name"]
+    (e,) = m["notebooks"]
+    assert e["status"] == "ok" and e["error"] is None and e["duration_s"] > 0
+    assert e["parameters"]["size"] == 5 and e["parameters"]["output_dir"] == str(ok_run / "nb_ok")
+    assert e["ignored_parameters"] == ["bogus"]
+    assert e["inputs"]["data"]["files"] == {input_file.as_posix(): runs.sha256_file(input_file)}
+    assert e["tolerances"] == {}
+    assert set(e["outputs"]) == {"image.png", "metrics.json"}
+    assert e["outputs"]["image.png"] == runs.sha256_file(ok_run / "nb_ok" / "image.png")
+
+
+def test_verify_passes_on_untouched_run(ok_run):
+    ok, report = runs.verify(ok_run)
+    assert ok, report
+    assert "ok    image.png (bit-exact" in report and "RESULT: OK" in report
+    assert not (ok_run.parent / f"{ok_run.name}.verify").exists()
+
+
+def test_verify_reports_modified_output(ok_run, tmp_path):
+    copy = _copy(ok_run, tmp_path)
+    Image.new("RGB", (5, 5), "red").save(copy / "nb_ok" / "image.png")
+    ok, report = runs.verify(copy)
+    assert not ok
+    assert "output modified after run: nb_ok/image.png" in report
+    assert "regression" not in report
+    assert runs.main(["verify", str(copy)]) == 1
+
+
+def test_verify_reports_changed_input(ok_run, input_file, tmp_path):
+    copy = _copy(ok_run, tmp_path)
+    original = input_file.read_text()
+    try:
+        input_file.write_text('{"a": 2}\n')
+        ok, report = runs.verify(copy)
+    finally:
+        input_file.write_text(original)
+    assert not ok
+    assert f"input changed: data {input_file.as_posix()}" in report
+    assert "regression" not in report and "output modified" not in report
+    assert not (tmp_path / f"{copy.name}.verify").exists()  # not re-run
+
+
+def test_failing_notebook_is_recorded_and_others_run(mixed_run):
+    rc, run_dir, stdout = mixed_run
+    assert rc == 1
+    assert f"run folder: {run_dir}" in stdout and (run_dir / "index.html").as_uri() in stdout
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "failed"
+    fail, ok = m["notebooks"]
+    assert fail["status"] == "failed" and "ValueError: deliberate failure (seed=7)" in fail["error"]
+    assert "deliberate failure" in fail["traceback"]
+    partial = nbformat.read(run_dir / "nb_fail" / "nb_fail.ipynb", as_version=4)
+    assert any(o.get("ename") == "ValueError" for c in partial.cells for o in c.get("outputs", []))
+    assert "metrics.json" in fail["outputs"]
+    assert ok["status"] == "ok" and ok["parameters"]["seed"] == 7
+    assert "failed" in (run_dir / "index.html").read_text()
+
+
+def test_interrupt_leaves_consistent_manifest(nbs, root, monkeypatch):
+    import papermill
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runs.run([nbs["nb_ok"], nbs["nb_fail"]], {}, name="intr", runs_root=root, progress=False)
+    (run_dir,) = root.glob("*-intr")
+    m = json.loads((run_dir / "manifest.json").read_text())
+    assert m["status"] == "interrupted"
+    assert [e["status"] for e in m["notebooks"]] == ["interrupted", "pending"]
+
+
+def test_expand_grid():
+    assert runs.expand_grid({"threshold": [0.1, 0.2], "fp8": [False, True]}) == [
+        {"threshold": 0.1, "fp8": False}, {"threshold": 0.1, "fp8": True},
+        {"threshold": 0.2, "fp8": False}, {"threshold": 0.2, "fp8": True}]
+    assert runs.expand_grid({"a": 1}) == [{"a": 1}]
+
+
+def test_sweep_writes_summary(nbs, root, tmp_path):
+    params = tmp_path / "p.yaml"
+    params.write_text("seed: 1\nnb_ok:\n  seed: 2\ngrid:\n  size: [2, 3]\n")
+    rc = runs.main(["sweep", str(nbs["nb_ok"]), "--params-file", str(params), "--grid", "seed=5",
+                    "--runs-root", str(root), "--name", "sw", "--no-progress"])
+    assert rc == 0
+    (sweep_dir,) = root.glob("*-sw")
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert [(r["size"], r["seed"], r["status"]) for r in rows] == [("2", "5", "ok"), ("3", "5", "ok")]
+    assert {"mean", "run"} <= set(rows[0])
+    md = (sweep_dir / "summary.md").read_text()
+    assert "| run | size | seed | status |" in md and md.count("| ok |") == 2
+    assert len(list(sweep_dir.glob("*/manifest.json"))) == 2 and (sweep_dir / "index.html").exists()
+
+
+def test_params_parsing_and_sections():
+    assert [runs.parse_value(v) for v in ("4", "true", "1e-3", "abc", "[1, 2]")] == [4, True, 1e-3, "abc", [1, 2]]
+    params = {"seed": 1, "steps": 8, "01_a": {"steps": 4}, "grid": {"x": [1]}}
+    stems = ["01_a", "02_b"]
+    assert runs.notebook_params(params, "01_a", stems) == {"seed": 1, "steps": 4}
+    assert runs.notebook_params(params, "02_b", stems) == {"seed": 1, "steps": 8}
+    merged = runs.merge_params(params, {"steps": 2}, stems)
+    assert runs.notebook_params(merged, "01_a", stems)["steps"] == 2
+
+
+def test_compare_output_tolerances(tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    Image.new("RGB", (8, 8), (100, 100, 100)).save(a)
+    Image.new("RGB", (8, 8), (101, 100, 100)).save(b)
+    sa, sb = runs.sha256_file(a), runs.sha256_file(b)
+    assert runs.compare_output("x.png", a, b, sa, sb, {}).startswith("FAIL  regression")
+    assert runs.compare_output("x.png", a, b, sa, sb, {"image_psnr_min": 40.0}).startswith("ok")
+    assert runs.compare_output("x.png", a, b, sa, sb, {"image_psnr_min": 60.0}).startswith("FAIL")
+    ja, jb = tmp_path / "a.json", tmp_path / "b.json"
+    ja.write_text('{"psnr": 30.0, "time_ms": 5}')
+    jb.write_text('{"psnr": 30.001, "time_ms": 9}')
+    sa, sb = runs.sha256_file(ja), runs.sha256_file(jb)
+    tol = {"metrics_rtol": 1e-3, "metrics_ignore": ["*_ms"]}
+    assert runs.compare_output("m.json", ja, jb, sa, sb, tol).startswith("ok")
+    assert "time_ms" in runs.compare_output("m.json", ja, jb, sa, sb, {"metrics_rtol": 1e-3})
+
+
+def test_sync_check_catches_outputs(tmp_path):
+    src = HERE / "notebooks" / "nb_ok.py"
+    shutil.copy(src, tmp_path / "01_demo.py")
+    jupytext.write(jupytext.read(src), tmp_path / "01_demo.ipynb", fmt="ipynb")
+    assert runs.sync_notebooks(check=True, notebooks_dir=tmp_path) == []
+    nb = nbformat.read(tmp_path / "01_demo.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"][1]
+    code.execution_count = 1
+    code.outputs = [nbformat.v4.new_output("stream", text="size 4\n")]
+    nbformat.write(nb, tmp_path / "01_demo.ipynb")
+    problems = runs.sync_notebooks(check=True, notebooks_dir=tmp_path)
+    assert any("has outputs" in p for p in problems) and any("execution count" in p for p in problems)
+    assert runs.main(["sync", "--check", "--dir", str(tmp_path)]) == 1
+    assert runs.sync_notebooks(check=False, notebooks_dir=tmp_path)
+    assert runs.sync_notebooks(check=True, notebooks_dir=tmp_path) == []
+    (tmp_path / "02_lonely.py").write_text("# %% tags=['parameters']\nx = 1\n")
+    assert any("02_lonely.ipynb: missing" in p for p in runs.sync_notebooks(notebooks_dir=tmp_path))

@@ -65,6 +65,7 @@ def cmd_assemble(args) -> int:
     base = checkpoint.random_checkpoint(small)
     out = Path(args.out)
     training.assemble_checkpoint(weights, record, out, base_dir=base)
+    training.check_text_embeddings(out, Path(args.embeddings))
     for dtype in (torch.float32, torch.bfloat16):
         embeddings.build_embeddings(out, dtype, path=embeddings.embeddings_path(out, dtype))
     training.plot_losses(record, out / "loss_curve.png")
@@ -88,6 +89,7 @@ def main(argv=None) -> int:
     a = sub.add_parser("assemble", help="build checkpoints/toy-tryon from trained weights")
     a.add_argument("--weights", required=True)
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
+    a.add_argument("--embeddings", default="embeddings/training-text-float32.safetensors")
     args = p.parse_args(argv)
     return cmd_train(args) if args.cmd == "train" else cmd_assemble(args)
 

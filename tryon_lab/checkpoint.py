@@ -154,16 +154,29 @@ _WORDS = (
 
 
 def _clip_bpe_tokenizer():
-    """A tiny byte-pair tokenizer trained locally on the prompt vocabulary (CLIP's tokenizer is BPE)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A tiny byte-pair tokenizer built locally (CLIP's tokenizer is BPE), deterministically.
+
+    Merges spell each prompt word left to right, so every word of the prompt is one token.
+    (The ``tokenizers`` BPE trainer is not deterministic across processes, so it is not used.)
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
     specials = ["<|startoftext|>", "<|endoftext|>", "<|unk|>"]
-    tok = Tokenizer(models.BPE(unk_token="<|unk|>", end_of_word_suffix="</w>"))
+    words = sorted({w.lower() for w in _WORDS + TRYON_PROMPT.split()})
+    chars = sorted(set("".join(words)))
+    vocab = {t: i for i, t in enumerate(specials + chars + [c + "</w>" for c in chars])}
+    merges: list[tuple[str, str]] = []
+    for w in words:
+        pieces = list(w[:-1]) + [w[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            if left + right not in vocab:
+                vocab[left + right] = len(vocab)
+                merges.append((left, right))
+            left = left + right
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<|unk|>", end_of_word_suffix="</w>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, end_of_word_suffix="</w>",
-                                  show_progress=False)
-    tok.train_from_iterator([" ".join(_WORDS)] * 4 + [TRYON_PROMPT], trainer=trainer)
     return tok
 
 
@@ -220,7 +233,7 @@ def build_models(cfg: SmallModelConfig) -> dict[str, torch.nn.Module]:
         T5EncoderModel,
     )
 
-    n_clip_vocab, n_t5_vocab = 400, t5_vocab_size()
+    n_clip_vocab, n_t5_vocab = _clip_bpe_tokenizer().get_vocab_size(), t5_vocab_size()
     torch.manual_seed(cfg.seed)
     models: dict[str, torch.nn.Module] = {}
     models["transformer"] = FluxTransformer2DModel(**transformer_config(cfg))

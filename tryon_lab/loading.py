@@ -222,3 +222,18 @@ def pickle_vs_safetensors(model_dir: str | Path, component: str = "transformer",
         pk_s = time.perf_counter() - start
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     return {"component": component, "bytes": nbytes, "safetensors_s": st_s, "pickle_s": pk_s}
+
+
+def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
+    """``auto``: CUDA with bf16 where there is a GPU, else CPU with fp32 (bf16 matmuls are slow on most CPUs)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'.")
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} not supported; use 'auto', 'bfloat16', 'float16' or 'float32'.") from None
+    return device, torch_dtype

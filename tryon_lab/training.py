@@ -268,6 +268,20 @@ def assemble_checkpoint(weights_dir: Path, record: dict, out_root: Path, base_di
     return out_root
 
 
+def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
+    """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
+    from safetensors.torch import load_file
+
+    from .embeddings import encode_prompt
+
+    prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
+    ref = load_file(str(training_embeddings))
+    if not (torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"])):
+        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {training_embeddings}: the trained "
+                           "transformer would see other conditioning than in training. Assemble from the same factory "
+                           "checkpoint the training embeddings came from.")
+
+
 def plot_losses(record: dict, path: Path | None = None):
     """Loss curves of both stages (smoothed), saved when ``path`` is given."""
     import matplotlib

@@ -1,0 +1,39 @@
+"""Shared fixtures: one random embedded checkpoint and one slim pipeline per test session."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+# Generated checkpoints go to a per-session cache unless the caller chose one (CI runs clean).
+os.environ.setdefault("TRYON_LAB_CACHE", tempfile.mkdtemp(prefix="tryon_lab_cache_"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    from tryon_lab import checkpoint
+
+    return checkpoint.random_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def slim(model_dir):
+    from tryon_lab import loading
+
+    return loading.load_slim(model_dir, torch.float32, "cpu")
+
+
+def make_request_images(w: int = 128, h: int = 192, seed: int = 0):
+    """A person, a garment and a mask with a box in the middle (pure arrays: no sample set needed)."""
+    rng = np.random.default_rng(seed)
+    person = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    garment = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    mask = np.zeros((h, w), np.uint8)
+    mask[h // 4: 3 * h // 4, w // 6: 5 * w // 6] = 255
+    return person, garment, Image.fromarray(mask, "L")

@@ -1,0 +1,66 @@
+"""The embedded default: deterministic, in the real diffusers layout, loadable by stock diffusers."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from tryon_lab import checkpoint
+
+
+def test_factory_is_deterministic(tmp_path, model_dir):
+    again = checkpoint.random_checkpoint(root=tmp_path / "again")
+    assert checkpoint.fingerprint(again) == checkpoint.fingerprint(model_dir)
+    other = checkpoint.random_checkpoint(checkpoint.SmallModelConfig(seed=1), root=tmp_path / "other")
+    assert checkpoint.fingerprint(other) != checkpoint.fingerprint(model_dir)
+
+
+def test_layout_matches_the_public_snapshots(model_dir):
+    fill, redux = model_dir / checkpoint.FILL_SUBDIR, model_dir / checkpoint.REDUX_SUBDIR
+    index = json.loads((fill / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxFillPipeline"
+    for part in ("transformer", "vae", "scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert part in index and (fill / part).is_dir()
+    assert json.loads((redux / "model_index.json").read_text())["_class_name"] == "FluxPriorReduxPipeline"
+    weights = list(model_dir.rglob("*.safetensors"))
+    assert weights and not [p for p in model_dir.rglob("*") if p.suffix in checkpoint.PICKLE_SUFFIXES]
+    # every weight file stays small (the transformer is sharded like the real one)
+    assert max(p.stat().st_size for p in weights) < 16 * 2**20
+    cfg = json.loads((fill / "transformer" / "config.json").read_text())
+    vae = json.loads((fill / "vae" / "config.json").read_text())
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    assert cfg["in_channels"] == 4 * vae["latent_channels"] * 2 + 4 * scale**2  # Fill channels follow the VAE
+
+
+def test_stock_diffusers_loads_every_part(model_dir):
+    from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
+
+    fill = FluxFillPipeline.from_pretrained(model_dir / checkpoint.FILL_SUBDIR, local_files_only=True)
+    redux = FluxPriorReduxPipeline.from_pretrained(model_dir / checkpoint.REDUX_SUBDIR, local_files_only=True)
+    assert fill.text_encoder is not None and fill.tokenizer_2 is not None and redux.image_embedder is not None
+    ids = fill.tokenizer_2(checkpoint.TRYON_PROMPT).input_ids
+    assert fill.tokenizer_2.unk_token_id not in ids  # the local tokenizer covers the task prompt
+    with torch.no_grad():
+        out = fill.text_encoder_2(torch.tensor([ids])).last_hidden_state
+    assert out.shape[-1] == fill.transformer.config.joint_attention_dim
+
+
+def test_fingerprint_changes_with_weights(tmp_path, model_dir):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert checkpoint.fingerprint(copy) == checkpoint.fingerprint(model_dir)
+    vae = next((copy / checkpoint.FILL_SUBDIR / "vae").glob("*.safetensors"))
+    data = bytearray(vae.read_bytes())
+    data[-1] ^= 0xFF
+    vae.write_bytes(bytes(data))
+    assert checkpoint.fingerprint(copy) != checkpoint.fingerprint(model_dir)
+
+
+def test_resolve_model_dir(monkeypatch, tmp_path, model_dir):
+    monkeypatch.setenv("TRYON_LAB_MODELS", str(tmp_path))
+    assert checkpoint.resolve_model_dir("default") == tmp_path
+    assert checkpoint.resolve_model_dir("random") == model_dir
+    assert "random weights" in checkpoint.describe_model(model_dir)

@@ -1,0 +1,58 @@
+"""The text-embedding cache: round trip and the errors when it does not fit the model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tryon_lab import embeddings
+
+
+@pytest.fixture(scope="module")
+def tcfg(slim):
+    return dict(slim.transformer.config)
+
+
+def test_round_trip(tmp_path, model_dir, tcfg):
+    path = embeddings.build_embeddings(model_dir, torch.float32, path=tmp_path / "e.safetensors")
+    pe, pooled, meta = embeddings.load_embeddings(path, tcfg, torch.float32)
+    live, live_pooled = embeddings.encode_prompt(model_dir, dtype=torch.float32)
+    assert torch.equal(pe, live) and torch.equal(pooled, live_pooled)
+    assert meta["dtype"] == "float32" and meta["encoder_fingerprint"] == embeddings.encoder_fingerprint(model_dir)
+    assert "clothing" in meta["prompt"]
+
+
+def _save(tmp_path, pe, pooled, fp="x"):
+    return embeddings.save_embeddings(tmp_path / "bad.safetensors", pe, pooled, "p", fp)
+
+
+def test_wrong_width_is_refused(tmp_path, tcfg):
+    path = _save(tmp_path, torch.zeros(1, 8, tcfg["joint_attention_dim"] + 1), torch.zeros(1, tcfg["pooled_projection_dim"]))
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="joint_attention_dim"):
+        embeddings.load_embeddings(path, tcfg, torch.float32)
+    path = _save(tmp_path, torch.zeros(1, 8, tcfg["joint_attention_dim"]), torch.zeros(1, 3))
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="pooled_projection_dim"):
+        embeddings.load_embeddings(path, tcfg, torch.float32)
+
+
+def test_wrong_dtype_is_refused(tmp_path, tcfg):
+    path = _save(tmp_path, torch.zeros(1, 8, tcfg["joint_attention_dim"], dtype=torch.bfloat16),
+                 torch.zeros(1, tcfg["pooled_projection_dim"], dtype=torch.bfloat16))
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="bfloat16.*float32"):
+        embeddings.load_embeddings(path, tcfg, torch.float32)
+
+
+def test_other_encoders_are_refused(tmp_path, tcfg):
+    path = _save(tmp_path, torch.zeros(1, 8, tcfg["joint_attention_dim"]), torch.zeros(1, tcfg["pooled_projection_dim"]),
+                 fp="0" * 64)
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="text encoders"):
+        embeddings.load_embeddings(path, tcfg, torch.float32, encoder_fp="1" * 64)
+
+
+def test_missing_and_pickle_files(tmp_path, tcfg):
+    with pytest.raises(FileNotFoundError, match="compute_embeddings"):
+        embeddings.load_embeddings(tmp_path / "nope.safetensors", tcfg, torch.float32)
+    pkl = tmp_path / "e.pt"
+    torch.save({}, pkl)
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="pickle"):
+        embeddings.load_embeddings(pkl, tcfg, torch.float32)

@@ -1,0 +1,66 @@
+"""Slim loader: loads only what inference needs, safetensors only; the standard loader beside it."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from tryon_lab import checkpoint, embeddings, loading
+
+
+def test_slim_loads_nothing_else(slim):
+    fill = slim.fill
+    assert fill.text_encoder is None and fill.text_encoder_2 is None
+    assert fill.tokenizer is None and fill.tokenizer_2 is None
+    assert [r["component"] for r in slim.load_report][:6] == list(loading.SLIM_COMPONENTS)
+    assert slim.prompt_embeds.shape[-1] == slim.transformer.config.joint_attention_dim
+
+
+def test_slim_needs_no_text_encoders_on_disk(tmp_path, model_dir):
+    """A snapshot without T5/CLIP loads, given the embedding cache: proof the slim path never reads them."""
+    copy = tmp_path / "no_text"
+    shutil.copytree(model_dir, copy)
+    emb = embeddings.ensure_embeddings(model_dir, torch.float32)
+    for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        shutil.rmtree(copy / checkpoint.FILL_SUBDIR / part)
+    pipe = loading.load_slim(copy, torch.float32, "cpu", embeddings_file=emb)
+    assert pipe.transformer is not None
+    with pytest.raises(loading.ModelFolderError, match="text_encoder"):
+        loading.load_standard(copy, torch.float32, "cpu")
+
+
+def test_pickle_weights_are_refused(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "pickled"
+    shutil.copytree(model_dir, copy)
+    vae_dir = copy / checkpoint.FILL_SUBDIR / "vae"
+    st = next(vae_dir.glob("*.safetensors"))
+    torch.save(load_file(str(st)), vae_dir / "diffusion_pytorch_model.bin")
+    st.unlink()
+    with pytest.raises(loading.PickleCheckpointError, match="convert_to_safetensors"):
+        loading.load_slim(copy, torch.float32, "cpu")
+
+
+def test_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(loading.ModelFolderError, match="FLUX.1-Fill-dev"):
+        loading.load_slim(tmp_path, torch.float32, "cpu")
+
+
+def test_standard_loads_everything(model_dir):
+    std = loading.load_standard(model_dir, torch.float32, "cpu")
+    assert std.fill.text_encoder is not None and std.redux.text_encoder_2 is not None
+    assert len(std.load_report) == len(loading.COMPONENTS)
+
+
+def test_pickle_vs_safetensors_reports_both(model_dir):
+    row = loading.pickle_vs_safetensors(model_dir, "vae")
+    assert row["safetensors_s"] > 0 and row["pickle_s"] > 0 and row["bytes"] > 0
+
+
+def test_resolve_device_dtype():
+    assert loading.resolve_device_dtype("cpu", "auto") == ("cpu", torch.float32)
+    with pytest.raises(ValueError, match="dtype"):
+        loading.resolve_device_dtype("cpu", "int8")

@@ -1,0 +1,67 @@
+"""Plots the notebooks show (matplotlib, each returns its Figure so tests and runs can save it)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def _plt():
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_row(images: list[Image.Image], titles: list[str], scale: float = 2.2):
+    """Images side by side with titles."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(images), figsize=(scale * len(images), scale * 1.6))
+    for ax, img, title in zip(np.atleast_1d(axes), images, titles, strict=True):
+        ax.imshow(img, cmap="gray" if img.mode == "L" else None)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def component_bars(reports: dict[str, list[dict]], metrics=("params", "bytes", "load_s", "memory_bytes")):
+    """One bar chart per metric: each pipeline's components side by side (e.g. standard vs slim)."""
+    plt = _plt()
+    names = []
+    for rows in reports.values():
+        names += [r["component"] for r in rows if r["component"] not in names]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6))
+    width = 0.8 / len(reports)
+    for ax, metric in zip(axes, metrics, strict=True):
+        for i, (label, rows) in enumerate(reports.items()):
+            by = {r["component"]: r.get(metric, 0) or 0 for r in rows}
+            ax.bar(np.arange(len(names)) + i * width, [by.get(n, 0) for n in names], width, label=label)
+        ax.set_xticks(np.arange(len(names)) + width * (len(reports) - 1) / 2, names, rotation=60, ha="right",
+                      fontsize=8)
+        ax.set_title(metric)
+    axes[0].legend()
+    fig.tight_layout()
+    return fig
+
+
+def totals_table(reports: dict[str, list[dict]]) -> list[dict]:
+    """Per pipeline: total params, bytes, load time and memory."""
+    rows = []
+    for label, rep in reports.items():
+        rows.append({"pipeline": label, "components": len(rep),
+                     "params (M)": sum(r["params"] for r in rep) / 1e6,
+                     "bytes (MB)": sum(r["bytes"] for r in rep) / 1e6,
+                     "load (s)": sum(r["load_s"] for r in rep),
+                     "memory (MB)": sum(r["memory_bytes"] for r in rep) / 1e6})
+    return rows
+
+
+def component_table(reports: dict[str, list[dict]]) -> list[dict]:
+    """Per component and pipeline, in readable units."""
+    rows = []
+    for label, rep in reports.items():
+        for r in rep:
+            rows.append({"pipeline": label, "component": r["component"], "params (M)": r["params"] / 1e6,
+                         "bytes (MB)": r["bytes"] / 1e6, "load (s)": r["load_s"],
+                         "memory (MB)": r["memory_bytes"] / 1e6, "memory kind": r["memory_kind"]})
+    return rows

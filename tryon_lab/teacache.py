@@ -1,0 +1,585 @@
+"""TeaCache for FLUX Fill: skip the transformer blocks on steps whose input barely changed.
+
+TeaCache (Liu et al. 2024, arXiv 2411.19108) watches block 0's modulated input (the AdaLayerNormZero output of
+``transformer_blocks[0].norm1``), rescales its relative L1 change with a polynomial fitted on full-compute
+trajectories, and accumulates it; while the sum stays under ``rel_l1_thresh`` the step reuses the residual of
+the whole block stack (stack output minus stack input) from the last computed step.
+
+Written the way diffusers writes its caches (config dataclass, ``BaseState`` + ``StateManager``, ``ModelHook``s
+registered through ``HookRegistry``), with one difference in where the hooks sit: the decision is taken by a hook
+on the transformer itself and a skipped step never calls the blocks. No hook touches a block, so under
+``compile_repeated_blocks`` the compiled blocks see the same code on every step (no recompiles), and PEFT LoRA
+wrappers are called through the modules as usual. A second, record-only hook on ``norm_out`` reads the stack
+output. Whole-model ``torch.compile`` is not supported (the decision is Python control flow).
+
+A batch takes one decision (the change is averaged over the batch): run requests one by one for per-image skips.
+Calibration, coefficient fitting and the method sweep against diffusers' caches are below the hooks.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.hooks.hooks import BaseState, CacheContext, HookRegistry, ModelHook, StateManager
+
+# Published for FLUX.1-dev text-to-image (the TeaCache repository): a baseline, not fitted on FLUX Fill.
+PUBLISHED_FLUX_COEFFICIENTS = [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861]
+IDENTITY_COEFFICIENTS = [1.0, 0.0]  # no rescaling: accumulate the raw change of the modulated input
+FORMAT = "tryon_lab.teacache/1"
+_HOOK = "teacache"
+_STACK_HOOK = "teacache_stack_output"
+
+
+@dataclass
+class TeaCacheConfig:
+    """``coefficients``: rescale polynomial, highest power first (``numpy.polyval`` order).
+
+    ``num_inference_steps`` lets the hook know which steps are the last ones (``always_compute_last``); a
+    diffusers ``cache_context(..., num_inference_steps=n)`` also provides it. ``record`` keeps the relative
+    change of the model output per step (calibration; costs one extra output-sized tensor). ``input_range``
+    clamps the measured change into the calibrated range before rescaling: a polynomial fitted on a narrow range
+    can turn wild (or negative, i.e. "skip forever") outside it.
+    """
+
+    rel_l1_thresh: float = 0.3
+    coefficients: list[float] = field(default_factory=lambda: list(IDENTITY_COEFFICIENTS))
+    always_compute_first: int = 1
+    always_compute_last: int = 1
+    max_consecutive_skips: int | None = None
+    num_inference_steps: int | None = None
+    input_range: tuple[float, float] | None = None
+    record: bool = False
+
+    def __post_init__(self):
+        t = self.rel_l1_thresh
+        if not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"TeaCacheConfig: rel_l1_thresh must be a finite number >= 0, got {t!r}.")
+        c = np.asarray(self.coefficients, dtype=np.float64) if self.coefficients is not None else np.empty(0)
+        if c.ndim != 1 or c.size == 0 or not np.all(np.isfinite(c)):
+            raise ValueError("TeaCacheConfig: coefficients must be a non-empty flat list of finite numbers "
+                             f"(highest power first, as numpy.polyval takes), got {self.coefficients!r}.")
+        self.coefficients = [float(v) for v in c]
+        for name in ("always_compute_first", "always_compute_last"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"TeaCacheConfig: {name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_consecutive_skips is not None and self.max_consecutive_skips < 0:
+            raise ValueError(f"TeaCacheConfig: max_consecutive_skips must be >= 0 or None, got {self.max_consecutive_skips}.")
+        if self.input_range is not None and not (len(self.input_range) == 2 and self.input_range[0] <= self.input_range[1]):
+            raise ValueError(f"TeaCacheConfig: input_range must be (low, high) with low <= high, got {self.input_range!r}.")
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
+            raise ValueError(f"TeaCacheConfig: num_inference_steps must be >= 1, got {self.num_inference_steps}.")
+
+
+class TeaCacheState(BaseState):
+    """What one denoising trajectory carries from step to step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.step = 0
+        self.prev_timestep: float | None = None
+        self.prev_modulated: torch.Tensor | None = None
+        self.prev_output: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.accumulated = 0.0
+        self.consecutive_skips = 0
+
+
+class _StackOutputHook(ModelHook):
+    """Record-only hook on ``norm_out``: its input is the output of the block stack (image tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.last_input: torch.Tensor | None = None
+
+    def pre_forward(self, module, *args, **kwargs):
+        self.last_input = args[0] if args else kwargs["x"]
+        return args, kwargs
+
+
+class TeaCacheHook(ModelHook):
+    """Decides compute or reuse once per transformer call; counts what it did (survives state resets)."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager, config: TeaCacheConfig, stack: _StackOutputHook):
+        super().__init__()
+        self.state_manager, self.config, self.stack = state_manager, config, stack
+        self.computed = self.skipped = self.trajectories = 0
+        self.trajectory: list[dict] = []  # per-step log of the current (or last) trajectory
+
+    def initialize_hook(self, module):
+        for name in ("x_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out"):
+            if not hasattr(module, name):
+                raise TypeError(f"TeaCache supports FluxTransformer2DModel-like modules; {type(module).__name__} "
+                                f"has no `{name}`.")
+        self._signature = inspect.signature(type(module).forward)
+        return module
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        if self.state_manager._context is None:
+            self.state_manager.set_context(CacheContext(name="inference"))
+        a = self._signature.bind(module, *args, **kwargs).arguments
+        state: TeaCacheState = self.state_manager.get_state()
+        timestep = float(a["timestep"].flatten()[0])
+        if state.prev_timestep is not None and timestep >= state.prev_timestep:
+            state.reset()  # timesteps only decrease along a trajectory: this call starts a new one
+        if state.step == 0:
+            self.trajectory, self.trajectories = [], self.trajectories + 1
+        with _lora_scale(module, a.get("joint_attention_kwargs")):
+            x, temb = _embed(module, a)
+            modulated = module.transformer_blocks[0].norm1(x, emb=temb)[0]
+        rel = None if state.prev_modulated is None else _rel_l1(modulated, state.prev_modulated)
+        compute = self._should_compute(state, rel)
+        if compute:
+            output = self.fn_ref.original_forward(*args, **kwargs)
+            state.residual, self.stack.last_input = self.stack.last_input - x, None
+            self.computed += 1
+        else:
+            with _lora_scale(module, a.get("joint_attention_kwargs")):
+                sample = module.proj_out(module.norm_out(x + state.residual, temb))
+            output = (sample,) if not a.get("return_dict", True) else _model_output(sample)
+            self.skipped += 1
+        log = {"step": state.step, "timestep": timestep, "input_rel_l1": rel, "accumulated": state.accumulated,
+               "computed": compute}
+        if self.config.record:
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            log["output_rel_l1"] = None if state.prev_output is None else _rel_l1(sample, state.prev_output)
+            state.prev_output = sample
+        self.trajectory.append(log)
+        state.prev_modulated, state.prev_timestep, state.step = modulated, timestep, state.step + 1
+        return output
+
+    def _should_compute(self, state: TeaCacheState, rel: float | None) -> bool:
+        cfg = self.config
+        n = cfg.num_inference_steps or getattr(self.state_manager._context, "num_inference_steps", None)
+        forced = (rel is None or state.residual is None or state.step < cfg.always_compute_first
+                  or (n is not None and state.step >= n - cfg.always_compute_last))
+        if not forced:
+            x = rel if cfg.input_range is None else min(max(rel, cfg.input_range[0]), cfg.input_range[1])
+            state.accumulated += max(0.0, float(np.polyval(cfg.coefficients, x)))
+            capped = cfg.max_consecutive_skips is not None and state.consecutive_skips >= cfg.max_consecutive_skips
+            if state.accumulated < cfg.rel_l1_thresh and not capped:
+                state.consecutive_skips += 1
+                return False
+        state.accumulated, state.consecutive_skips = 0.0, 0
+        return True
+
+
+def _embed(module, a: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block stack's input and the conditioning embedding, as ``FluxTransformer2DModel.forward`` makes them."""
+    x = module.x_embedder(a["hidden_states"])
+    t = a["timestep"].to(x.dtype) * 1000
+    g = a.get("guidance")
+    if g is None:
+        return x, module.time_text_embed(t, a["pooled_projections"])
+    return x, module.time_text_embed(t, g.to(x.dtype) * 1000, a["pooled_projections"])
+
+
+def _rel_l1(cur: torch.Tensor, prev: torch.Tensor) -> float:
+    return ((cur.float() - prev.float()).abs().mean() / prev.float().abs().mean().clamp_min(1e-12)).item()
+
+
+def _model_output(sample):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=sample)
+
+
+def _lora_scale(module, joint_attention_kwargs):
+    """The LoRA scale the wrapped forward applies (``joint_attention_kwargs['scale']``), for our own module calls."""
+    scale = (joint_attention_kwargs or {}).get("scale", 1.0)
+    if scale == 1.0:
+        return nullcontext()
+    from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+
+    @contextmanager
+    def scaled():
+        scale_lora_layers(module, scale)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(module, scale)
+
+    return scaled()
+
+
+def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> None:
+    """Register TeaCache on a ``FluxTransformer2DModel`` (one hook on it, one record-only hook on ``norm_out``)."""
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    if registry.get_hook(_HOOK) is not None:
+        raise ValueError("TeaCache is already applied to this transformer; call remove_teacache first.")
+    stack = _StackOutputHook()
+    HookRegistry.check_if_exists_or_initialize(transformer.norm_out).register_hook(stack, _STACK_HOOK)
+    registry.register_hook(TeaCacheHook(StateManager(TeaCacheState), config, stack), _HOOK)
+    registry.invalidate_child_registries_cache()
+
+
+def remove_teacache(transformer: torch.nn.Module) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.remove_hook(_HOOK, recurse=False)
+    HookRegistry.check_if_exists_or_initialize(transformer.norm_out).remove_hook(_STACK_HOOK, recurse=False)
+    registry.invalidate_child_registries_cache()
+
+
+@contextmanager
+def enabled(transformer: torch.nn.Module, config: TeaCacheConfig):
+    """``with teacache.enabled(pipe.transformer, cfg): ...`` applies TeaCache for the block only."""
+    apply_teacache(transformer, config)
+    try:
+        yield _hook(transformer)
+    finally:
+        remove_teacache(transformer)
+
+
+def _hook(transformer) -> TeaCacheHook:
+    hook = HookRegistry.check_if_exists_or_initialize(transformer).get_hook(_HOOK)
+    if hook is None:
+        raise ValueError("TeaCache is not applied to this transformer.")
+    return hook
+
+
+def teacache_stats(transformer: torch.nn.Module) -> dict:
+    """Forward passes computed / skipped since apply (or the last reset), and the last trajectory's step log."""
+    h = _hook(transformer)
+    return {"computed": h.computed, "skipped": h.skipped, "trajectories": h.trajectories,
+            "last_trajectory": [dict(s) for s in h.trajectory]}
+
+
+def reset_teacache_stats(transformer: torch.nn.Module) -> None:
+    h = _hook(transformer)
+    h.computed = h.skipped = h.trajectories = 0
+
+
+# --------------------------------------------------------------------------- calibration and fit
+
+
+@dataclass
+class Calibration:
+    """Full-compute trajectories: per request, per step the change of the modulated input (x) and output (y)."""
+
+    requests: list[dict]  # {"name", "seed", "timesteps", "x", "y"}; step 0 has no change and is left out
+    steps: int
+    guidance_scale: float
+    resolution: list[int]  # diptych (width, height) the transformer saw
+    fingerprint: str
+    model: str
+    dtype: str
+
+
+@dataclass
+class Fit:
+    coefficients: list[float]
+    degree: int
+    input_range: tuple[float, float]  # input changes seen in the fit (pass to TeaCacheConfig.input_range)
+    rms_residual: float  # on the fitted pairs
+    holdout_mae: float | None  # mean |predicted - measured| output change on held-out requests
+    holdout_rel_error: float | None  # holdout_mae / mean measured output change
+    degree_errors: dict[int, float]  # held-out MAE of every candidate degree
+    published_holdout_mae: float | None  # the published FLUX text-to-image polynomial on the same pairs
+    fit_requests: list[str]
+    holdout_requests: list[str]
+
+
+def calibrate(pipe, requests, settings) -> Calibration:
+    """Run every request (one per call) with full compute and record both relative changes per step."""
+    from .pipeline import prepare, tryon
+
+    settings = replace(settings, progress=False)
+    cfg = TeaCacheConfig(0.0, num_inference_steps=settings.steps, record=True)
+    out = []
+    with enabled(pipe.transformer, cfg) as hook:
+        for i, r in enumerate(requests):
+            tryon(pipe, [r], settings)
+            steps = hook.trajectory[1:]
+            out.append({"name": r.name or f"request{i}", "seed": int(r.seed), "timesteps": [s["timestep"] for s in steps],
+                        "x": [s["input_rel_l1"] for s in steps], "y": [s["output_rel_l1"] for s in steps]})
+    size = list(prepare(list(requests[:1]), settings.fit)[0].diptych.size)
+    return Calibration(out, settings.steps, settings.guidance_scale, size, pipe.fingerprint, _describe(pipe),
+                       str(pipe.dtype).replace("torch.", ""))
+
+
+def _describe(pipe) -> str:
+    from .checkpoint import describe_model
+
+    return describe_model(pipe.model_dir)
+
+
+def _pairs(records) -> tuple[np.ndarray, np.ndarray]:
+    x = np.concatenate([np.asarray(r["x"], dtype=np.float64) for r in records]) if records else np.empty(0)
+    y = np.concatenate([np.asarray(r["y"], dtype=np.float64) for r in records]) if records else np.empty(0)
+    return x, y
+
+
+def _polyfit(x, y, degree: int) -> np.ndarray:
+    with warnings.catch_warnings():  # high degrees on a narrow x range are ill-conditioned; the held-out error judges
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        return np.polyfit(x, y, degree)
+
+
+def fit_coefficients(records, degree: int | None = None, holdout: int | None = None,
+                     degrees=(1, 2, 3, 4, 5)) -> Fit:
+    """Fit output change ~ polyval(c, input change) with ``numpy.polyfit``.
+
+    ``records``: a ``Calibration`` or a list of ``{"name", "x", "y"}``. The last ``holdout`` requests (default a
+    third, at least one when there are two or more) are never fitted; the degree is the one with the lowest
+    held-out error, 4 when it ties (within 1%) or when nothing is held out.
+    """
+    recs = records.requests if isinstance(records, Calibration) else list(records)
+    holdout = (len(recs) // 3 or (1 if len(recs) > 1 else 0)) if holdout is None else holdout
+    if not 0 <= holdout < len(recs):
+        raise ValueError(f"fit_coefficients: holdout must leave at least one request to fit; got {holdout} of {len(recs)}.")
+    fit_recs, held = recs[: len(recs) - holdout], recs[len(recs) - holdout:]
+    x, y = _pairs(fit_recs)
+    hx, hy = _pairs(held)
+    errors = {}
+    if len(hx):
+        for d in degrees:
+            if len(x) > d:
+                errors[d] = float(np.mean(np.abs(np.polyval(_polyfit(x, y, d), hx) - hy)))
+    if degree is None:
+        best = min(errors.values()) if errors else None
+        tied = [d for d, e in errors.items() if e <= best * 1.01] if errors else []
+        degree = 4 if (not tied or 4 in tied) else min(tied)
+    if len(x) <= degree:
+        raise ValueError(f"fit_coefficients: {len(x)} pairs cannot fit a degree-{degree} polynomial.")
+    c = _polyfit(x, y, degree)
+    mae = float(np.mean(np.abs(np.polyval(c, hx) - hy))) if len(hx) else None
+    pub = float(np.mean(np.abs(np.polyval(PUBLISHED_FLUX_COEFFICIENTS, hx) - hy))) if len(hx) else None
+    return Fit([float(v) for v in c], int(degree), (float(x.min()), float(x.max())), float(np.sqrt(np.mean((np.polyval(c, x) - y) ** 2))), mae,
+               None if mae is None else mae / max(float(np.mean(np.abs(hy))), 1e-12), errors, pub,
+               [r.get("name", "") for r in fit_recs], [r.get("name", "") for r in held])
+
+
+def save_coefficients(path, fit: Fit, calibration: Calibration, recommended_threshold: float | None = None) -> Path:
+    """Coefficients plus where they came from, so a later run can refuse ones fitted on another model."""
+    seeds = {r["name"]: r["seed"] for r in calibration.requests}
+    data = {
+        "format": FORMAT, "coefficients": fit.coefficients, "degree": fit.degree, "input_range": list(fit.input_range),
+        "recommended_threshold": recommended_threshold,
+        "fit": {k: v for k, v in asdict(fit).items() if k not in ("coefficients", "degree", "input_range")},
+        "model": {"fingerprint": calibration.fingerprint, "description": calibration.model, "dtype": calibration.dtype},
+        "resolution": calibration.resolution, "steps": calibration.steps, "guidance_scale": calibration.guidance_scale,
+        "calibration_requests": [{"name": n, "seed": seeds.get(n)} for n in fit.fit_requests],
+        "holdout_requests": [{"name": n, "seed": seeds.get(n)} for n in fit.holdout_requests],
+        "published_flux_coefficients": PUBLISHED_FLUX_COEFFICIENTS,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def load_coefficients(path, expected_fingerprint: str | None = None) -> dict:
+    """Read a coefficients file; with ``expected_fingerprint``, refuse coefficients fitted on another model."""
+    data = json.loads(Path(path).read_text())
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a TeaCache coefficients file (format {data.get('format')!r}, expected {FORMAT!r}).")
+    TeaCacheConfig(coefficients=data.get("coefficients"), input_range=data.get("input_range"))  # validates them
+    found = data.get("model", {}).get("fingerprint")
+    if expected_fingerprint is not None and found != expected_fingerprint:
+        raise ValueError(f"{path}: coefficients were fitted on model {str(found)[:16]}, not on the loaded model "
+                         f"{expected_fingerprint[:16]}. Calibrate again on this model (notebook 02) or load the "
+                         "file that belongs to it.")
+    return data
+
+
+# --------------------------------------------------------------------------- sweep against full compute and diffusers' caches
+
+DIFFUSERS_SETTINGS = {"first_block_cache": [0.05, 0.1, 0.2], "mag_cache": [0.06, 0.12, 0.24], "taylorseer": [2, 4]}
+
+
+def _run(pipe, requests, settings, context=nullcontext) -> tuple[list, list[int]]:
+    """One call per request (TeaCache decides per batch); counts the last block's attention calls per image."""
+    from .pipeline import tryon
+
+    count = [0]
+    handle = pipe.transformer.single_transformer_blocks[-1].attn.norm_q.register_forward_pre_hook(
+        lambda *_: count.__setitem__(0, count[0] + 1))
+    results, passes = [], []
+    try:
+        for r in requests:
+            before = count[0]
+            with context():
+                results.append(tryon(pipe, [r], settings))
+            passes.append(count[0] - before)
+    finally:
+        handle.remove()
+    return results, passes
+
+
+def _row(method, setting, value, results, passes, ref, requests, targets) -> dict:
+    from .images import load_image, load_mask
+    from .metrics import psnr, rel_l2, ssim
+
+    imgs = [r.images[0] for r in results]
+    row = {"method": method, "setting": setting, "value": value, "computed": float(np.mean(passes)),
+           "s_per_image": float(np.mean([r.timings["total"] for r in results])),
+           "denoise_s": float(np.mean([r.timings["denoise"] for r in results]))}
+    if ref is not None:
+        refs = [r.images[0] for r in ref]
+        row["psnr"] = float(np.mean([psnr(a, b) for a, b in zip(imgs, refs, strict=True)]))
+        row["ssim"] = float(np.mean([ssim(a, b) for a, b in zip(imgs, refs, strict=True)]))
+        row["latent_rel_l2"] = float(np.mean([rel_l2(a.latents, b.latents) for a, b in zip(results, ref, strict=True)]))
+    gts = [(img, load_image(t, "target"), np.asarray(load_mask(q.mask, img.size)) > 0)
+           for img, t, q in zip(imgs, targets, requests, strict=True) if t is not None]
+    if gts:
+        row["gt_psnr"] = float(np.mean([psnr(img, t, mask=m) for img, t, m in gts]))
+    row["images"] = imgs
+    return row
+
+
+def mag_ratios(pipe, request, settings) -> list[float]:
+    """diffusers' MagCache calibration mode on our model: it prints the ratios at the end of the trajectory."""
+    import ast
+    import contextlib
+    import io
+
+    from diffusers import MagCacheConfig
+
+    buf = io.StringIO()
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=settings.steps))
+    try:
+        with contextlib.redirect_stdout(buf):
+            _run(pipe, [request], settings)
+    finally:
+        pipe.transformer.disable_cache()
+    lists = [ln for ln in buf.getvalue().splitlines() if ln.startswith("[")]
+    if not lists:
+        raise RuntimeError("MagCache calibration printed no ratios; the diffusers version may have changed its output.")
+    return [float(v) for v in ast.literal_eval(lists[-1])]
+
+
+def diffusers_configs(pipe, requests, settings, params: dict | None = None) -> list[tuple[str, str, float, object]]:
+    """(method, setting, value, config) for First Block Cache, MagCache (ratios calibrated here) and TaylorSeer."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig, TaylorSeerCacheConfig
+
+    p = {**DIFFUSERS_SETTINGS, **(params or {})}
+    out = [("first_block_cache", f"threshold={v}", v, FirstBlockCacheConfig(threshold=v)) for v in p["first_block_cache"]]
+    if p["mag_cache"]:
+        ratios = mag_ratios(pipe, requests[0], settings)
+        out += [("mag_cache", f"threshold={v}", v, MagCacheConfig(threshold=v, num_inference_steps=settings.steps,
+                                                                  mag_ratios=ratios)) for v in p["mag_cache"]]
+    out += [("taylorseer", f"cache_interval={v}", v, TaylorSeerCacheConfig(cache_interval=int(v), taylor_factors_dtype=pipe.dtype))
+            for v in p["taylorseer"]]
+    return out
+
+
+def sweep(pipe, requests, thresholds, settings, coefficients, include_diffusers: bool = True, targets=None,
+          published_thresholds=(), diffusers_params: dict | None = None, **teacache_kwargs) -> list[dict]:
+    """Every method and setting on the same requests, each against full compute (and the ground truth, if any).
+
+    Rows: method, setting, value, computed (block-stack passes per image), s_per_image, denoise_s, speedup
+    (full-compute denoise time / this one), psnr, ssim (images vs full compute), latent_rel_l2, gt_psnr (masked,
+    vs ``targets`` or ``request.target``), images.
+    """
+    requests = list(requests)
+    targets = list(targets) if targets is not None else [getattr(r, "target", None) for r in requests]
+    settings = replace(settings, progress=False)
+    _run(pipe, requests, replace(settings, steps=1))  # warm-up: one-time costs and the Redux cache stay out of the rows
+    ref, passes = _run(pipe, requests, settings)
+    rows = [_row("full", "full compute", 0.0, ref, passes, ref, requests, targets)]
+    runs = [("teacache", coefficients, t) for t in thresholds]
+    runs += [("teacache_published", PUBLISHED_FLUX_COEFFICIENTS, t) for t in published_thresholds]
+    for method, coeffs, t in runs:
+        cfg = TeaCacheConfig(t, list(coeffs), num_inference_steps=settings.steps, **teacache_kwargs)
+        with enabled(pipe.transformer, cfg):
+            res, passes = _run(pipe, requests, settings)
+        rows.append(_row(method, f"rel_l1_thresh={t}", float(t), res, passes, ref, requests, targets))
+    for method, setting, value, cfg in diffusers_configs(pipe, requests, settings, diffusers_params) if include_diffusers else []:
+        pipe.transformer.enable_cache(cfg)
+        try:
+            res, passes = _run(pipe, requests, settings, lambda: pipe.transformer.cache_context("cond"))
+        finally:
+            pipe.transformer.disable_cache()
+        rows.append(_row(method, setting, float(value), res, passes, ref, requests, targets))
+    for row in rows:
+        row["speedup"] = rows[0]["denoise_s"] / row["denoise_s"]
+        row["steps"] = settings.steps
+    return rows
+
+
+def recommend_threshold(rows: list[dict], min_psnr: float = 30.0, method: str = "teacache") -> float | None:
+    """The largest threshold that keeps image PSNR vs full compute >= ``min_psnr``, as do all smaller ones."""
+    best = None
+    for row in sorted((r for r in rows if r["method"] == method), key=lambda r: r["value"]):
+        if row["psnr"] < min_psnr:
+            break
+        best = row["value"]
+    return best
+
+
+TABLE_COLUMNS = ["method", "setting", "computed", "steps", "denoise_s", "speedup", "psnr", "ssim", "latent_rel_l2", "gt_psnr"]
+
+
+def scalar_rows(rows: list[dict]) -> list[dict]:
+    """Rows without images (for JSON metrics and tables)."""
+    return [{k: v for k, v in r.items() if k != "images"} for r in rows]
+
+
+# --------------------------------------------------------------------------- plots (each returns its Figure)
+
+
+def plot_calibration(calibration: Calibration, fit: Fit):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    held = set(fit.holdout_requests)
+    for label, recs in (("fitted", [r for r in calibration.requests if r["name"] not in held]),
+                        ("held out", [r for r in calibration.requests if r["name"] in held])):
+        x, y = _pairs(recs)
+        ax.scatter(x, y, s=14, label=f"{label} requests")
+    x, y = _pairs(calibration.requests)
+    grid = np.linspace(0, float(x.max()) * 1.1 if len(x) else 1.0, 200)
+    ax.plot(grid, np.polyval(fit.coefficients, grid), "k-", label=f"fit, degree {fit.degree}")
+    ax.plot(grid, np.polyval(PUBLISHED_FLUX_COEFFICIENTS, grid), "r--", label="published FLUX t2i")
+    ax.set_ylim(0, max(float(y.max()) * 1.3 if len(y) else 1.0, 1e-3))
+    ax.set(xlabel="rel. L1 change of block 0 modulated input", ylabel="rel. L1 change of model output",
+           title="TeaCache calibration")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(rows: list[dict]):
+    """Speed-up vs image PSNR against full compute, one line per method (identical images drawn at the top)."""
+    import matplotlib.pyplot as plt
+
+    finite = [r["psnr"] for r in rows if math.isfinite(r.get("psnr", math.inf))]
+    cap = (max(finite) if finite else 40.0) + 5
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["speedup"], min(r["psnr"], cap), r["setting"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        for sx, sy, s in pts:
+            ax.annotate(s.split("=")[-1], (sx, sy), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(cap, color="grey", lw=0.5, ls=":")
+    ax.set(xlabel="speed-up of denoising vs full compute", ylabel=f"PSNR vs full compute, dB (identical = {cap:.0f})",
+           title="Speed vs fidelity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_samples(rows: list[dict], index: int = 0, target=None):
+    """The ``index``-th image of each given row side by side (plus the ground truth when given)."""
+    from .plots import image_row
+
+    panels = [(r["images"][index], f"{r['method']}\n{r['setting']}\n{r['computed']:.0f} passes") for r in rows]
+    panels += [(target, "ground truth")] if target is not None else []
+    return image_row([p[0] for p in panels], [p[1] for p in panels])

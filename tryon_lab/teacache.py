@@ -119,10 +119,6 @@ class TeaCacheHook(ModelHook):
         self.trajectory: list[dict] = []  # per-step log of the current (or last) trajectory
 
     def initialize_hook(self, module):
-        for name in ("x_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out"):
-            if not hasattr(module, name):
-                raise TypeError(f"TeaCache supports FluxTransformer2DModel-like modules; {type(module).__name__} "
-                                f"has no `{name}`.")
         self._signature = inspect.signature(type(module).forward)
         return module
 
@@ -220,6 +216,10 @@ def _lora_scale(module, joint_attention_kwargs):
 
 def apply_teacache(transformer: torch.nn.Module, config: TeaCacheConfig) -> None:
     """Register TeaCache on a ``FluxTransformer2DModel`` (one hook on it, one record-only hook on ``norm_out``)."""
+    for name in ("x_embedder", "time_text_embed", "transformer_blocks", "norm_out", "proj_out"):
+        if not hasattr(transformer, name):
+            raise TypeError(f"TeaCache supports FluxTransformer2DModel-like modules; {type(transformer).__name__} "
+                            f"has no `{name}`.")
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     if registry.get_hook(_HOOK) is not None:
         raise ValueError("TeaCache is already applied to this transformer; call remove_teacache first.")

@@ -1,0 +1,178 @@
+"""LoRA adapters for the Fill transformer through diffusers + peft, with hotswapping for compiled models.
+
+Hotswapping (peft, exposed by diffusers as ``enable_lora_hotswap`` + ``load_lora_weights(hotswap=True)``)
+copies a new adapter's weights into the already loaded adapter's tensors: no new modules, same shapes
+(ranks padded up to ``target_rank``), scales kept as tensors; so a compiled transformer keeps its graphs
+and a swap costs a file read and a copy instead of unload + load + recompile.
+
+``make_lora`` writes small random adapters (non-zero B, so they change outputs) in the diffusers Flux LoRA
+format, for tests and notebooks that have no trained adapter.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .checkpoint import FILL_SUBDIR, cache_dir, fingerprint
+
+# attention projections of both block kinds (single-stream blocks have no add_* / to_add_out)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+_TARGET_RANK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> hotswap target rank
+
+
+class LoraRankError(ValueError):
+    """A LoRA whose rank exceeds the hotswap target rank set before compiling."""
+
+
+def make_lora(transformer: torch.nn.Module, rank: int, seed: int, path: str | Path, alpha: float | None = None,
+              target_modules: tuple[str, ...] = DEFAULT_TARGETS, b_std: float = 0.05) -> Path:
+    """Write a random LoRA for ``transformer`` to folder ``path`` (``pytorch_lora_weights.safetensors``).
+
+    peft builds the adapter (A: peft's default init, B: seeded normal with ``b_std``), then
+    ``get_peft_model_state_dict`` + ``FluxFillPipeline.save_lora_weights`` write it with its config as
+    metadata, exactly as a trained adapter is saved. The transformer is left without adapters.
+    """
+    from diffusers import FluxFillPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    if getattr(transformer, "peft_config", None):
+        raise ValueError("make_lora needs a transformer without adapters (it removes its temporary one with "
+                         "unload_lora, which would remove yours too); load a fresh transformer.")
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, target_modules=list(target_modules))
+    torch.manual_seed(seed)
+    transformer.add_adapter(config, adapter_name="make_lora")
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in transformer.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+        state = get_peft_model_state_dict(transformer, adapter_name="make_lora")
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    finally:
+        transformer.unload_lora()
+    FluxFillPipeline.save_lora_weights(Path(path), transformer_lora_layers=state,
+                                       transformer_lora_adapter_metadata=config.to_dict(), weight_name=WEIGHT_NAME)
+    return Path(path)
+
+
+def make_default_loras(model_dir: str | Path, ranks: tuple[int, ...] = (4, 8), seed: int = 0) -> list[Path]:
+    """Random LoRAs of the given ranks for the checkpoint in ``model_dir``, built once into the cache folder."""
+    from diffusers import FluxTransformer2DModel
+
+    model_dir = Path(model_dir)
+    root = cache_dir() / "loras" / fingerprint(model_dir, (FILL_SUBDIR,))[:12]
+    paths, transformer = [], None
+    for i, rank in enumerate(ranks):
+        path = root / f"rank{rank}-seed{seed + i}"
+        if not (path / WEIGHT_NAME).exists():
+            if transformer is None:
+                transformer = FluxTransformer2DModel.from_pretrained(
+                    model_dir / FILL_SUBDIR / "transformer", torch_dtype=torch.float32, local_files_only=True)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=root, prefix=".building-"))
+            make_lora(transformer, rank, seed + i, tmp)
+            try:
+                tmp.rename(path)
+            except OSError:  # another process finished first
+                shutil.rmtree(tmp, ignore_errors=True)
+        paths.append(path)
+    return paths
+
+
+def lora_rank(path: str | Path) -> int:
+    """Largest rank in a LoRA file or folder, read from tensor shapes only (no weights loaded)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / WEIGHT_NAME if path.is_dir() else path
+    with safe_open(str(file), framework="pt") as f:
+        return max(f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k)
+
+
+def prepare_hotswap(fill_pipe, target_rank: int) -> None:
+    """Call before loading the first adapter and before compiling: adapters are padded to ``target_rank``."""
+    fill_pipe.enable_lora_hotswap(target_rank=target_rank)
+    _TARGET_RANK[fill_pipe.transformer] = target_rank
+
+
+@contextmanager
+def _quiet_diffusers():
+    """The Fill pipeline has no text encoders here; diffusers warns about that at every load."""
+    log = logging.getLogger("diffusers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswap: bool = False) -> dict:
+    """Load (or, with ``hotswap``, swap into ``adapter_name``) a LoRA; returns its rank and the seconds it took.
+
+    Checks the rank against ``prepare_hotswap``'s target first, so the error says what to do.
+    """
+    rank = lora_rank(path)
+    target = _TARGET_RANK.get(fill_pipe.transformer)
+    if target is not None and rank > target:
+        raise LoraRankError(f"LoRA {path} has rank {rank}, above the hotswap target rank {target}. Call "
+                            f"prepare_hotswap(pipe, target_rank>={rank}) before loading the first adapter and "
+                            f"compiling (changing it later recompiles), or use an adapter of rank <= {target}.")
+    start = time.perf_counter()
+    with _quiet_diffusers():
+        fill_pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=adapter_name, hotswap=hotswap)
+    return {"rank": rank, "seconds": time.perf_counter() - start}
+
+
+def swap_benchmark(model_dir, paths: list, requests: list, settings, dtype=torch.float32, device: str = "cpu",
+                   compile_mode: str = "regional", backend: str = "inductor") -> dict:
+    """Compiled transformer with adapter A; hotswap to B (seconds, recompiles, output) vs unload + load B +
+    recompile. The two ways to reach B must give the same images; the swap must compile nothing."""
+    from .loading import load_slim
+    from .metrics import rel_l2
+    from .pipeline import tryon
+    from .speed import compile_transformer, count_recompiles, reset_compiled
+
+    a, b = paths[:2]
+    reset_compiled()
+    pipe = load_slim(model_dir, dtype, device)
+    prepare_hotswap(pipe.fill, max(lora_rank(p) for p in paths))
+    load_lora(pipe.fill, a, "lora")
+    compile_transformer(pipe.transformer, compile_mode, backend)
+    with count_recompiles() as g_first:
+        t0 = time.perf_counter()
+        tryon(pipe, requests, settings)
+        first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res_a = tryon(pipe, requests, settings)
+    steady_s = time.perf_counter() - t0
+    swap = load_lora(pipe.fill, b, "lora", hotswap=True)
+    with count_recompiles(strict=True) as g_swap:
+        t0 = time.perf_counter()
+        res_b = tryon(pipe, requests, settings)
+        after_swap_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with _quiet_diffusers():
+        pipe.fill.unload_lora_weights()
+    load_lora(pipe.fill, b, "lora")
+    with count_recompiles() as g_reload:
+        tryon(pipe, requests, settings)
+    reload_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res_b2 = tryon(pipe, requests, settings)
+    reload_steady_s = time.perf_counter() - t0
+    return {"compile": compile_mode, "backend": backend, "graphs_first": g_first["graphs"], "first_s": first_s,
+            "steady_s": steady_s, "swap_s": swap["seconds"], "recompiles_after_swap": g_swap["graphs"],
+            "call_after_swap_s": after_swap_s, "reload_recompile_s": reload_s, "graphs_reload": g_reload["graphs"],
+            "reload_steady_s": reload_steady_s, "swap_changed_rel_l2": rel_l2(res_b.latents, res_a.latents),
+            "swap_vs_reload_rel_l2": rel_l2(res_b.latents, res_b2.latents)}

@@ -1,0 +1,112 @@
+"""LoRA adapters: the file format, hotswap without recompiling, and the rank error (tiny transformer, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tryon_lab import lora, speed
+from tryon_lab.checkpoint import SmallModelConfig, transformer_config
+from tryon_lab.metrics import rel_l2
+
+TINY = SmallModelConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=32,
+                        axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32)
+
+
+def tiny_transformer(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**transformer_config(TINY)).eval().requires_grad_(False)
+
+
+def tiny_inputs(t, n: int = 16, txt: int = 8) -> dict:
+    g, c = torch.Generator().manual_seed(1), t.config
+    return dict(hidden_states=torch.randn(1, n, c.in_channels, generator=g),
+                encoder_hidden_states=torch.randn(1, txt, c.joint_attention_dim, generator=g),
+                pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g),
+                timestep=torch.tensor([0.5]), guidance=torch.tensor([30.0]), img_ids=torch.zeros(n, 3),
+                txt_ids=torch.zeros(txt, 3), return_dict=False)
+
+
+def tiny_fill(seed: int = 0):
+    """A FluxFillPipeline holding only a tiny transformer: all that LoRA loading needs."""
+    from diffusers import FluxFillPipeline
+
+    return FluxFillPipeline(scheduler=None, vae=None, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                            tokenizer_2=None, transformer=tiny_transformer(seed=seed))
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    t = tiny_transformer()
+    return {r: lora.make_lora(t, r, seed=r, path=root / f"rank{r}") for r in (2, 4, 8)}
+
+
+def test_make_lora_writes_diffusers_flux_format(adapters):
+    from safetensors.torch import load_file
+
+    state = load_file(adapters[4] / lora.WEIGHT_NAME)
+    assert all(k.startswith("transformer.") for k in state)
+    assert "transformer.transformer_blocks.0.attn.to_q.lora_A.weight" in state
+    assert "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight" in state
+    assert lora.lora_rank(adapters[4]) == 4 and lora.lora_rank(adapters[8]) == 8
+    assert all(v.abs().sum() > 0 for k, v in state.items() if "lora_B" in k)  # non-zero B: it changes outputs
+
+
+def test_lora_changes_output_and_unload_restores(adapters):
+    pipe = tiny_fill()
+    x = tiny_inputs(pipe.transformer)
+    with torch.no_grad():
+        base = pipe.transformer(**x)[0]
+        lora.load_lora(pipe, adapters[4], "a")
+        with_lora = pipe.transformer(**x)[0]
+        pipe.unload_lora_weights()
+        again = pipe.transformer(**x)[0]
+    assert rel_l2(with_lora, base) > 1e-3
+    assert torch.equal(again, base)
+
+
+def test_hotswap_on_compiled_model_does_not_recompile(adapters):
+    speed.reset_compiled()
+    pipe, eager = tiny_fill(), tiny_fill()
+    x = tiny_inputs(pipe.transformer)
+    lora.prepare_hotswap(pipe, target_rank=8)
+    lora.load_lora(pipe, adapters[4], "style")
+    speed.compile_transformer(pipe.transformer, "regional", backend="aot_eager")
+    with torch.no_grad():
+        with speed.count_recompiles() as first:
+            out_a = pipe.transformer(**x)[0]
+        swap = lora.load_lora(pipe, adapters[8], "style", hotswap=True)  # rank 4 -> rank 8, same compiled graphs
+        with speed.count_recompiles(strict=True) as after:
+            out_b = pipe.transformer(**x)[0]
+        lora.load_lora(eager, adapters[8], "style")
+        ref_b = eager.transformer(**x)[0]
+    assert first["graphs"] > 0 and after["graphs"] == 0
+    assert swap["rank"] == 8 and swap["seconds"] < 5
+    assert rel_l2(out_b, out_a) > 1e-3  # the swap took effect ...
+    assert rel_l2(out_b, ref_b) < 1e-5  # ... and equals loading that adapter directly
+
+
+def test_rank_above_hotswap_target_is_our_clear_error(adapters):
+    pipe = tiny_fill()
+    lora.prepare_hotswap(pipe, target_rank=4)
+    lora.load_lora(pipe, adapters[2], "style")
+    with pytest.raises(lora.LoraRankError, match="rank 8, above the hotswap target rank 4.*prepare_hotswap"):
+        lora.load_lora(pipe, adapters[8], "style", hotswap=True)
+    with pytest.raises(lora.LoraRankError):
+        lora.load_lora(tiny_fill_with_target(4), adapters[8], "first")
+
+
+def tiny_fill_with_target(rank: int):
+    pipe = tiny_fill()
+    lora.prepare_hotswap(pipe, target_rank=rank)
+    return pipe
+
+
+def test_make_lora_refuses_a_transformer_with_adapters(adapters, tmp_path):
+    pipe = tiny_fill()
+    lora.load_lora(pipe, adapters[2], "a")
+    with pytest.raises(ValueError, match="without adapters"):
+        lora.make_lora(pipe.transformer, 2, 0, tmp_path / "x")

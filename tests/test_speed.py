@@ -1,0 +1,164 @@
+"""FP8, compilation, the compile-artefact cache and the recompile guard, on a tiny FLUX transformer (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tryon_lab import speed
+from tryon_lab.checkpoint import SmallModelConfig, transformer_config
+from tryon_lab.metrics import rel_l2
+
+TINY = SmallModelConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=32,
+                        axes_dims_rope=(8, 12, 12), joint_attention_dim=64, pooled_projection_dim=32)
+FP8_WEIGHT_ONLY_TOL = 0.05  # rel-L2 of one forward: FP8 e4m3 keeps 3 mantissa bits (per-row scales)
+
+
+def tiny_transformer(dtype=torch.float32, seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**transformer_config(TINY)).to(dtype).eval().requires_grad_(False)
+
+
+def tiny_inputs(t, dtype=torch.float32, n: int = 16, txt: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    c = t.config
+    return dict(hidden_states=torch.randn(1, n, c.in_channels, generator=g).to(dtype),
+                encoder_hidden_states=torch.randn(1, txt, c.joint_attention_dim, generator=g).to(dtype),
+                pooled_projections=torch.randn(1, c.pooled_projection_dim, generator=g).to(dtype),
+                timestep=torch.tensor([0.5], dtype=dtype), guidance=torch.tensor([30.0], dtype=dtype),
+                img_ids=torch.zeros(n, 3), txt_ids=torch.zeros(txt, 3), return_dict=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_weight_only_close_to_reference(dtype):
+    t = tiny_transformer(dtype)
+    x = tiny_inputs(t, dtype)
+    with torch.no_grad():
+        ref = t(**x)[0]
+        info = speed.quantize_transformer(t, "fp8_weight_only")
+        out = t(**x)[0]
+    err = rel_l2(out, ref)
+    assert 0 < err < FP8_WEIGHT_ONLY_TOL, err
+    assert info["fp8_layers"] > 0 and info["weight_bytes"] < info["weight_bytes_before"]
+    kinds = {n: type(m.weight).__name__ for n, m in t.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds["transformer_blocks.0.attn.to_q"] == "Float8Tensor"
+    assert kinds["single_transformer_blocks.0.proj_out"] == "Float8Tensor"
+    for kept in ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "transformer_blocks.0.norm1.linear",
+                 "single_transformer_blocks.0.norm.linear", "time_text_embed.timestep_embedder.linear_1"):
+        assert kinds[kept] != "Float8Tensor", kept
+
+
+def test_weight_bytes_counts_fp8_storage():
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 128))
+    wrapped = torch.nn.Module()
+    wrapped.transformer_blocks = torch.nn.ModuleList([lin])
+    before = speed.weight_bytes(wrapped)
+    speed.quantize_transformer(wrapped, "fp8_weight_only")
+    # 1 byte per weight + one fp32 scale per output row; the bias stays fp32
+    assert speed.weight_bytes(wrapped) == 64 * 128 + 128 * 4 + 128 * 4
+    assert before == (64 * 128 + 128) * 4
+
+
+@pytest.mark.parametrize("mode", ["fp8_dynamic_row", "fp8_dynamic_tensor"])
+def test_dynamic_fp8_on_cpu_is_a_clear_error(mode):
+    t = tiny_transformer()
+    with pytest.raises(speed.SpeedConfigError, match="compute capability >= 8.9.*cpu.*fp8_weight_only"):
+        speed.quantize_transformer(t, mode)
+    assert all(type(p).__name__ != "Float8Tensor" for p in t.parameters())  # nothing half-done
+
+
+def test_unknown_modes_are_clear_errors():
+    t = tiny_transformer()
+    with pytest.raises(speed.SpeedConfigError, match="unknown quantization mode 'int4'.*fp8_weight_only"):
+        speed.quantize_transformer(t, "int4")
+    with pytest.raises(speed.SpeedConfigError, match="unknown compile mode 'max'.*regional"):
+        speed.compile_transformer(t, "max")
+    with pytest.raises(speed.SpeedConfigError, match="unknown variant part 'turbo'"):
+        speed.parse_variant("fp8_weight_only+turbo")
+    assert speed.parse_variant("fp8_weight_only+regional+lora@aot_eager") == speed.Variant(
+        "fp8_weight_only+regional+lora@aot_eager", "fp8_weight_only", "regional", "aot_eager", True)
+
+
+@pytest.mark.parametrize("mode", ["regional", "full"])
+def test_compile_equals_eager_and_is_steady(mode):
+    speed.reset_compiled()
+    t = tiny_transformer()
+    x = tiny_inputs(t)
+    with torch.no_grad():
+        ref = t(**x)[0]
+        speed.compile_transformer(t, mode, backend="aot_eager")
+        with speed.count_recompiles() as first:
+            out = t(**x)[0]
+        with speed.count_recompiles(strict=True) as steady:
+            out2 = t(**x)[0]
+    assert torch.equal(out, ref) and torch.equal(out2, ref)
+    # regional: one double-stream graph + one single-stream graph (+1 for the first single block's contiguous input)
+    assert first["graphs"] == (3 if mode == "regional" else 1)
+    assert steady["graphs"] == 0
+
+
+def test_fp8_weight_only_then_regional_compile():
+    speed.reset_compiled()
+    t = tiny_transformer()
+    x = tiny_inputs(t)
+    with torch.no_grad():
+        speed.quantize_transformer(t, "fp8_weight_only")
+        ref = t(**x)[0]
+        speed.compile_transformer(t, "regional", backend="aot_eager")
+        out = t(**x)[0]
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_recompile_guard_raises_on_recompile():
+    speed.reset_compiled()
+    t = tiny_transformer()
+    speed.compile_transformer(t, "full", backend="eager")
+    with torch.no_grad():
+        t(**tiny_inputs(t))
+        with pytest.raises(RuntimeError, match="fail_on_recompile"), speed.count_recompiles(strict=True):
+            t(**tiny_inputs(t, n=32))  # a new sequence length needs a new graph
+
+
+CHILD = """
+import json, sys, torch
+from tryon_lab import speed
+art = sys.argv[1]
+loaded = speed.load_compile_artifacts(art) if sys.argv[2] == "load" else None
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+x = torch.randn(3, 8)
+with torch.no_grad():
+    out = torch.compile(m, fullgraph=True)(x)
+from torch._dynamo.utils import counters
+saved = speed.save_compile_artifacts(art) if sys.argv[2] == "save" else None
+print("RESULT " + json.dumps({"loaded": loaded, "saved": saved, "inductor": dict(counters["inductor"]),
+                              "out": out.tolist()}))
+"""
+
+
+def _child(tmp_path: Path, mode: str, cache: str) -> dict:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / cache)}
+    p = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "art.bin"), mode], capture_output=True,
+                       text=True, env=env, cwd=Path(__file__).resolve().parent.parent, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1][7:])
+
+
+def test_compile_artifacts_round_trip_in_fresh_processes(tmp_path):
+    """Process 1 compiles with inductor and saves; process 2 (empty inductor folder) loads and hits the cache."""
+    assert speed.load_compile_artifacts(tmp_path / "missing.bin") is None
+    first = _child(tmp_path, "save", "inductor-a")
+    assert first["saved"]["saved"] and first["saved"]["bytes"] > 0
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    second = _child(tmp_path, "load", "inductor-b")
+    assert second["loaded"]["entries"].get("inductor", 0) >= 1
+    assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
+    assert second["out"] == first["out"]

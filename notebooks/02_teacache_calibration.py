@@ -1,0 +1,141 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · TeaCache for FLUX Fill: calibrate, fit, sweep
+#
+# Consecutive denoising steps of a diffusion transformer often produce nearly the same output.
+# **TeaCache** (timestep-embedding-aware cache) predicts that from something cheap: how much block 0's
+# *modulated input* (the AdaLayerNormZero output, which already mixes the latents with the timestep
+# embedding) changed since the previous step. A polynomial rescales that input change into the expected
+# output change; the rescaled changes are summed, and while the sum stays under a threshold the step
+# reuses the cached residual of the whole block stack instead of running the 57 blocks.
+#
+# The polynomial is model-specific. The published one was fitted on FLUX.1-dev text-to-image; here it is
+# fitted on *this* FLUX Fill model and try-on inputs, checked on held-out requests, and then every
+# threshold is compared with full compute and with three caches diffusers ships (First Block Cache,
+# MagCache, TaylorSeer). Every number comes from this run, on the model named in the next cell.
+
+# %% tags=["parameters"]
+model = "default"  # "default" (trained toy model if committed, else random), "random", or a folder with real snapshots
+device = "auto"  # "auto", "cpu", "cuda"
+dtype = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32"
+calibration_size = 4  # requests the polynomial is fitted on
+holdout_size = 2  # requests it is checked on (and the sweep runs on)
+steps = 12
+guidance_scale = 30.0
+thresholds = [0.1, 0.2, 0.4, 0.8, 1.6]  # TeaCache rel_l1_thresh values to sweep
+published_thresholds = [0.25, 0.6]  # the published FLUX t2i coefficients, for comparison
+degree = None  # polynomial degree; None: chosen by held-out error (4 when tied)
+min_psnr = 35.0  # dB vs full compute: the recommended threshold keeps every image at least this close
+include_diffusers = True  # also sweep diffusers' First Block Cache, MagCache and TaylorSeer
+diffusers_settings = {"first_block_cache": [0.2, 0.45, 0.7], "mag_cache": [0.06, 0.24], "taylorseer": [2, 4]}
+seed = 0
+output_dir = "runs/scratch/02"
+
+# %%
+from pathlib import Path
+
+from IPython.display import Markdown, display
+
+from tryon_lab import checkpoint, embeddings, loading, pipeline, runs, synthetic
+from tryon_lab import teacache as tc
+from tryon_lab.bench import markdown_table, stamp
+
+device, torch_dtype = loading.resolve_device_dtype(device, dtype)
+model_dir = checkpoint.resolve_model_dir(model)
+slim = loading.load_slim(model_dir, torch_dtype, device)
+display(Markdown(f"**Model:** {checkpoint.describe_model(model_dir)}  \n**Device:** {stamp(device)['device']}, "
+                 f"dtype {embeddings.dtype_name(torch_dtype)}"))
+
+# %% [markdown]
+# ## 1. Requests
+# Procedural try-on pairs (`tryon_lab.synthetic`): person, garment, repaint mask and the exact ground
+# truth. The first `calibration_size` fit the polynomial; the last `holdout_size` are never fitted and
+# are also the requests of the sweep.
+
+# %%
+samples = [synthetic.make_sample(seed, i) for i in range(calibration_size + holdout_size)]
+requests = [pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed + i, name=f"sample{i}")
+            for i, s in enumerate(samples)]
+settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, progress=False)
+
+# %% [markdown]
+# ## 2. Calibration: full-compute trajectories
+# Every request runs with full compute while the hook records, per step, the relative L1 change of
+# block 0's modulated input (*x*) and of the model output (*y*). TeaCache's bet is that *y* is a smooth
+# function of *x*.
+
+# %%
+calibration = tc.calibrate(slim, requests, settings)
+fit = tc.fit_coefficients(calibration, degree=degree, holdout=holdout_size)
+display(Markdown(markdown_table(
+    [{"degree": d, "held-out MAE": e, "chosen": "yes" if d == fit.degree else ""} for d, e in fit.degree_errors.items()]
+    + [{"degree": "published (FLUX t2i)", "held-out MAE": fit.published_holdout_mae}], floatfmt="{:.4g}")))
+display(Markdown(f"Fitted degree {fit.degree}: coefficients {[round(c, 6) for c in fit.coefficients]}, "
+                 f"RMS residual {fit.rms_residual:.4g}, held-out MAE {fit.holdout_mae:.4g} "
+                 f"({100 * fit.holdout_rel_error:.1f}% of the mean output change); input changes seen "
+                 f"{fit.input_range[0]:.4g}..{fit.input_range[1]:.4g} (outside that range the hook clamps)."))
+fig = tc.plot_calibration(calibration, fit)
+
+# %% [markdown]
+# The dashed curve is the published polynomial. It was fitted on another model and task, so it maps
+# this model's input changes to output changes it does not have: thresholds are not portable between
+# coefficient sets, and a threshold tuned for the published curve means something else here.
+#
+# ## 3. Sweep: every method against full compute
+# `computed` counts the steps in which the last block's attention ran (a full pass for TeaCache,
+# First Block Cache and MagCache; TaylorSeer predicts attention outputs but still runs the MLPs).
+# `speedup` is full-compute denoising time over the method's; `psnr`, `ssim` and `latent_rel_l2`
+# compare with the full-compute image of the same request; `gt_psnr` is PSNR against the ground truth
+# inside the mask. Times are those of the fastest image: on a shared machine other work only ever adds
+# time. `ideal_speedup` (steps / computed) is what the pass count alone promises; the gap to `speedup`
+# is the per-step overhead of each method (and, on a busy CPU, noise).
+
+# %%
+holdout = requests[calibration_size:]
+targets = [s.target for s in samples[calibration_size:]]
+rows = tc.sweep(slim, holdout, thresholds, settings, fit.coefficients, include_diffusers=include_diffusers,
+                targets=targets, published_thresholds=published_thresholds, diffusers_params=diffusers_settings,
+                input_range=fit.input_range)
+display(Markdown(markdown_table(tc.scalar_rows(rows), tc.TABLE_COLUMNS)))
+fig = tc.plot_pareto(rows)
+
+# %% [markdown]
+# ## 4. Recommended threshold and what it looks like
+# The largest threshold whose images (and those of every smaller threshold) stay within `min_psnr` of
+# full compute. Below: full compute, TeaCache at three thresholds, and the ground truth.
+
+# %%
+recommended = tc.recommend_threshold(rows, min_psnr=min_psnr)
+display(Markdown(f"**Recommended rel_l1_thresh: {recommended}** (min PSNR {min_psnr} dB vs full compute, "
+                 f"{steps} steps)"))
+fig = tc.plot_samples(rows, target=targets[0], include=recommended)
+
+# %% [markdown]
+# ## 5. Record the run
+# The coefficients file carries its provenance (model fingerprint, resolution, steps, calibration and
+# held-out requests, degree, errors, recommended threshold, date); `load_coefficients(path,
+# expected_fingerprint=...)` refuses it for another model.
+
+# %%
+coeff_file = tc.save_coefficients(Path(output_dir) / "teacache_coefficients.json", fit, calibration, recommended)
+for r in rows:
+    if r["method"] in ("full", "teacache"):
+        runs.save_image(output_dir, f"{r['method']}_{r['value']}", r["images"][0])
+runs.record_inputs(output_dir, {"model": str(model_dir)})
+runs.save_metrics(output_dir, {"model": checkpoint.describe_model(model_dir), "fingerprint": slim.fingerprint,
+                               "device": stamp(device)["device"], "fit": vars(fit), "recommended_threshold": recommended,
+                               "sweep": tc.scalar_rows(rows)})
+runs.record_tolerances(output_dir, {"metrics_ignore": ["*s_per_image", "*denoise_s", "*speedup", "date", "device"]})
+display(Markdown(f"Coefficients: `{coeff_file}`"))

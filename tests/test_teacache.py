@@ -95,6 +95,9 @@ def test_new_trajectory_detected_without_pipeline_and_remove_restores(transforme
     with tc.enabled(transformer, tc.TeaCacheConfig(1e6, num_inference_steps=6)):
         a, b = _trajectory(transformer, inputs), _trajectory(transformer, inputs)  # timestep jumps back up: reset
         assert tc.teacache_stats(transformer)["trajectories"] == 2
+    with tc.enabled(transformer, tc.TeaCacheConfig(1e6)), pytest.warns(UserWarning, match="last steps"):
+        _trajectory(transformer, inputs)
+        assert _decisions(transformer)[-1] is False
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert torch.equal(a[0], ref[0]) and not torch.equal(a[2], ref[2])
     assert all(torch.equal(x, y) for x, y in zip(_trajectory(transformer, inputs), ref, strict=True))
@@ -186,7 +189,7 @@ def test_peft_lora_and_lora_scale(transformer):
     """LoRA layers act on every module TeaCache calls itself, with the call's LoRA scale."""
     from peft import LoraConfig
 
-    inputs, skipping = _inputs(transformer.config), tc.TeaCacheConfig(0.15, max_consecutive_skips=1)
+    inputs, skipping = _inputs(transformer.config), tc.TeaCacheConfig(0.15, max_consecutive_skips=1, num_inference_steps=6)
     with tc.enabled(transformer, skipping):
         base = _trajectory(transformer, inputs)
         assert False in _decisions(transformer)
@@ -195,7 +198,7 @@ def test_peft_lora_and_lora_scale(transformer):
     try:
         for extra in ({}, {"joint_attention_kwargs": {"scale": 0.5}}):
             ref = _trajectory(transformer, inputs, **extra)
-            with tc.enabled(transformer, tc.TeaCacheConfig(0.0)):
+            with tc.enabled(transformer, tc.TeaCacheConfig(0.0, always_compute_last=0)):
                 assert all(torch.equal(x, y) for x, y in zip(_trajectory(transformer, inputs, **extra), ref, strict=True))
         with tc.enabled(transformer, skipping):  # scale 0 switches the adapter off on the skip path too
             off = _trajectory(transformer, inputs, joint_attention_kwargs={"scale": 0.0})

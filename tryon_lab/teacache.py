@@ -117,6 +117,7 @@ class TeaCacheHook(ModelHook):
         self.state_manager, self.config, self.stack = state_manager, config, stack
         self.computed = self.skipped = self.trajectories = 0
         self.trajectory: list[dict] = []  # per-step log of the current (or last) trajectory
+        self._warned = False
 
     def initialize_hook(self, module):
         self._signature = inspect.signature(type(module).forward)
@@ -163,6 +164,10 @@ class TeaCacheHook(ModelHook):
     def _should_compute(self, state: TeaCacheState, rel: float | None) -> bool:
         cfg = self.config
         n = cfg.num_inference_steps or getattr(self.state_manager._context, "num_inference_steps", None)
+        if n is None and cfg.always_compute_last and not self._warned:
+            self._warned = True
+            warnings.warn("TeaCache cannot tell the last steps (no num_inference_steps in the config or the cache "
+                          "context): always_compute_last is not applied.", stacklevel=2)
         forced = (rel is None or state.residual is None or state.step < cfg.always_compute_first
                   or (n is not None and state.step >= n - cfg.always_compute_last))
         if not forced:

@@ -162,3 +162,17 @@ def test_compile_artifacts_round_trip_in_fresh_processes(tmp_path):
     assert second["loaded"]["entries"].get("inductor", 0) >= 1
     assert second["inductor"].get("fxgraph_cache_hit", 0) >= 1 and second["inductor"].get("fxgraph_cache_miss", 0) == 0
     assert second["out"] == first["out"]
+
+
+def test_bench_gpu_script_tiny_mode(tmp_path):
+    """The GPU benchmark's own code path on the CPU: tiny model, two variants, results written."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
+    p = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "eager,regional", "--out", str(tmp_path),
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "bench_gpu.json").read_text())["bench_gpu"]
+    eager, regional = res["variants"]["eager"], res["variants"]["regional"]
+    assert eager["status"] == regional["status"] == "ok"
+    assert regional["graphs_first"] > 0 and regional["recompiles_steady"] == 0
+    assert regional["latent_rel_l2_vs_eager"] < 1e-5 and eager["ms_per_step"] > 0
+    assert "device" in res["stamp"] and (tmp_path / "bench_gpu.md").exists()

@@ -57,7 +57,7 @@ def make_lora(transformer: torch.nn.Module, rank: int, seed: int, path: str | Pa
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=gen) * b_std)
         state = get_peft_model_state_dict(transformer, adapter_name="make_lora")
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}  # model dtype
     finally:
         transformer.unload_lora()
     FluxFillPipeline.save_lora_weights(Path(path), transformer_lora_layers=state,
@@ -134,45 +134,39 @@ def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswa
     return {"rank": rank, "seconds": time.perf_counter() - start}
 
 
-def swap_benchmark(model_dir, paths: list, requests: list, settings, dtype=torch.float32, device: str = "cpu",
-                   compile_mode: str = "regional", backend: str = "inductor") -> dict:
-    """Compiled transformer with adapter A; hotswap to B (seconds, recompiles, output) vs unload + load B +
-    recompile. The two ways to reach B must give the same images; the swap must compile nothing."""
-    from .loading import load_slim
+def swap_benchmark(fill_pipe, paths: list, call, compile_mode: str = "regional", backend: str = "inductor",
+                   reload: bool = True) -> dict:
+    """Hotswap A -> B on a compiled transformer vs the way without hotswap (unload, load B, recompile).
+
+    ``fill_pipe`` holds no adapter yet; ``call()`` makes one image and returns its latents. Reports the swap's
+    seconds and recompiles (must be 0), and checks that both ways to reach B give the same latents.
+    """
+    from .bench import measure
     from .metrics import rel_l2
-    from .pipeline import tryon
-    from .speed import compile_transformer, count_recompiles, reset_compiled
+    from .speed import compile_transformer, count_recompiles
 
     a, b = paths[:2]
-    reset_compiled()
-    pipe = load_slim(model_dir, dtype, device)
-    prepare_hotswap(pipe.fill, max(lora_rank(p) for p in paths))
-    load_lora(pipe.fill, a, "lora")
-    compile_transformer(pipe.transformer, compile_mode, backend)
-    with count_recompiles() as g_first:
-        t0 = time.perf_counter()
-        tryon(pipe, requests, settings)
-        first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res_a = tryon(pipe, requests, settings)
-    steady_s = time.perf_counter() - t0
-    swap = load_lora(pipe.fill, b, "lora", hotswap=True)
-    with count_recompiles(strict=True) as g_swap:
-        t0 = time.perf_counter()
-        res_b = tryon(pipe, requests, settings)
-        after_swap_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    with _quiet_diffusers():
-        pipe.fill.unload_lora_weights()
-    load_lora(pipe.fill, b, "lora")
-    with count_recompiles() as g_reload:
-        tryon(pipe, requests, settings)
-    reload_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    res_b2 = tryon(pipe, requests, settings)
-    reload_steady_s = time.perf_counter() - t0
-    return {"compile": compile_mode, "backend": backend, "graphs_first": g_first["graphs"], "first_s": first_s,
-            "steady_s": steady_s, "swap_s": swap["seconds"], "recompiles_after_swap": g_swap["graphs"],
-            "call_after_swap_s": after_swap_s, "reload_recompile_s": reload_s, "graphs_reload": g_reload["graphs"],
-            "reload_steady_s": reload_steady_s, "swap_changed_rel_l2": rel_l2(res_b.latents, res_a.latents),
-            "swap_vs_reload_rel_l2": rel_l2(res_b.latents, res_b2.latents)}
+    device = next(fill_pipe.transformer.parameters()).device
+    prepare_hotswap(fill_pipe, max(lora_rank(p) for p in paths))
+    load_lora(fill_pipe, a, "lora")
+    compile_transformer(fill_pipe.transformer, compile_mode, backend)
+    with count_recompiles() as g_first, measure(device) as m_first:
+        call()
+    with measure(device) as m_steady:
+        lat_a = call()
+    swap = load_lora(fill_pipe, b, "lora", hotswap=True)
+    with count_recompiles(strict=True) as g_swap, measure(device) as m_swap:
+        lat_b = call()
+    out = {"compile": compile_mode, "backend": backend, "graphs_first": g_first["graphs"], "first_s": m_first["seconds"],
+           "steady_s": m_steady["seconds"], "swap_s": swap["seconds"], "recompiles_after_swap": g_swap["graphs"],
+           "call_after_swap_s": m_swap["seconds"], "swap_changed_rel_l2": rel_l2(lat_b, lat_a)}
+    if reload:
+        with measure(device) as m_reload, count_recompiles() as g_reload:
+            with _quiet_diffusers():
+                fill_pipe.unload_lora_weights()
+            load_lora(fill_pipe, b, "lora")
+            call()
+        lat_b2 = call()
+        out.update(reload_recompile_s=m_reload["seconds"], graphs_reload=g_reload["graphs"],
+                   swap_vs_reload_rel_l2=rel_l2(lat_b, lat_b2))
+    return out

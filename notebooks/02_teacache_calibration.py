@@ -79,13 +79,8 @@ settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, pr
 # %%
 calibration = tc.calibrate(slim, requests, settings)
 fit = tc.fit_coefficients(calibration, degree=degree, holdout=holdout_size)
-display(Markdown(markdown_table(
-    [{"degree": d, "held-out MAE": e, "chosen": "yes" if d == fit.degree else ""} for d, e in fit.degree_errors.items()]
-    + [{"degree": "published (FLUX t2i)", "held-out MAE": fit.published_holdout_mae}], floatfmt="{:.4g}")))
-display(Markdown(f"Fitted degree {fit.degree}: coefficients {[round(c, 6) for c in fit.coefficients]}, "
-                 f"RMS residual {fit.rms_residual:.4g}, held-out MAE {fit.holdout_mae:.4g} "
-                 f"({100 * fit.holdout_rel_error:.1f}% of the mean output change); input changes seen "
-                 f"{fit.input_range[0]:.4g}..{fit.input_range[1]:.4g} (outside that range the hook clamps)."))
+display(Markdown(markdown_table(tc.degree_table(fit), floatfmt="{:.4g}")))
+display(Markdown(tc.describe_fit(fit)))
 fig = tc.plot_calibration(calibration, fit)
 
 # %% [markdown]
@@ -103,8 +98,8 @@ fig = tc.plot_calibration(calibration, fit)
 # is the per-step overhead of each method (and, on a busy CPU, noise).
 
 # %%
-holdout = requests[calibration_size:]
-targets = [s.target for s in samples[calibration_size:]]
+first = calibration_size if holdout_size else calibration_size - 1  # without held-out requests: the last one
+holdout, targets = requests[first:], [s.target for s in samples[first:]]
 rows = tc.sweep(slim, holdout, thresholds, settings, fit.coefficients, include_diffusers=include_diffusers,
                 targets=targets, published_thresholds=published_thresholds, diffusers_params=diffusers_settings,
                 input_range=fit.input_range)

@@ -117,6 +117,10 @@ def test_fit_recovers_known_polynomial():
     assert auto.degree == 4 and auto.holdout_mae < 1e-8
     noisy = [{**r, "y": (np.asarray(r["y"]) + rng.normal(0, 1e-3, 12)).tolist()} for r in recs]
     assert tc.fit_coefficients(noisy, holdout=2).holdout_mae < 3e-3
+    few = tc.fit_coefficients([{"name": "a", "x": [0.1, 0.2, 0.3], "y": [1.0, 2.0, 3.0]}], holdout=0)
+    assert few.degree == 2 and few.holdout_mae is None  # default 4 lowered to what three pairs can fit
+    assert "no held-out requests" in tc.describe_fit(few) and "held-out MAE" in tc.describe_fit(auto)
+    assert [r["chosen"] for r in tc.degree_table(auto)].count("yes") == 1
 
 
 def test_coefficients_round_trip_and_fingerprint_check(tmp_path):

@@ -359,7 +359,7 @@ def fit_coefficients(records, degree: int | None = None, holdout: int | None = N
     if degree is None:
         best = min(errors.values()) if errors else None
         tied = [d for d, e in errors.items() if e <= best * 1.01] if errors else []
-        degree = 4 if (not tied or 4 in tied) else min(tied)
+        degree = min(4, max(1, len(x) - 1)) if (not tied or 4 in tied) else min(tied)
     if len(x) <= degree:
         raise ValueError(f"fit_coefficients: {len(x)} pairs cannot fit a degree-{degree} polynomial.")
     c = _polyfit(x, y, degree)
@@ -368,6 +368,22 @@ def fit_coefficients(records, degree: int | None = None, holdout: int | None = N
     return Fit([float(v) for v in c], int(degree), (float(x.min()), float(x.max())), float(np.sqrt(np.mean((np.polyval(c, x) - y) ** 2))), mae,
                None if mae is None else mae / max(float(np.mean(np.abs(hy))), 1e-12), errors, pub,
                [r.get("name", "") for r in fit_recs], [r.get("name", "") for r in held])
+
+
+def describe_fit(fit: Fit) -> str:
+    """One markdown line: the polynomial, how well it fits, and how well it predicts held-out requests."""
+    held = ("no held-out requests" if fit.holdout_mae is None else
+            f"held-out MAE {fit.holdout_mae:.4g} ({100 * fit.holdout_rel_error:.1f}% of the mean output change; "
+            f"published FLUX t2i coefficients: {fit.published_holdout_mae:.4g})")
+    return (f"Degree {fit.degree}: coefficients {[float(f'{c:.6g}') for c in fit.coefficients]}, RMS residual "
+            f"{fit.rms_residual:.4g}, {held}; input changes seen {fit.input_range[0]:.4g}..{fit.input_range[1]:.4g} "
+            "(the hook clamps to that range).")
+
+
+def degree_table(fit: Fit) -> list[dict]:
+    """Held-out error of every candidate degree and of the published polynomial (rows for ``markdown_table``)."""
+    rows = [{"degree": d, "held-out MAE": e, "chosen": "yes" if d == fit.degree else ""} for d, e in fit.degree_errors.items()]
+    return rows + [{"degree": "published (FLUX t2i)", "held-out MAE": fit.published_holdout_mae, "chosen": ""}]
 
 
 def save_coefficients(path, fit: Fit, calibration: Calibration, recommended_threshold: float | None = None) -> Path:

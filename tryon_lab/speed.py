@@ -97,12 +97,14 @@ def fp8_filter(keep: tuple[str, ...] = DEFAULT_KEEP):
     return fn
 
 
-def quantize_transformer(transformer: torch.nn.Module, mode: str = "none",
-                         keep: tuple[str, ...] = DEFAULT_KEEP) -> dict:
+def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep: tuple[str, ...] = DEFAULT_KEEP,
+                         inductor_tuning: bool = False) -> dict:
     """Quantize the block Linears in place with torchao; returns weight bytes before/after and the layer count.
 
     Dynamic FP8 on a device without FP8 matmuls raises ``SpeedConfigError`` (never a silent fallback).
     Load LoRA adapters before calling this: adapter Linears are left alone, their base layers become FP8.
+    ``inductor_tuning`` is torchao's ``set_inductor_config``: it turns on inductor's coordinate-descent
+    autotuning for the whole process (every later compile too), which costs minutes of compile on a GPU.
     """
     _check(mode, QUANT_MODES, "quantization")
     before = weight_bytes(transformer)
@@ -119,9 +121,10 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str = "none",
 
         if mode.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(_device_of(transformer))):
             raise SpeedConfigError(f"{mode}: {problem}")
-        config = {"fp8_weight_only": lambda: Float8WeightOnlyConfig(),
-                  "fp8_dynamic_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()),
-                  "fp8_dynamic_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor()),
+        tune = dict(set_inductor_config=inductor_tuning)
+        config = {"fp8_weight_only": lambda: Float8WeightOnlyConfig(**tune),
+                  "fp8_dynamic_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **tune),
+                  "fp8_dynamic_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), **tune),
                   }[mode]()
         quantize_(transformer, config, filter_fn=fn)
     return {"quant": mode, "weight_bytes_before": before, "weight_bytes": weight_bytes(transformer),

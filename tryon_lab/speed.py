@@ -367,6 +367,8 @@ def run_variants(model_dir, variants: list[str], requests: list, settings, dtype
     runs = {"eager": run_variant(model_dir, Variant("eager"), **common)}
     if any(v.lora for v in parsed):
         runs["eager+lora"] = run_variant(model_dir, Variant("eager+lora", lora=True), **common)
+    for name, r in runs.items():
+        r.row["verdict"] = f"{name}: the reference ({r.row['steady_s']:.2f} s per call)"
     for v in parsed:
         runs[v.name] = run_variant(model_dir, v, reference=runs["eager+lora" if v.lora else "eager"], **common)
     return runs

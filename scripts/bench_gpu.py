@@ -21,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -420,7 +421,9 @@ def run_cold(s: Setup, deadline: float) -> dict:
             continue
         args = {"setup": asdict(s), "weights": str(work / "weights"), "slim": slim, "compile": comp,
                 "artifacts": str(artifacts) if artifacts else None}
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(work / f"inductor-{len(row['cases'])}")}
+        cache = work / f"inductor-{len(row['cases'])}"
+        shutil.rmtree(cache, ignore_errors=True)  # every child starts with an empty compile cache
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
         start = time.perf_counter()
         p = subprocess.run([sys.executable, __file__, "--child", json.dumps(args)], capture_output=True, text=True,
                            env=env, timeout=max(10.0, deadline - time.perf_counter()))
@@ -535,6 +538,7 @@ def main(argv=None) -> int:
     if s.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --tiny on a CPU")
     Path(s.work).mkdir(parents=True, exist_ok=True)
+    (Path(s.work) / "regional_artifacts.bin").unlink(missing_ok=True)  # only this run's artefacts count
     out = Path(a.out)
     torch.set_grad_enabled(False)
     res = {"stamp": stamp(s.device), "args": vars(a), "variants": {},

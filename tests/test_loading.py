@@ -64,3 +64,18 @@ def test_resolve_device_dtype():
     assert loading.resolve_device_dtype("cpu", "auto") == ("cpu", torch.float32)
     with pytest.raises(ValueError, match="dtype"):
         loading.resolve_device_dtype("cpu", "int8")
+
+
+def test_convert_script_makes_a_refused_folder_loadable(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    from scripts.convert_to_safetensors import convert
+
+    copy = tmp_path / "pickled2"
+    shutil.copytree(model_dir, copy)
+    vae_dir = copy / checkpoint.FILL_SUBDIR / "vae"
+    st = next(vae_dir.glob("*.safetensors"))
+    torch.save(load_file(str(st)), vae_dir / "diffusion_pytorch_model.bin")
+    st.unlink()
+    convert(vae_dir)
+    assert loading.load_slim(copy, torch.float32, "cpu").fill.vae is not None

@@ -52,3 +52,12 @@ def test_slim_reproduces_standard(model_dir, slim):
     b = pipeline.tryon_standard(std, _req(seed=3), FAST)
     assert metrics.max_abs(a.latents, b.latents) == 0.0
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_paste_back_keeps_pixels_outside_the_mask(slim):
+    req = _req(seed=4)
+    out = pipeline.tryon(slim, req, FAST)
+    keep = np.asarray(req.mask) < 128
+    assert np.array_equal(np.asarray(out.images[0])[keep], np.asarray(req.person)[keep])
+    raw = pipeline.tryon(slim, req, pipeline.TryOnSettings(steps=2, progress=False, paste_back=False))
+    assert not np.array_equal(np.asarray(raw.images[0])[keep], np.asarray(req.person)[keep])

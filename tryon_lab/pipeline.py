@@ -36,12 +36,13 @@ class TryOnSettings:
     guidance_scale: float = 30.0  # FLUX Fill is used around 30
     fit: str = "pad"  # 'pad' or 'resize' to multiples of 16 (see images.py)
     progress: bool = True
+    paste_back: bool = True  # keep the person's own pixels outside the mask (the VAE round trip blurs them)
 
 
 @dataclass
 class TryOnResult:
-    images: list[Image.Image]  # the person side, at each input's size
-    diptychs: list[Image.Image]  # full generated diptychs (garment | person)
+    images: list[Image.Image]  # the person side, at each input's size (pasted back outside the mask)
+    diptychs: list[Image.Image]  # full generated diptychs (garment | person), as decoded
     latents: torch.Tensor  # final packed latents (batch, tokens, channels), on the CPU
     timings: dict[str, float]
     notes: list[list[str]] = field(default_factory=list)  # conversions applied to each input
@@ -128,11 +129,15 @@ def decode(fill, latents: torch.Tensor, height: int, width: int) -> list[Image.I
     return fill.image_processor.postprocess(image, output_type="pil")
 
 
-def _finish(fill, prepared, latents, timings: Timings) -> tuple[list[Image.Image], list[Image.Image]]:
+def _finish(fill, prepared, latents, timings: Timings, paste_back: bool) -> tuple[list[Image.Image], list[Image.Image]]:
     width, height = prepared[0].diptych.size
     with timings.stage("decode"):
         diptychs = decode(fill, latents, height, width)
-    return [person_half(d, p) for d, p in zip(diptychs, prepared, strict=True)], diptychs
+    if paste_back:
+        kept = [Image.composite(d, p.diptych, p.mask) for d, p in zip(diptychs, prepared, strict=True)]
+    else:
+        kept = diptychs
+    return [person_half(d, p) for d, p in zip(kept, prepared, strict=True)], diptychs
 
 
 def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
@@ -148,7 +153,7 @@ def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
         prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
     with timings.stage("denoise"):
         latents = denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests], callback)
-    images, diptychs = _finish(pipe.fill, prepared, latents, timings)
+    images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings.paste_back)
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], hits,
                        describe_model(pipe.model_dir))
 
@@ -168,6 +173,6 @@ def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnReq
         pooled = torch.cat([o[1] for o in outs], dim=0)
     with timings.stage("denoise"):
         latents = denoise(std.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests])
-    images, diptychs = _finish(std.fill, prepared, latents, timings)
+    images, diptychs = _finish(std.fill, prepared, latents, timings, settings.paste_back)
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], 0,
                        describe_model(std.model_dir))

@@ -24,8 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .checkpoint import SmallModelConfig, build_models, save_checkpoint
+
+# Attention kernels for training: flash / memory-efficient (and math on a CPU). cuDNN attention's
+# backward failed on the H100 here (CUBLAS_STATUS_EXECUTION_FAILED at the first Fill step).
+_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -161,13 +166,13 @@ def train_fill(models: dict, fill_pipe, text: tuple[torch.Tensor, torch.Tensor],
         guidance = torch.empty(n, device=device).uniform_(cfg.guidance_min, cfg.guidance_max)
         for g in opt.param_groups:
             g["lr"] = _lr(step, cfg.fill_steps, cfg.fill_lr, cfg.fill_warmup)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
             hidden = encoder(pixel_values=siglip_pixels(garment, small.siglip_image_size)).last_hidden_state
             tokens = embedder(hidden).image_embeds
-            enc = torch.cat([prompt_embeds.expand(n, -1, -1), tokens.to(prompt_embeds.dtype)], dim=1)
+            enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
             txt_ids = torch.zeros(enc.shape[1], 3, device=device)
             pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
-                               pooled_projections=pooled.expand(n, -1), encoder_hidden_states=enc, txt_ids=txt_ids,
+                               pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
                                img_ids=img_ids, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise - x0)
         opt.zero_grad(set_to_none=True)
@@ -313,3 +318,41 @@ def write_card(out_root: Path, record: dict, extra: dict) -> Path:
     path = out_root / "tryon_lab_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return path
+
+
+def evaluate_heldout(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20, dtype=torch.float32,
+                     device: str = "cpu", progress: bool = False) -> tuple[dict, list]:
+    """Masked-region PSNR / SSIM of try-ons against ground truth on pairs from a seed never used in training.
+
+    Returns (summary, rows) where each row holds the images (garment, person, try-on, target) for a grid.
+    """
+    from .loading import load_slim
+    from .metrics import psnr, ssim
+    from .pipeline import TryOnRequest, TryOnSettings, tryon
+    from .synthetic import make_sample
+
+    pipe = load_slim(model_dir, dtype, device)
+    rows = []
+    for i in range(count):
+        s = make_sample(seed, i)
+        out = tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=i), TryOnSettings(steps=steps, progress=progress))
+        m = np.asarray(s.mask) > 127
+        rows.append({"index": i, "psnr_masked": psnr(out.images[0], s.target, mask=m),
+                     "ssim_masked": ssim(out.images[0], s.target, mask=m),
+                     "images": [s.garment, s.person, out.images[0], s.target]})
+    summary = {"seed": seed, "count": count, "steps": steps,
+               "psnr_masked_mean": float(np.mean([r["psnr_masked"] for r in rows])),
+               "ssim_masked_mean": float(np.mean([r["ssim_masked"] for r in rows]))}
+    return summary, rows
+
+
+def grid_image(rows: list, cell: int = 2):
+    """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
+    from PIL import Image
+
+    w, h = rows[0]["images"][0].size
+    grid = Image.new("RGB", (4 * w, len(rows) * h), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row["images"]):
+            grid.paste(img.convert("RGB"), (c * w, r * h))
+    return grid

@@ -92,9 +92,15 @@ def device_name(device: str | torch.device | None = None) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit (+ '-dirty'); ``TRYON_LAB_COMMIT`` names it where the copy has no git history."""
+    if os.environ.get("TRYON_LAB_COMMIT"):
+        return os.environ["TRYON_LAB_COMMIT"]
     try:
         root = Path(__file__).resolve().parent.parent
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+        sha = res.stdout.strip() if res.returncode == 0 else ""
+        if not sha:
+            return "unknown (no git history in this copy)"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True).stdout.strip()
         return (sha or "unknown") + ("-dirty" if dirty else "")

@@ -122,16 +122,24 @@ class SlimPipeline:
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     model_dir: Path
-    fingerprint: str
     device: str
     dtype: torch.dtype
     load_report: list[dict] = field(default_factory=list)
     embeddings_file: Path | None = None
     redux_cache: dict = field(default_factory=dict)  # garment image hash -> Redux tokens
+    _fingerprint: str | None = None
 
     @property
     def transformer(self):
         return self.fill.transformer
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of the weight folders this pipeline loaded (computed on first use: hashing 24 GB takes a while)."""
+        if self._fingerprint is None:
+            parts = tuple(f"{COMPONENTS[n][0]}/{n}" for n in SLIM_COMPONENTS)
+            self._fingerprint = fingerprint(self.model_dir, parts)
+        return self._fingerprint
 
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
@@ -163,8 +171,7 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
                                    image_embedder=parts["image_embedder"])
     for p in (fill, redux):
         p.set_progress_bar_config(disable=True)
-    return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, fingerprint(model_dir), device, dtype,
-                        report, Path(embeddings_file))
+    return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file))
 
 
 @dataclass

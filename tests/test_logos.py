@@ -90,20 +90,33 @@ def test_batched_equals_sequential_and_skips_missing(slim):
     assert diff[~inside].max() == 0 and diff[inside].max() > 0
 
 
-def test_logo_lora_loaded_once_and_kept(model_dir):
+def test_logo_lora_loaded_once_kept_and_hotswapped(model_dir, monkeypatch):
     import torch
 
     from tryon_lab import loading, lora
 
     pipe = loading.load_slim(model_dir, torch.float32, "cpu")
-    path = lora.make_default_loras(model_dir, ranks=(4,))[0]
+    a, b = lora.make_default_loras(model_dir, ranks=(4, 8))
+    lora.prepare_hotswap(pipe.fill, 8)
+    loads = []
+    real = lora.load_lora
+    monkeypatch.setattr(lora, "load_lora", lambda *args, **kw: loads.append(kw.get("hotswap")) or real(*args, **kw))
     garment, tryon, gbox, _ = _scene(_logo(), (70, 90), 1.0)
     matches = logos.locate_logos(garment, [gbox], tryon)
     settings = pipeline.TryOnSettings(steps=1, progress=False)
+    request = pipeline.TryOnRequest(*_scene(_logo(), (70, 90), 1.0)[:2], Image.new("L", (128, 160), 0), seed=0)
+    request.mask.paste(255, (20, 20, 100, 140))
+    main_plain = pipeline.tryon(pipe, request, settings).images[0]
     plain = logos.logo_pass(pipe, tryon, garment, matches, settings, size=32)
-    with_lora = logos.logo_pass(pipe, tryon, garment, matches, settings, lora=path, size=32)
-    assert with_lora.lora == str(path) and "logo" in pipe.fill.get_list_adapters()["transformer"]
-    assert logos.logo_pass(pipe, tryon, garment, matches, settings, lora=path, size=32).timings["prepare"] < 0.5
+    with_a = logos.logo_pass(pipe, tryon, garment, matches, settings, lora=a, size=32)
+    logos.logo_pass(pipe, tryon, garment, matches, settings, lora=a, size=32)
+    assert loads == [False] and with_a.lora == str(a)  # loaded once, kept
+    assert list(pipe.fill.get_list_adapters()["transformer"]) == ["logo"]
+    with_b = logos.logo_pass(pipe, tryon, garment, matches, settings, lora=b, size=32)
+    assert loads == [False, True] and list(pipe.fill.get_list_adapters()["transformer"]) == ["logo"]
     again_plain = logos.logo_pass(pipe, tryon, garment, matches, settings, size=32)
     assert np.array_equal(np.asarray(plain.image), np.asarray(again_plain.image))
-    assert not np.array_equal(np.asarray(plain.patches[0]), np.asarray(with_lora.patches[0]))
+    assert not np.array_equal(np.asarray(plain.patches[0]), np.asarray(with_a.patches[0]))
+    assert not np.array_equal(np.asarray(with_a.patches[0]), np.asarray(with_b.patches[0]))
+    # the LoRA is off outside the pass: the main try-on is unchanged
+    assert np.array_equal(np.asarray(main_plain), np.asarray(pipeline.tryon(pipe, request, settings).images[0]))

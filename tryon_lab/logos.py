@@ -156,13 +156,11 @@ def feather(mask: Image.Image, size: tuple[int, int], radius: float) -> Image.Im
 
 
 def _use_lora(pipe, path) -> str | None:
-    """Load the logo LoRA once (hotswapped when the pipe was prepared for it) and keep it loaded."""
+    """Load the logo LoRA once (hotswapped when the pipe was prepared for it), keep it loaded and enable it."""
     from . import lora as lora_mod
 
     fill = pipe.fill
     if path is None:
-        if fill in _LOADED_LORA:
-            fill.disable_lora()
         return None
     path = str(Path(path))
     if _LOADED_LORA.get(fill) != path:
@@ -192,8 +190,9 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
               callback=None) -> LogoPassResult:
     """Redraw every found logo: one batched ``pipeline.tryon`` call (``batched``) or one call per logo.
 
-    ``lora``: path of a logo LoRA, loaded for the pass and kept loaded (hotswapped if ``prepare_hotswap`` was
-    called); None runs the plain model (a kept LoRA is disabled). Patches are pasted with a feathered alpha.
+    ``lora``: path of a logo LoRA, loaded on first use and kept loaded (a different one is hotswapped in if
+    ``prepare_hotswap`` was called), enabled only during the pass; None runs the plain model. Patches are pasted
+    with a feathered alpha.
     """
     settings = settings or TryOnSettings(progress=False)
     tryon_image = tryon_image if isinstance(tryon_image, Image.Image) else Image.fromarray(np.asarray(tryon_image))
@@ -209,13 +208,17 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
     patches: list[Image.Image] = []
     calls = 0
     with timings.stage("generate"):
-        if reqs and batched:
-            patches = tryon(pipe, reqs, settings, callback=callback).images
-            calls = 1
-        else:
-            for r in reqs:
-                patches += tryon(pipe, r, settings, callback=callback).images
-                calls += 1
+        try:
+            if reqs and batched:
+                patches = tryon(pipe, reqs, settings, callback=callback).images
+                calls = 1
+            else:
+                for r in reqs:
+                    patches += tryon(pipe, r, settings, callback=callback).images
+                    calls += 1
+        finally:
+            if used:  # kept loaded for the next pass, off for everything else (the main try-on)
+                pipe.fill.disable_lora()
     with timings.stage("paste"):
         out = tryon_image.copy()
         mask = diptych_mask(size)

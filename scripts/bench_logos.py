@@ -61,7 +61,7 @@ def bench_cpu(a) -> tuple[dict, list[dict]]:
                 calls[mode] = r.calls
         rows += summarise(n, seconds, calls)
         print(rows[-2:], flush=True)
-    meta = {"model": checkpoint.describe_model(model_dir), "sample": a.sample, "steps": a.steps, "size": a.size,
+    meta = {"model": checkpoint.describe_model(model_dir).replace(f"{REPO}/", ""), "sample": a.sample, "steps": a.steps, "size": a.size,
             "repeats": a.repeats, "threads": a.threads}
     return meta, rows
 

@@ -29,3 +29,18 @@ def test_notebook_01_runs_headless(tmp_path):
     assert metrics["equivalence"]["latent max abs diff"] == 0.0
     assert "random weights" in metrics["model"]
     assert (out / "tryon_slim.png").exists() and entry["inputs"]["model"]["files"]
+
+
+@pytest.mark.slow
+def test_every_notebook_runs_on_the_default_model_and_verifies(tmp_path):
+    """`make demo` in small: every notebook headless on the default model, then `verify` on notebook 01."""
+    notebooks = runs.all_notebooks()
+    assert len(notebooks) >= 3
+    run_dir = runs.run(notebooks, {}, name="demo", runs_root=tmp_path, progress=False)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    failed = {e["stem"]: (e.get("error") or "")[-2000:] for e in manifest["notebooks"] if e["status"] != "ok"}
+    assert not failed, failed
+    assert manifest["git"]["commit"] and manifest["packages"]["diffusers"]
+    first = runs.run([notebooks[0]], {}, name="verify-me", runs_root=tmp_path, progress=False)
+    ok, report = runs.verify(first)
+    assert ok, report

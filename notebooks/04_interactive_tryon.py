@@ -31,7 +31,7 @@ person = "s000"  # a sample id from data/manifest.json
 garment = "s001"  # a sample id from data/manifest.json
 steps = 8
 seed = 0
-teacache = 0.0  # TeaCache rel-L1 threshold, 0 = off
+teacache = 0.0  # TeaCache rel-L1 threshold (0: off)
 logos = "manifest"  # "manifest" (the garment's boxes), "none", or "x0,y0,x1,y1; ..." on the garment image
 output_dir = "runs/scratch/04_interactive_tryon"
 

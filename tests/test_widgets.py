@@ -19,7 +19,11 @@ def _upload(content: bytes, name: str) -> tuple:
 
 @pytest.fixture(scope="module")
 def app(model_dir):
-    return widgets.TryOnApp(model=model_dir, device="cpu", dtype="float32", person="s000", garment="s001", steps=2)
+    from tryon_lab import lora
+
+    loras = {"rank4": lora.make_default_loras(model_dir, ranks=(4,))[0]}
+    return widgets.TryOnApp(model=model_dir, device="cpu", dtype="float32", person="s000", garment="s001", steps=2,
+                            loras=loras)
 
 
 def test_click_runs_and_shows_outputs_then_warm_cache_loads_nothing(app, model_dir):
@@ -37,8 +41,14 @@ def test_click_runs_and_shows_outputs_then_warm_cache_loads_nothing(app, model_d
     app.seed.value = 1
     app.mask_mode.value = "ellipse"
     app.sliders["w"].value = 0.4
-    second = app.run()
-    assert second is not None and widgets.load_count() == loads  # warm: nothing reloaded
+    app.teacache.value = 0.3
+    app.lora.value = "rank4"
+    app.logo_boxes.value = "60,102,81,123; 0,0,20,20"
+    second = app.button.click() or app.last
+    assert app.error.value == "" and second is not res and widgets.load_count() == loads  # warm: nothing reloaded
+    assert second.settings["teacache"] == 0.3 and second.settings["lora"] == "rank4"
+    assert len(second.matches) == 2 and "not found (skipped)" in app.match_table.value
+    app.teacache.value, app.lora.value = 0.0, "none"
     assert widgets.get_pipeline(model_dir, torch.float32, "cpu") is widgets.get_pipeline(model_dir, torch.float32, "cpu")
     assert widgets.load_count() == loads
     app.mask_mode.value = "manifest"

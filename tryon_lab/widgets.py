@@ -3,6 +3,7 @@
 ``TryOnApp(...).ui`` is the widget; ``app.run()`` is what the Run button calls (papermill calls it directly).
 Pipelines come from a process-level cache (``get_pipeline``) keyed by model and options, so pressing Run
 again never reloads. Bad inputs (an upload that is not an image, a bad box) are shown in ``app.error``.
+TeaCache (threshold > 0) applies to the main try-on only; the logo LoRA only to the logo pass.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image
 
 
@@ -42,7 +41,7 @@ def ssim(a, b, mask=None) -> float:
     return float(smap.mean(axis=-1)[m].mean())
 
 
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+def rel_l2(a, b) -> float:
     """||a - b|| / ||b|| in float64 (b is the reference)."""
     a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
     denom = b64.norm().item()

@@ -77,9 +77,9 @@ def decode_upload(value, what: str) -> Image.Image:
 
 def shape_mask(size: tuple[int, int], shape: str, cx: float, cy: float, w: float, h: float) -> Image.Image:
     """A box or ellipse mask from fractions of the image size (centre, width, height)."""
-    W_, H_ = size
-    box = (round((cx - w / 2) * W_), round((cy - h / 2) * H_), round((cx + w / 2) * W_) - 1,
-           round((cy + h / 2) * H_) - 1)
+    iw, ih = size
+    box = (round((cx - w / 2) * iw), round((cy - h / 2) * ih), round((cx + w / 2) * iw) - 1,
+           round((cy + h / 2) * ih) - 1)
     m = Image.new("L", size, 0)
     draw = ImageDraw.Draw(m)
     (draw.ellipse if shape == "ellipse" else draw.rectangle)(box, fill=255)

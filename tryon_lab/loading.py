@@ -135,10 +135,10 @@ class SlimPipeline:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the weight folders this pipeline loaded (computed on first use: hashing 24 GB takes a while)."""
+        """The model folder's fingerprint, as ``describe_model`` and the card give it (computed on first use:
+        hashing 24 GB of real weights takes a while, then per-file hashes are cached)."""
         if self._fingerprint is None:
-            parts = tuple(f"{COMPONENTS[n][0]}/{n}" for n in SLIM_COMPONENTS)
-            self._fingerprint = fingerprint(self.model_dir, parts)
+            self._fingerprint = fingerprint(self.model_dir)
         return self._fingerprint
 
 

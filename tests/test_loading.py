@@ -31,7 +31,8 @@ def test_slim_needs_no_text_encoders_on_disk(tmp_path, model_dir):
         loading.load_standard(copy, torch.float32, "cpu")
 
 
-def test_pickle_weights_are_refused(tmp_path, model_dir):
+def _pickled_copy(tmp_path, model_dir):
+    """A copy of the checkpoint whose VAE is stored as a pickle ``.bin`` only; returns (copy, vae folder)."""
     from safetensors.torch import load_file
 
     copy = tmp_path / "pickled"
@@ -40,6 +41,11 @@ def test_pickle_weights_are_refused(tmp_path, model_dir):
     st = next(vae_dir.glob("*.safetensors"))
     torch.save(load_file(str(st)), vae_dir / "diffusion_pytorch_model.bin")
     st.unlink()
+    return copy, vae_dir
+
+
+def test_pickle_weights_are_refused(tmp_path, model_dir):
+    copy, _ = _pickled_copy(tmp_path, model_dir)
     with pytest.raises(loading.PickleCheckpointError, match="convert_to_safetensors"):
         loading.load_slim(copy, torch.float32, "cpu")
 
@@ -67,15 +73,8 @@ def test_resolve_device_dtype():
 
 
 def test_convert_script_makes_a_refused_folder_loadable(tmp_path, model_dir):
-    from safetensors.torch import load_file
-
     from scripts.convert_to_safetensors import convert
 
-    copy = tmp_path / "pickled2"
-    shutil.copytree(model_dir, copy)
-    vae_dir = copy / checkpoint.FILL_SUBDIR / "vae"
-    st = next(vae_dir.glob("*.safetensors"))
-    torch.save(load_file(str(st)), vae_dir / "diffusion_pytorch_model.bin")
-    st.unlink()
+    copy, vae_dir = _pickled_copy(tmp_path, model_dir)
     convert(vae_dir)
     assert loading.load_slim(copy, torch.float32, "cpu").fill.vae is not None

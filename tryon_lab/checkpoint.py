@@ -351,8 +351,8 @@ def resolve_model_dir(model: str | Path | None) -> Path:
     return Path(model)
 
 
-def describe_model(model_dir: Path) -> str:
-    """One line saying which model a number came from."""
+def describe_model(model_dir: Path, model_fingerprint: str | None = None) -> str:
+    """One line saying which model a number came from (pass a known fingerprint to skip re-hashing)."""
     model_dir = Path(model_dir)
     info = model_dir / "tryon_lab_config.json"
     if model_dir.resolve() == TRAINED_DIR.resolve():
@@ -361,7 +361,8 @@ def describe_model(model_dir: Path) -> str:
         kind = "embedded default with random weights"
     else:
         kind = "external weights"
-    return f"{kind} at {model_dir} [fingerprint {fingerprint(model_dir)[:16]}]"
+    fp = model_fingerprint or fingerprint(model_dir)
+    return f"{kind} at {model_dir} [fingerprint {fp[:16]}]"
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -371,27 +372,32 @@ def _hash_cache_path() -> Path:
     return cache_dir() / "file_hashes.json"
 
 
+_HASHES: dict[str, str] | None = None  # the on-disk cache, read once per process
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, cached by (path, size, mtime) so large weight files are hashed once."""
+    global _HASHES
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
     cache_file = _hash_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if key in cache:
-        return cache[key]
+    if _HASHES is None:
+        try:
+            _HASHES = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            _HASHES = {}
+    if key in _HASHES:
+        return _HASHES[key]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    cache[key] = h.hexdigest()
+    _HASHES[key] = h.hexdigest()
     tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(cache))
+    tmp.write_text(json.dumps(_HASHES))
     os.replace(tmp, cache_file)
-    return cache[key]
+    return _HASHES[key]
 
 
 def fingerprint(folder: str | Path, subfolders: tuple[str, ...] | None = None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .bench import measure
-from .checkpoint import FILL_SUBDIR, PICKLE_SUFFIXES, REDUX_SUBDIR, fingerprint
+from .checkpoint import FILL_SUBDIR, PICKLE_SUFFIXES, REDUX_SUBDIR, describe_model, fingerprint
 from .embeddings import encoder_fingerprint, ensure_embeddings, load_embeddings
 
 # component -> (snapshot subfolder, library, class name)
@@ -140,6 +140,11 @@ class SlimPipeline:
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model_dir)
         return self._fingerprint
+
+    @property
+    def description(self) -> str:
+        """Which model this is, for every result it produces (hashed once, not per call)."""
+        return describe_model(self.model_dir, self.fingerprint)
 
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",

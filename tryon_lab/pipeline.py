@@ -155,7 +155,7 @@ def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
         latents = denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests], callback)
     images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings.paste_back)
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], hits,
-                       describe_model(pipe.model_dir))
+                       pipe.description)
 
 
 def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnRequest],

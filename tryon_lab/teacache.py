@@ -319,9 +319,7 @@ def calibrate(pipe, requests, settings) -> Calibration:
 
 
 def _describe(pipe) -> str:
-    from .checkpoint import describe_model
-
-    return describe_model(pipe.model_dir)
+    return pipe.description
 
 
 def _pairs(records) -> tuple[np.ndarray, np.ndarray]:

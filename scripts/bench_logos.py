@@ -6,7 +6,7 @@ warm-up. Per garment: latency (seconds for its whole logo pass) and throughput (
 
 ``--full-size``: the full-size FLUX Fill transformer + VAE from ``benchmarks/flux_fill_config.json`` with random
 bf16 weights on the GPU and 256 px per half (the denoise + decode a logo pass runs, with random embeddings in
-place of Redux tokens). Not run yet.
+place of Redux tokens). Run on an H100: benchmarks/logos_gpu_full_size.md.
 
     python scripts/bench_logos.py                      # CPU, default model -> benchmarks/results.json, logos_cpu.md
     python scripts/bench_logos.py --full-size --size 256  # GPU -> logos_gpu_full_size

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from .bench import Timings
+from .memory import split_on_oom
 from .pipeline import TryOnRequest, TryOnSettings, tryon
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, x1/y1 exclusive)
@@ -46,6 +47,7 @@ class LogoPassResult:
     calls: int  # pipeline calls made
     skipped: list[int] = field(default_factory=list)  # indices of logos not found
     lora: str | None = None
+    recoveries: list[str] = field(default_factory=list)  # out-of-memory splits and retries made on the way
 
 
 def validate_box(box, size: tuple[int, int], name: str = "box") -> Box:
@@ -207,14 +209,21 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
         used = _use_lora(pipe, lora) if reqs else None
     patches: list[Image.Image] = []
     calls = 0
+    recoveries: list[str] = []
     with timings.stage("generate"):
         try:
-            if reqs and batched:
-                patches = tryon(pipe, reqs, settings, callback=callback).images
-                calls = 1
+            if reqs and batched:  # one call; halved and retried while it runs out of memory
+                def run(batch):
+                    out = tryon(pipe, list(batch), settings, callback=callback)
+                    recoveries.extend(out.recoveries)
+                    return out.images
+
+                patches, calls = split_on_oom(run, reqs, recoveries)
             else:
                 for r in reqs:
-                    patches += tryon(pipe, r, settings, callback=callback).images
+                    out = tryon(pipe, r, settings, callback=callback)
+                    recoveries.extend(out.recoveries)
+                    patches += out.images
                     calls += 1
         finally:
             if used:  # kept loaded for the next pass, off for everything else (the main try-on)
@@ -228,7 +237,7 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
             radius = feather_px if feather_px is not None else max(0.5, min(bw, bh) / 12)
             out.paste(patch.resize((bw, bh), Image.BICUBIC), (x0, y0), feather(mask, (bw, bh), radius))
     return LogoPassResult(out, patches, list(matches), timings.as_dict(), batched, calls,
-                          [m.index for m in matches if not m.found], used)
+                          [m.index for m in matches if not m.found], used, recoveries)
 
 
 def draw_boxes(image, matches: list[LogoMatch], color=(0, 255, 0), width: int = 1) -> Image.Image:

@@ -19,6 +19,7 @@ from .bench import Timings
 from .checkpoint import TRYON_PROMPT, describe_model
 from .images import ImageInputError, PreparedInput, image_hash, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
+from .memory import retry_with_vae_tiling
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TryOnSettings:
     fit: str = "pad"  # 'pad' or 'resize' to multiples of 16 (see images.py)
     progress: bool = True
     paste_back: bool = True  # keep the person's own pixels outside the mask (the VAE round trip blurs them)
+    hot_path: bool = False  # the preallocated, bit-identical denoise loop and on-device postprocess (hotpath.py)
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TryOnResult:
     notes: list[list[str]] = field(default_factory=list)  # conversions applied to each input
     redux_cache_hits: int = 0
     model: str = ""
+    recoveries: list[str] = field(default_factory=list)  # out-of-memory recoveries made on the way
 
 
 def prepare(requests: list[TryOnRequest], fit: str = "pad") -> list[PreparedInput]:
@@ -102,8 +105,16 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 def denoise(fill, prepared: list[PreparedInput], prompt_embeds: torch.Tensor, pooled: torch.Tensor,
             settings: TryOnSettings, seeds: list[int], callback=None) -> torch.Tensor:
     """FLUX Fill sampling; returns the final packed latents."""
-    fill.set_progress_bar_config(disable=not settings.progress, desc="denoise", leave=False)
     width, height = prepared[0].diptych.size
+    if settings.hot_path:
+        from . import hotpath
+
+        state = hotpath.prepare_state(fill, [p.diptych for p in prepared], [p.mask for p in prepared],
+                                      prompt_embeds, pooled, height, width, settings.steps,
+                                      settings.guidance_scale, generators(seeds))
+        on_step = None if callback is None else lambda i: callback(fill, i, None, {})
+        return hotpath.denoise_hot(fill, state, settings.progress, on_step)
+    fill.set_progress_bar_config(disable=not settings.progress, desc="denoise", leave=False)
     return fill(
         image=[p.diptych for p in prepared],
         mask_image=[p.mask for p in prepared],
@@ -120,8 +131,15 @@ def denoise(fill, prepared: list[PreparedInput], prompt_embeds: torch.Tensor, po
 
 
 @torch.no_grad()
-def decode(fill, latents: torch.Tensor, height: int, width: int) -> list[Image.Image]:
-    """Unpack, unscale and VAE-decode packed latents to PIL images (the stock pipeline's final lines)."""
+def decode(fill, latents: torch.Tensor, height: int, width: int, hot_path: bool = False) -> list[Image.Image]:
+    """Unpack, unscale and VAE-decode packed latents to PIL images (the stock pipeline's final lines).
+
+    ``hot_path``: the same pixels, postprocessed on the device and copied to the host as uint8.
+    """
+    if hot_path:
+        from .hotpath import decode_to_host
+
+        return decode_to_host(fill, latents, height, width).images()
     vae = fill.vae
     latents = fill._unpack_latents(latents, height, width, fill.vae_scale_factor)
     latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
@@ -129,11 +147,13 @@ def decode(fill, latents: torch.Tensor, height: int, width: int) -> list[Image.I
     return fill.image_processor.postprocess(image, output_type="pil")
 
 
-def _finish(fill, prepared, latents, timings: Timings, paste_back: bool) -> tuple[list[Image.Image], list[Image.Image]]:
+def _finish(fill, prepared, latents, timings: Timings, settings: TryOnSettings,
+            recoveries: list[str]) -> tuple[list[Image.Image], list[Image.Image]]:
     width, height = prepared[0].diptych.size
     with timings.stage("decode"):
-        diptychs = decode(fill, latents, height, width)
-    if paste_back:
+        diptychs = retry_with_vae_tiling(lambda: decode(fill, latents, height, width, settings.hot_path), fill.vae,
+                                         recoveries, "decode")
+    if settings.paste_back:
         kept = [Image.composite(d, p.diptych, p.mask) for d, p in zip(diptychs, prepared, strict=True)]
     else:
         kept = diptychs
@@ -142,20 +162,27 @@ def _finish(fill, prepared, latents, timings: Timings, paste_back: bool) -> tupl
 
 def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
           settings: TryOnSettings | None = None, callback=None) -> TryOnResult:
-    """Run one or a batch of try-ons on the slim pipeline."""
+    """Run one or a batch of try-ons on the slim pipeline.
+
+    Out of memory in the denoise (its VAE encode) or the decode: retried once with VAE tiling, noted in
+    ``recoveries``; latents already made are kept, never recomputed.
+    """
     settings = settings or TryOnSettings()
     requests = [requests] if isinstance(requests, TryOnRequest) else list(requests)
     timings = Timings(device=pipe.device)
+    recoveries: list[str] = []
     with timings.stage("prepare"):
         prepared = prepare(requests, settings.fit)
     with timings.stage("redux"):
         tokens, hits = encode_garments(pipe, [garment_of(p) for p in prepared])
         prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
     with timings.stage("denoise"):
-        latents = denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests], callback)
-    images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings.paste_back)
+        latents = retry_with_vae_tiling(
+            lambda: denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests], callback),
+            pipe.fill.vae, recoveries, "denoise")
+    images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings, recoveries)
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], hits,
-                       pipe.description)
+                       pipe.description, recoveries)
 
 
 def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnRequest],
@@ -173,6 +200,6 @@ def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnReq
         pooled = torch.cat([o[1] for o in outs], dim=0)
     with timings.stage("denoise"):
         latents = denoise(std.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests])
-    images, diptychs = _finish(std.fill, prepared, latents, timings, settings.paste_back)
+    images, diptychs = _finish(std.fill, prepared, latents, timings, settings, [])
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], 0,
                        describe_model(std.model_dir))

@@ -121,6 +121,7 @@ class AppResult:
     tryon_result: pipeline.TryOnResult
     logo_result: logos.LogoPassResult
     settings: dict = field(default_factory=dict)
+    recoveries: list[str] = field(default_factory=list)  # out-of-memory recoveries, also shown under the timings
 
 
 class TryOnApp:
@@ -282,8 +283,11 @@ class TryOnApp:
         rows = timing_rows(out.timings, lp.timings, {k: t.seconds[k] for k in ("load", "locate logos")})
         for img_w, img in zip(self.outputs, (person, tryon_img, boxed), strict=True):
             img_w.value = png_bytes(img, self.scale)
-        self.timing_table.value = html_table(rows)
+        recoveries = out.recoveries + lp.recoveries
+        self.timing_table.value = html_table(rows) + "".join(
+            f"<div style='color:#8a5a00'>recovered: {html.escape(r)}</div>" for r in recoveries)
         self.match_table.value = html_table(logos.match_rows(matches)) if matches else "<i>no logo boxes</i>"
         return AppResult(person, tryon_img, lp.image, boxed, matches, rows, out, lp,
                          {"steps": steps, "seed": seed, "guidance": settings.guidance_scale,
-                          "teacache": float(self.teacache.value), "lora": self.lora.value, "batched": self.batched})
+                          "teacache": float(self.teacache.value), "lora": self.lora.value, "batched": self.batched},
+                         recoveries)

@@ -1,0 +1,203 @@
+"""GPU memory: diffusers' offload and VAE modes, a planner that fits a card, and out-of-memory recovery.
+
+    MemoryMode      FP8 or not, which offload (none / group / model / sequential), VAE tiling and slicing
+    apply_mode      puts a slim pipeline in that mode with diffusers' own mechanisms
+    plan_for_limit  given a memory limit and a measured budget table, the fastest mode that fits, and why
+    retry_with_vae_tiling / split_on_oom   the two recoveries: a try-on retries once with VAE tiling; a logo
+                    batch is halved until it fits. Both record what they did; neither loses a result.
+
+The budget table is measured (``scripts/bench_memory_gpu.py`` on the GPU writes ``benchmarks/memory_budget.json``);
+the planner only combines measured numbers and never offers a mode that was not measured to work.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+OFFLOADS = ("none", "group", "model", "sequential")
+GiB = 1024**3
+BUDGET_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_budget.json"
+
+
+class MemoryBudgetError(RuntimeError):
+    """No measured mode fits the given memory limit; the message names the smallest one."""
+
+
+@dataclass(frozen=True)
+class MemoryMode:
+    fp8: bool = False  # torchao dynamic FP8 (per-row) on the transformer's block Linears
+    offload: str = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+    def __post_init__(self):
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"unknown offload {self.offload!r}; choose one of {', '.join(OFFLOADS)}.")
+
+    @property
+    def name(self) -> str:
+        parts = ["fp8" if self.fp8 else "bf16"]
+        if self.offload != "none":
+            parts.append(f"{self.offload}-offload")
+        parts += [p for p, on in (("vae-tiling", self.vae_tiling), ("vae-slicing", self.vae_slicing)) if on]
+        return "+".join(parts)
+
+    @classmethod
+    def parse(cls, name: str) -> MemoryMode:
+        """The inverse of ``name``: ``'fp8+model-offload+vae-tiling'`` -> MemoryMode(True, 'model', True)."""
+        parts = name.split("+")
+        if parts[0] not in ("bf16", "fp8"):
+            raise ValueError(f"memory mode {name!r} must start with bf16 or fp8, e.g. 'fp8+vae-tiling'.")
+        offload = next((p.removesuffix("-offload") for p in parts if p.endswith("-offload")), "none")
+        unknown = set(parts[1:]) - {f"{o}-offload" for o in OFFLOADS} - {"vae-tiling", "vae-slicing"}
+        if unknown:
+            raise ValueError(f"unknown part(s) {sorted(unknown)} in memory mode {name!r}.")
+        return cls(parts[0] == "fp8", offload, "vae-tiling" in parts, "vae-slicing" in parts)
+
+
+def apply_mode(pipe, mode: MemoryMode, device: str | torch.device = "cuda") -> None:
+    """Put a slim pipeline (loaded on the CPU when ``mode`` offloads) into ``mode``, all through diffusers.
+
+    The Redux encoder and the cached embeddings stay on ``device`` (under 1 GB at full size): the planner's
+    table counts them in every mode.
+    """
+    from . import speed
+
+    fill, device = pipe.fill, torch.device(device)
+    if mode.fp8:  # quantize on the device (torchao's FP8 kernels), before any offload moves the weights away
+        fill.transformer.to(device)
+        speed.quantize_transformer(fill.transformer, "fp8_dynamic_row")
+    if mode.offload == "none":
+        fill.to(device)
+    elif mode.offload == "model":
+        fill.enable_model_cpu_offload(device=device)
+    elif mode.offload == "sequential":
+        fill.enable_sequential_cpu_offload(device=device)
+    elif mode.offload == "group":  # the transformer streams its layers in; the VAE stays resident
+        fill.transformer.to("cpu")
+        fill.transformer.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
+                                              offload_type="leaf_level", use_stream=True)
+        fill.vae.to(device)
+    for on, enable, disable in ((mode.vae_tiling, fill.vae.enable_tiling, fill.vae.disable_tiling),
+                                (mode.vae_slicing, fill.vae.enable_slicing, fill.vae.disable_slicing)):
+        enable() if on else disable()
+    pipe.redux.to(device)
+    pipe.prompt_embeds = pipe.prompt_embeds.to(device)
+    pipe.pooled_prompt_embeds = pipe.pooled_prompt_embeds.to(device)
+    pipe.device = str(device)
+
+
+# ------------------------------------------------------------------------------------------------ planner
+@dataclass
+class Plan:
+    mode: MemoryMode
+    logo_batch: int
+    peak_bytes: int  # measured peak of this mode for one request
+    seconds_per_image: float
+    reasons: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        return "\n".join(self.reasons)
+
+
+def load_budget(path: str | Path = BUDGET_FILE) -> dict:
+    """The measured budget table; a clear error when it has not been measured yet."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no memory budget at {path}: measure one on the GPU with "
+                                "`python scripts/bench_memory_gpu.py` (it writes this file).")
+    return json.loads(path.read_text())
+
+
+def plan_for_limit(limit_bytes: int, budget: dict, logos: int = 4, headroom: float = 0.05,
+                   fp8_available: bool = True) -> Plan:
+    """The fastest measured mode whose peak fits ``limit_bytes`` with ``headroom``, and the largest logo batch.
+
+    ``budget["modes"]``: {name: {"peak_bytes", "s_per_image", "ok"}} for one request; ``budget["logo"]``:
+    {"resident_bytes": per mode, "per_logo_bytes"}: a logo batch of b needs the mode's resident bytes plus
+    b times the per-logo activation bytes. ``reasons`` lists every faster mode that was rejected and why.
+    """
+    usable = int(limit_bytes * (1 - headroom))
+    reasons = [f"limit {limit_bytes / GiB:.1f} GiB, {headroom:.0%} kept free: {usable / GiB:.1f} GiB usable"]
+    modes = sorted(((n, m) for n, m in budget["modes"].items()), key=lambda nm: nm[1].get("s_per_image", 1e9))
+    for name, m in modes:
+        mode = MemoryMode.parse(name)
+        if not m.get("ok", True):
+            reasons.append(f"{name}: skipped, it failed when measured ({m.get('error', 'error')})")
+            continue
+        if mode.fp8 and not fp8_available:
+            reasons.append(f"{name}: skipped, FP8 matmuls need compute capability >= 8.9")
+            continue
+        if m["peak_bytes"] > usable:
+            reasons.append(f"{name}: needs {m['peak_bytes'] / GiB:.1f} GiB > {usable / GiB:.1f} GiB")
+            continue
+        batch = logo_batch_for(usable, budget, name, logos)
+        reasons.append(f"chosen {name}: {m['peak_bytes'] / GiB:.1f} GiB peak, {m['s_per_image']:.2f} s per image "
+                       f"(the fastest that fits); logo batch {batch} of {logos}")
+        return Plan(mode, batch, m["peak_bytes"], m["s_per_image"], reasons)
+    smallest = min((m for m in budget["modes"].values() if m.get("ok", True)), key=lambda m: m["peak_bytes"])
+    raise MemoryBudgetError(f"no measured mode fits {limit_bytes / GiB:.1f} GiB; the smallest needs "
+                            f"{smallest['peak_bytes'] / GiB:.1f} GiB.\n" + "\n".join(reasons))
+
+
+def logo_batch_for(usable: int, budget: dict, mode_name: str, logos: int) -> int:
+    """Largest logo batch (at least 1) whose measured resident + per-logo bytes fit ``usable``."""
+    logo = budget.get("logo", {})
+    resident = logo.get("resident_bytes", {}).get(mode_name)
+    per_logo = logo.get("per_logo_bytes")
+    if resident is None or not per_logo:
+        return 1 if logos else 0
+    fits = int((usable - resident) // per_logo)
+    return max(1, min(logos, fits)) if logos else 0
+
+
+# ------------------------------------------------------------------------------------------- recovery
+def is_oom(e: BaseException) -> bool:
+    """An out-of-memory error from any device (CUDA raises torch.OutOfMemoryError)."""
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_cached() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def retry_with_vae_tiling(fn: Callable[[], object], vae, recoveries: list[str], stage: str):
+    """``fn()``; on out-of-memory, once: free the cache, turn VAE tiling on, run ``fn()`` again.
+
+    Tiling stays on afterwards (the next request would run out the same way), and ``recoveries`` says so.
+    A second out-of-memory, or one with tiling already on, is raised: there is nothing left to try here.
+    """
+    try:
+        return fn()
+    except Exception as e:
+        if not is_oom(e) or getattr(vae, "use_tiling", False) or any("VAE tiling" in r for r in recoveries):
+            raise
+        free_cached()
+        vae.enable_tiling()
+        recoveries.append(f"{stage}: out of memory; retried with VAE tiling (left on for later requests)")
+        return fn()
+
+
+def split_on_oom(run: Callable[[Sequence], list], items: Sequence, recoveries: list[str]) -> tuple[list, int]:
+    """``run(items)`` as one batch; on out-of-memory, halves and retries each half, down to batches of one.
+
+    Returns the outputs in order and the number of ``run`` calls made. One item that still runs out of
+    memory is raised.
+    """
+    try:
+        return list(run(items)), 1
+    except Exception as e:
+        if not is_oom(e) or len(items) <= 1:
+            raise
+        free_cached()
+        half = (len(items) + 1) // 2
+        recoveries.append(f"batch of {len(items)} out of memory; split into {half} + {len(items) - half}")
+        first, n1 = split_on_oom(run, items[:half], recoveries)
+        second, n2 = split_on_oom(run, items[half:], recoveries)
+        return first + second, 1 + n1 + n2

@@ -69,9 +69,8 @@ def apply_mode(pipe, mode: MemoryMode, device: str | torch.device = "cuda") -> N
     from . import speed
 
     fill, device = pipe.fill, torch.device(device)
-    if mode.fp8:  # quantize on the device (torchao's FP8 kernels), before any offload moves the weights away
-        fill.transformer.to(device)
-        speed.quantize_transformer(fill.transformer, "fp8_dynamic_row")
+    if mode.fp8:  # layer by layer on the device (torchao's FP8 kernels), before any offload moves weights away
+        speed.quantize_transformer(fill.transformer, "fp8_dynamic_row", device=device)
     if mode.offload == "none":
         fill.to(device)
     elif mode.offload == "model":

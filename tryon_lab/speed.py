@@ -98,13 +98,15 @@ def fp8_filter(keep: tuple[str, ...] = DEFAULT_KEEP):
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep: tuple[str, ...] = DEFAULT_KEEP,
-                         inductor_tuning: bool = False) -> dict:
+                         inductor_tuning: bool = False, device: str | torch.device | None = None) -> dict:
     """Quantize the block Linears in place with torchao; returns weight bytes before/after and the layer count.
 
     Dynamic FP8 on a device without FP8 matmuls raises ``SpeedConfigError`` (never a silent fallback).
     Load LoRA adapters before calling this: adapter Linears are left alone, their base layers become FP8.
     ``inductor_tuning`` is torchao's ``set_inductor_config``: it turns on inductor's coordinate-descent
     autotuning for the whole process (every later compile too), which costs minutes of compile on a GPU.
+    ``device``: quantize a model held on the CPU layer by layer on this device (torchao moves each Linear
+    there first), so a card smaller than the bf16 model can still make the FP8 one.
     """
     _check(mode, QUANT_MODES, "quantization")
     before = weight_bytes(transformer)
@@ -119,14 +121,14 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep:
             quantize_,
         )
 
-        if mode.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(_device_of(transformer))):
+        if mode.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(device or _device_of(transformer))):
             raise SpeedConfigError(f"{mode}: {problem}")
         tune = dict(set_inductor_config=inductor_tuning)
         config = {"fp8_weight_only": lambda: Float8WeightOnlyConfig(**tune),
                   "fp8_dynamic_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **tune),
                   "fp8_dynamic_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), **tune),
                   }[mode]()
-        quantize_(transformer, config, filter_fn=fn)
+        quantize_(transformer, config, filter_fn=fn, device=device)
     return {"quant": mode, "weight_bytes_before": before, "weight_bytes": weight_bytes(transformer),
             "fp8_layers": len(layers) if mode != "none" else 0}
 

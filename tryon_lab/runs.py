@@ -435,23 +435,40 @@ def expand_grid(grid: Mapping[str, Any]) -> list[dict]:
 
 def sweep(notebooks: Sequence[PathLike], base_params: Mapping[str, Any] | None, grid: Mapping[str, Any],
           name: str = "sweep", runs_root: PathLike = "runs", kernel: str = "python3", progress: bool = True,
-          command: str | None = None) -> Path:
-    """One sub-run per grid point (sequentially) in one sweep folder, plus summary.csv / summary.md."""
+          command: str | None = None, executor: str = "local", ray_address: str | None = None) -> Path:
+    """One sub-run per grid point in one sweep folder, plus summary.csv / summary.md.
+
+    ``executor="local"`` runs the points one after another; ``"ray"`` runs each as a Ray task (one GPU each) on
+    a local Ray instance or the cluster at ``ray_address`` (see ``parallel.run_sweep_ray``): same folders.
+    """
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     paths = resolve_notebooks(notebooks)
     stems = [p.stem for p in paths]
     sweep_dir = _new_dir(runs_root, name)
     record = {"format": 1, "name": name, "created": _now(), "command": command or shlex.join(sys.argv),
-              "grid": dict(grid), "base_params": dict(base_params or {}), "points": []}
+              "grid": dict(grid), "base_params": dict(base_params or {}), "executor": executor, "points": []}
+    points = [(f"{i:03d}-" + _slug("-".join(f"{k}={v}" for k, v in point.items()))[:80], point,
+               _jobs(paths, merge_params(base_params or {}, point, stems))) for i, point in enumerate(expand_grid(grid))]
     try:
-        for i, point in enumerate(expand_grid(grid)):
-            sub = f"{i:03d}-" + _slug("-".join(f"{k}={v}" for k, v in point.items()))[:80]
-            record["points"].append({"params": point, "run": sub})
+        if executor == "ray":
+            from .parallel import run_sweep_ray
+
+            record["points"] = [{"params": point, "run": sub} for sub, point, _ in points]
             write_json(sweep_dir / "sweep.json", record)
-            _run_in(sweep_dir / sub, _jobs(paths, merge_params(base_params or {}, point, stems)),
-                    f"{name}/{sub}", kernel, progress, command, {"sweep_point": point})
+            errors = run_sweep_ray(sweep_dir, name, points, kernel, command, ray_address, progress=progress)
+            for pt in record["points"]:
+                pt.update({"error": errors[pt["run"]]} if pt["run"] in errors else {})
+        else:
+            for sub, point, jobs in points:
+                record["points"].append({"params": point, "run": sub})
+                write_json(sweep_dir / "sweep.json", record)
+                _run_in(sweep_dir / sub, jobs, f"{name}/{sub}", kernel, progress, command, {"sweep_point": point})
     finally:
         for pt in record["points"]:
             pt["status"] = read_json(sweep_dir / pt["run"] / "manifest.json", {}).get("status", "missing")
+            if pt.get("error") and pt["status"] != "failed":  # a worker lost twice leaves no finished manifest
+                pt["status"] = "failed"
         write_json(sweep_dir / "sweep.json", record)
         _write_summary(sweep_dir, record)
     return sweep_dir
@@ -745,7 +762,8 @@ def _cmd_run(a: argparse.Namespace) -> int:
     if a.cmd == "sweep":
         if not grid:
             raise SystemExit("sweep needs --grid key=v1,v2 or a grid: section in --params-file")
-        out = sweep(paths, params, grid, **common)
+        out = sweep(paths, params, grid, **common, executor="local" if a.ray is None else "ray",
+                    ray_address=a.ray or None)
         statuses = [(pt["run"], pt["status"]) for pt in read_json(out / "sweep.json")["points"]]
     else:
         if grid:
@@ -777,6 +795,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--runs-root", default="runs")
         p.add_argument("--kernel", default="python3")
         p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the points as Ray tasks, one GPU each: on a new local Ray instance, or on the cluster at "
+                   "ADDRESS ('auto': the one running here); put it after the notebooks or write --ray=ADDRESS")
     p = sub.add_parser("verify", help="re-run a recorded run and compare")
     p.add_argument("run_dir")
     p.add_argument("--kernel", default="python3")

@@ -453,6 +453,7 @@ def main(argv=None) -> int:
         merge(res, new)
         res.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
         res["stamp"] = stamp("cpu" if a.tiny else "cuda")
+        res.setdefault("part_stamps", {})[part] = res["stamp"]  # parts may come from several runs
         raw_path.write_text(json.dumps(res, indent=2, default=str))  # after every part: nothing lost on a timeout
         Path(a.budget).write_text(json.dumps(budget_table(res), indent=2, default=str))
         print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)

@@ -120,8 +120,18 @@ def enable_context_parallel(transformer: torch.nn.Module, cp: ContextParallel) -
     return transformer
 
 
+def compile_problem(cp: ContextParallel, compile: str) -> str | None:
+    """Why ``compile`` cannot be combined with ``cp``, or None."""
+    if compile != "none" and cp.anything:
+        return ("torch.compile cannot trace diffusers' ulysses_anything / ring_anything attention (it exchanges "
+                "token counts through the process group); compile needs anything=False, i.e. image and text "
+                "token counts divisible by the degree (the try-on's 512 + 729 text tokens are not divisible by 2).")
+    return None
+
+
 def load_slim_parallel(model_dir: str | Path, cp: ContextParallel, dtype: torch.dtype = torch.bfloat16,
-                       quant: str = "none", compile: str = "none", embeddings_file: str | Path | None = None):
+                       quant: str = "none", compile: str = "none", compile_backend: str = "inductor",
+                       embeddings_file: str | Path | None = None):
     """The slim pipeline on this rank's device with context parallelism on: ``pipeline.tryon`` runs it as is.
 
     Order: slim load (cached embeddings) -> FP8 (``speed.quantize_transformer``) -> context parallelism ->
@@ -130,11 +140,13 @@ def load_slim_parallel(model_dir: str | Path, cp: ContextParallel, dtype: torch.
     from .loading import load_slim
     from .speed import compile_transformer, quantize_transformer
 
+    if problem := compile_problem(cp, compile):
+        raise ValueError(problem)
     _, _, device = init_distributed()
     pipe = load_slim(model_dir, dtype, device, embeddings_file)
     quantize_transformer(pipe.transformer, quant)
     enable_context_parallel(pipe.transformer, cp)
-    compile_transformer(pipe.transformer, compile)
+    compile_transformer(pipe.transformer, compile, backend=compile_backend)
     return pipe
 
 

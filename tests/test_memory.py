@@ -41,6 +41,17 @@ def test_planner_picks_fastest_mode_that_fits(limit_gib, expect, batch):
     assert f"chosen {expect}" in plan.reasons[-1]
 
 
+def test_logo_batch_from_measured_peak_when_resident_is_unknown():
+    budget = {**BUDGET, "components": {"activations, one request": {"bytes": 3 * GiB}},
+              "modes": {**BUDGET["modes"], "bf16+group-offload": {"peak_bytes": 7 * GiB, "s_per_image": 20.0,
+                                                                   "peak_allocated_bytes": 6 * GiB}}}
+    plan = memory.plan_for_limit(int(6.5 * GiB), budget, logos=4)  # 6.175 usable: 3 resident + 3 x 1 per logo
+    assert plan.mode.name == "bf16+sequential-offload"  # group needs 7 > 6.175
+    plan = memory.plan_for_limit(10 * GiB, budget, logos=4)  # 9.5 usable: 3 + 4 x 1 fits
+    assert plan.mode.name == "bf16+group-offload" and plan.logo_batch == 4
+    assert "peak minus one request's activations" in plan.reasons[-1]
+
+
 def test_planner_without_fp8_and_when_nothing_fits():
     plan = memory.plan_for_limit(24 * GiB, BUDGET, fp8_available=False)
     assert plan.mode == MemoryMode(offload="group") and "compute capability" in plan.explain()

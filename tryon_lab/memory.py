@@ -135,24 +135,50 @@ def plan_for_limit(limit_bytes: int, budget: dict, logos: int = 4, headroom: flo
         if m["peak_bytes"] > usable:
             reasons.append(f"{name}: needs {m['peak_bytes'] / GiB:.1f} GiB > {usable / GiB:.1f} GiB")
             continue
-        batch = logo_batch_for(usable, budget, name, logos)
+        batch, why = logo_batch_for(usable, budget, name, logos)
         reasons.append(f"chosen {name}: {m['peak_bytes'] / GiB:.1f} GiB peak, {m['s_per_image']:.2f} s per image "
-                       f"(the fastest that fits); logo batch {batch} of {logos}")
+                       f"(the fastest that fits); logo batch {batch} of {logos} ({why})")
         return Plan(mode, batch, m["peak_bytes"], m["s_per_image"], reasons)
     smallest = min((m for m in budget["modes"].values() if m.get("ok", True)), key=lambda m: m["peak_bytes"])
     raise MemoryBudgetError(f"no measured mode fits {limit_bytes / GiB:.1f} GiB; the smallest needs "
                             f"{smallest['peak_bytes'] / GiB:.1f} GiB.\n" + "\n".join(reasons))
 
 
-def logo_batch_for(usable: int, budget: dict, mode_name: str, logos: int) -> int:
-    """Largest logo batch (at least 1) whose measured resident + per-logo bytes fit ``usable``."""
+def logo_batch_for(usable: int, budget: dict, mode_name: str, logos: int) -> tuple[int, str]:
+    """Largest logo batch (at least 1) whose resident bytes + per-logo bytes fit ``usable``, and how it was found.
+
+    Resident bytes: measured for the mode when the table has them, else the mode's measured peak allocation
+    minus one request's measured activations (offload modes hold little besides the layers in flight).
+    """
     logo = budget.get("logo", {})
-    resident = logo.get("resident_bytes", {}).get(mode_name)
     per_logo = logo.get("per_logo_bytes")
+    resident = logo.get("resident_bytes", {}).get(mode_name)
+    source = "measured resident"
+    if resident is None:
+        peak = budget["modes"][mode_name].get("peak_allocated_bytes")
+        act = budget.get("components", {}).get("activations, one request", {}).get("bytes")
+        resident = None if peak is None or act is None else peak - act
+        source = "resident = peak minus one request's activations"
+    if not logos:
+        return 0, "no logos"
     if resident is None or not per_logo:
-        return 1 if logos else 0
+        return 1, "no logo measurements for this mode: one at a time"
     fits = int((usable - resident) // per_logo)
-    return max(1, min(logos, fits)) if logos else 0
+    return max(1, min(logos, fits)), f"{source} {resident / GiB:.1f} GiB + {per_logo / GiB:.2f} GiB per logo"
+
+
+def mode_rows(budget: dict) -> list[dict]:
+    """The measured modes as table rows, fastest first (GiB, seconds per image, ms per step)."""
+    rows = []
+    for name, m in sorted(budget["modes"].items(), key=lambda nm: nm[1].get("s_per_image") or 1e9):
+        rows.append({"mode": name, "works": m.get("ok", True), "peak GiB": round(m.get("peak_bytes", 0) / GiB, 2),
+                     "s per image": m.get("s_per_image"), "ms per step": m.get("ms_per_step")})
+    return rows
+
+
+def component_rows(budget: dict) -> list[dict]:
+    """The measured component budget as table rows (GiB)."""
+    return [{"component": k, "GiB": round(v["bytes"] / GiB, 3)} for k, v in budget.get("components", {}).items()]
 
 
 # ------------------------------------------------------------------------------------------- recovery

@@ -65,3 +65,21 @@ def component_table(reports: dict[str, list[dict]]) -> list[dict]:
                          "bytes (MB)": r["bytes"] / 1e6, "load (s)": r["load_s"],
                          "memory (MB)": r["memory_bytes"] / 1e6, "memory kind": r["memory_kind"]})
     return rows
+
+
+def memory_mode_bars(rows: list[dict], limits_gib: list[float] = ()):
+    """Peak memory and seconds per image of each memory mode (``memory.mode_rows``), limits as dashed lines."""
+    plt = _plt()
+    rows = [r for r in rows if r["works"]]
+    names = [r["mode"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 1.2), sharey=True)
+    a.barh(names, [r["peak GiB"] for r in rows], color="#4c72b0")
+    for lim in limits_gib:
+        a.axvline(lim, color="#c44e52", ls="--", lw=1)
+        a.text(lim, len(rows) - 0.4, f" {lim:g} GiB", color="#c44e52", fontsize=8)
+    a.set_xlabel("peak GPU memory (GiB, reserved)")
+    b.barh(names, [r["s per image"] for r in rows], color="#55a868")
+    b.set_xlabel("seconds per image")
+    a.invert_yaxis()
+    fig.tight_layout()
+    return fig

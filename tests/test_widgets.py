@@ -83,3 +83,25 @@ def test_shape_mask_and_overlay():
     e = widgets.shape_mask((100, 50), "ellipse", 0.5, 0.5, 0.5, 0.5)
     assert e.getpixel((25, 12)) == 0 and e.getpixel((50, 25)) == 255
     assert widgets.overlay(Image.new("RGB", (100, 50)), m).getpixel((50, 25))[0] > 100
+
+
+def test_out_of_memory_recovery_is_shown_in_the_widget(app, monkeypatch):
+    from tryon_lab import pipeline
+
+    real, calls = pipeline.decode, []
+
+    def flaky(*a, **k):  # the first decode runs out of memory, as a small card would
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pipeline, "decode", flaky)
+    vae = app.pipeline().fill.vae
+    try:
+        res = app.run()
+        assert res is not None and app.error.value == ""
+        assert res.recoveries == ["decode: out of memory; retried with VAE tiling (left on for later requests)"]
+        assert "recovered: decode: out of memory" in app.timing_table.value
+    finally:
+        vae.disable_tiling()

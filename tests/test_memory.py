@@ -198,3 +198,20 @@ def test_step_allocations_split_model_from_loop():
     counter = hotpath.StepAllocations(torch.nn.Identity(), "cpu")
     counter.starts, counter.ends = [0, 110, 215], [100, 205, 300]
     assert counter.per_step() == [{"step": 0, "model": 100, "loop": 10}, {"step": 1, "model": 95, "loop": 10}]
+
+
+def test_hot_path_composes_with_teacache_hooks(slim):
+    """Caches are hooks on the transformer, so the hot loop runs them exactly as the stock loop does."""
+    from tryon_lab import teacache
+
+    prepared = pipeline.prepare([_request()])
+    tokens, _ = pipeline.encode_garments(slim, [pipeline.garment_of(p) for p in prepared])
+    pe, pooled = pipeline.conditioning(slim.prompt_embeds, slim.pooled_prompt_embeds, tokens)
+    out, skipped = {}, {}
+    for hot in (False, True):
+        cfg = teacache.TeaCacheConfig(rel_l1_thresh=0.6, num_inference_steps=6)
+        with teacache.enabled(slim.transformer, cfg):
+            out[hot] = pipeline.denoise(slim.fill, prepared, pe, pooled,
+                                        pipeline.TryOnSettings(steps=6, progress=False, hot_path=hot), [0])
+            skipped[hot] = teacache.teacache_stats(slim.transformer)["skipped"]
+    assert torch.equal(out[False], out[True]) and skipped[False] == skipped[True] > 0

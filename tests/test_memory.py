@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -155,25 +157,21 @@ def test_split_on_oom_raises_for_a_single_item():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hot_path_is_bit_identical_to_the_stock_loop(slim, dtype):
-    fill = slim.fill
-    fill.to(dtype=dtype)
-    try:
-        reqs = [_request(0), _request(5)]
-        prepared = pipeline.prepare(reqs)
-        tokens, _ = pipeline.encode_garments(slim, [pipeline.garment_of(p) for p in prepared])
-        pe, pooled = pipeline.conditioning(slim.prompt_embeds.to(dtype), slim.pooled_prompt_embeds.to(dtype),
-                                           tokens.to(dtype))
-        plain = pipeline.TryOnSettings(steps=3, progress=False)
-        hot = pipeline.TryOnSettings(steps=3, progress=False, hot_path=True)
-        seen = []
-        a = pipeline.denoise(fill, prepared, pe, pooled, plain, [0, 5])
-        b = pipeline.denoise(fill, prepared, pe, pooled, hot, [0, 5], callback=lambda *x: seen.append(x[1]))
-        assert a.dtype == b.dtype == dtype and torch.equal(a, b) and seen == [0, 1, 2]
-        w, h = prepared[0].diptych.size
-        for x, y in zip(pipeline.decode(fill, a, h, w), pipeline.decode(fill, b, h, w, hot_path=True), strict=True):
-            assert np.array_equal(np.asarray(x), np.asarray(y))  # on-device postprocess: the same bytes
-    finally:
-        fill.to(dtype=torch.float32)
+    fill = copy.deepcopy(slim.fill).to(dtype=dtype)  # a copy: casting the shared fixture would round its weights
+    reqs = [_request(0), _request(5)]
+    prepared = pipeline.prepare(reqs)
+    tokens, _ = pipeline.encode_garments(slim, [pipeline.garment_of(p) for p in prepared])
+    pe, pooled = pipeline.conditioning(slim.prompt_embeds.to(dtype), slim.pooled_prompt_embeds.to(dtype),
+                                       tokens.to(dtype))
+    plain = pipeline.TryOnSettings(steps=3, progress=False)
+    hot = pipeline.TryOnSettings(steps=3, progress=False, hot_path=True)
+    seen = []
+    a = pipeline.denoise(fill, prepared, pe, pooled, plain, [0, 5])
+    b = pipeline.denoise(fill, prepared, pe, pooled, hot, [0, 5], callback=lambda *x: seen.append(x[1]))
+    assert a.dtype == b.dtype == dtype and torch.equal(a, b) and seen == [0, 1, 2]
+    w, h = prepared[0].diptych.size
+    for x, y in zip(pipeline.decode(fill, a, h, w), pipeline.decode(fill, b, h, w, hot_path=True), strict=True):
+        assert np.array_equal(np.asarray(x), np.asarray(y))  # on-device postprocess: the same bytes
 
 
 def test_hot_loop_buffers_are_reused_in_place(slim):

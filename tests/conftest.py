@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,3 +38,17 @@ def make_request_images(w: int = 128, h: int = 192, seed: int = 0):
     mask = np.zeros((h, w), np.uint8)
     mask[h // 4: 3 * h // 4, w // 6: 5 * w // 6] = 255
     return person, garment, Image.fromarray(mask, "L")
+
+
+def write_test_notebooks(d: Path, extra: dict[str, str] | None = None) -> dict[str, Path]:
+    """The small runner-test notebooks (tests/notebooks/*.py) as .ipynb in ``d``, plus ``extra`` {stem: py text}."""
+    import jupytext
+
+    out = {}
+    for py in sorted((Path(__file__).parent / "notebooks").glob("*.py")):
+        out[py.stem] = d / f"{py.stem}.ipynb"
+        jupytext.write(jupytext.read(py), out[py.stem], fmt="ipynb")
+    for stem, text in (extra or {}).items():
+        out[stem] = d / f"{stem}.ipynb"
+        jupytext.write(jupytext.reads(text, fmt="py:percent"), out[stem], fmt="ipynb")
+    return out

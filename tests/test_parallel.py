@@ -13,10 +13,10 @@ import socket
 import sys
 from pathlib import Path
 
-import jupytext
 import pytest
 import torch
 
+from tests.conftest import write_test_notebooks
 from tryon_lab import parallel, runs
 
 HERE = Path(__file__).parent
@@ -62,14 +62,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def nbs(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("nbs")
-    out = {}
-    for py in sorted((HERE / "notebooks").glob("*.py")):
-        out[py.stem] = d / f"{py.stem}.ipynb"
-        jupytext.write(jupytext.read(py), out[py.stem], fmt="ipynb")
-    out["flaky"] = d / "flaky.ipynb"
-    jupytext.write(jupytext.reads(FLAKY, fmt="py:percent"), out["flaky"], fmt="ipynb")
-    return out
+    return write_test_notebooks(tmp_path_factory.mktemp("nbs"), {"flaky": FLAKY})
 
 
 def _points(sweep_dir: Path) -> list[tuple]:

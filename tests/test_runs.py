@@ -17,6 +17,7 @@ import nbformat
 import pytest
 from PIL import Image
 
+from tests.conftest import write_test_notebooks
 from tryon_lab import runs
 
 HERE = Path(__file__).parent
@@ -29,12 +30,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def nbs(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("nbs")
-    out = {}
-    for py in sorted((HERE / "notebooks").glob("*.py")):
-        out[py.stem] = d / f"{py.stem}.ipynb"
-        jupytext.write(jupytext.read(py), out[py.stem], fmt="ipynb")
-    return out
+    return write_test_notebooks(tmp_path_factory.mktemp("nbs"))
 
 
 @pytest.fixture(scope="module")

@@ -151,5 +151,5 @@ if gpu_hot:
 # %%
 runs.record_inputs(output_dir, {"model": str(model_dir), "budget": budget_file})
 runs.save_metrics(output_dir, {"model": slim.description, "stamp": stamp(device), "plans": plans,
-                               "hot_path_bit_identical": identical, "hot_path": hot_rows})
-runs.record_tolerances(output_dir, {"metrics_ignore": ["hot_path.*", "stamp.*"]})
+                               "hot_path_bit_identical": identical, "loop_timings": hot_rows})
+runs.record_tolerances(output_dir, {"metrics_ignore": ["loop_timings*", "stamp.*"]})  # timings vary run to run

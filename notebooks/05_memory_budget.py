@@ -40,14 +40,12 @@ output_dir = "runs/scratch/05"
 
 # %%
 import json
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-import torch
 from IPython.display import Markdown, display
 
-from tryon_lab import checkpoint, hotpath, loading, memory, pipeline, plots, runs, samples
+from tryon_lab import checkpoint, loading, memory, pipeline, plots, runs, samples
 from tryon_lab.bench import markdown_table, stamp
 
 budget = memory.load_budget(budget_file)
@@ -117,26 +115,8 @@ model_dir = checkpoint.resolve_model_dir(model)
 slim = loading.load_slim(model_dir, torch_dtype, device)
 s = samples.load_sample("s000")
 display(Markdown(f"**Model:** {slim.description}  \n**Device:** {stamp(device)['device']}"))
-prepared = pipeline.prepare([pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed)])
-tokens, _ = pipeline.encode_garments(slim, [pipeline.garment_of(p) for p in prepared])
-pe, pooled = pipeline.conditioning(slim.prompt_embeds, slim.pooled_prompt_embeds, tokens)
-hot_rows, latents = [], {}
-for name, hot in (("stock loop", False), ("hot path", True)):
-    settings = pipeline.TryOnSettings(steps=steps, progress=False, hot_path=hot)
-    pipeline.denoise(slim.fill, prepared, pe, pooled, settings, [seed])  # warm-up
-    counter = hotpath.StepAllocations(slim.transformer, device) if device.startswith("cuda") else None
-    t0 = time.perf_counter()
-    if counter:
-        with counter:
-            latents[name] = pipeline.denoise(slim.fill, prepared, pe, pooled, settings, [seed]).clone()
-    else:
-        latents[name] = pipeline.denoise(slim.fill, prepared, pe, pooled, settings, [seed]).clone()
-    row = {"loop": name, "denoise s": time.perf_counter() - t0}
-    if counter:
-        per = counter.per_step()[1:]
-        row["allocations per step outside the model"] = sum(r["loop"] for r in per) / max(1, len(per))
-    hot_rows.append(row)
-identical = bool(torch.equal(latents["stock loop"], latents["hot path"]))
+request = pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed)
+hot_rows, identical = pipeline.compare_denoise_loops(slim, request, pipeline.TryOnSettings(steps=steps))
 display(Markdown(markdown_table(hot_rows) + f"\n\nFinal latents bit-identical: **{identical}**"))
 assert identical, "the hot path must reproduce the stock loop exactly"
 gpu_hot = raw.get("hot_path", {})

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -228,30 +227,20 @@ def hot_path(a, pipe, device: str) -> dict:
     """Allocations per step, stock loop vs hot loop; bit-identity; sync vs overlapped output copies."""
     import torch
 
-    from tryon_lab import hotpath, pipeline
+    from tryon_lab import pipeline
 
     fill = pipe.fill
+    rows, identical = pipeline.compare_denoise_loops(pipe, request(a), pipeline.TryOnSettings(steps=a.steps))
+    out = {}
+    for key, row in zip(("stock", "hot"), rows, strict=True):
+        if "allocations per step outside the model" in row:  # CUDA only
+            out[f"{key}_loop_allocations_per_step"] = row["allocations per step outside the model"]
+            out[f"{key}_model_allocations_per_step"] = row["allocations per step in the model"]
+        out[f"{key}_denoise_s"] = row["denoise s"]
+    out["bit_identical"] = identical
     prepared = pipeline.prepare([request(a)])
     tokens, _ = pipeline.encode_garments(pipe, [pipeline.garment_of(p) for p in prepared])
     pe, pooled = pipeline.conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
-    out, lat = {}, {}
-    for name, hot in (("stock", False), ("hot", True)):
-        s = pipeline.TryOnSettings(steps=a.steps, progress=False, hot_path=hot)
-        pipeline.denoise(fill, prepared, pe, pooled, s, [0])  # warm-up
-        if device == "cuda":
-            with hotpath.StepAllocations(fill.transformer, device) as c:
-                lat[name] = pipeline.denoise(fill, prepared, pe, pooled, s, [0]).clone()
-            rows = c.per_step()[1:]  # after the first (warm-up inside the call: scheduler index, caches)
-            out[f"{name}_loop_allocations_per_step"] = statistics.mean(r["loop"] for r in rows)
-            out[f"{name}_model_allocations_per_step"] = statistics.mean(r["model"] for r in rows)
-        else:
-            lat[name] = pipeline.denoise(fill, prepared, pe, pooled, s, [0]).clone()
-        torch.cuda.synchronize() if device == "cuda" else None
-        t0 = time.perf_counter()
-        pipeline.denoise(fill, prepared, pe, pooled, s, [0])
-        torch.cuda.synchronize() if device == "cuda" else None
-        out[f"{name}_denoise_s"] = time.perf_counter() - t0
-    out["bit_identical"] = bool(torch.equal(lat["stock"], lat["hot"]))
 
     # N requests back to back: PIL after a blocking decode, against the copy overlapped with the next request
     w, h = prepared[0].diptych.size
@@ -265,7 +254,7 @@ def hot_path(a, pipe, device: str) -> dict:
         for i in range(n):
             latents = pipeline.denoise(fill, prepared, pe, pooled, s_hot, [i])
             if overlap:
-                nxt = hotpath.decode_to_host(fill, latents, h, w)
+                nxt = pipeline.decode_async(fill, latents, h, w)
                 if pending is not None:
                     images += pending.images()
                 pending = nxt

@@ -213,3 +213,9 @@ def test_hot_path_composes_with_teacache_hooks(slim):
                                         pipeline.TryOnSettings(steps=6, progress=False, hot_path=hot), [0])
             skipped[hot] = teacache.teacache_stats(slim.transformer)["skipped"]
     assert torch.equal(out[False], out[True]) and skipped[False] == skipped[True] > 0
+
+
+def test_compare_denoise_loops_reports_both_loops(slim):
+    rows, identical = pipeline.compare_denoise_loops(slim, _request(3), pipeline.TryOnSettings(steps=2))
+    assert identical and [r["loop"] for r in rows] == ["stock loop", "hot path"]
+    assert all(r["denoise s"] > 0 for r in rows)

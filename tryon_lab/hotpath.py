@@ -9,8 +9,8 @@ computed once or written into buffers made before the loop:
                     retrieve_timesteps): latents, conditioning, timesteps, ids, guidance
     denoise_hot     the loop: transformer(input buffer) -> Euler step in place, the same arithmetic as
                     ``FlowMatchEulerDiscreteScheduler.step`` so the result is bit-identical
-    decode_to_host  VAE decode, the stock postprocess arithmetic on the device, then a uint8 copy into pinned
-                    memory on a side stream; ``HostImages.images()`` waits only when the pixels are read
+    pixels_to_host  the stock postprocess arithmetic on the device, then a uint8 copy into pinned memory on a
+                    side stream; ``HostImages.images()`` waits only when the pixels are read
 
 The transformer's own allocations (activations) are not this loop's to remove; ``count_step_allocations``
 separates them from the loop's by reading the allocator's counter at the edges of each transformer call.
@@ -133,9 +133,6 @@ class HostImages:
     done: torch.cuda.Event | None = None
     source: torch.Tensor | None = None  # the device tensor, kept alive until the copy has finished
 
-    def ready(self) -> bool:
-        return self.done is None or self.done.query()
-
     def images(self) -> list[Image.Image]:
         if self.done is not None:
             self.done.synchronize()
@@ -147,16 +144,13 @@ _COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
 
 
 @torch.no_grad()
-def decode_to_host(fill, latents: torch.Tensor, height: int, width: int, asynchronous: bool = True) -> HostImages:
-    """VAE decode as ``pipeline.decode`` does, then a non-blocking copy of uint8 pixels into pinned memory.
+def pixels_to_host(image: torch.Tensor, asynchronous: bool = True) -> HostImages:
+    """Decoded VAE output -> uint8 on the device -> a non-blocking copy into pinned host memory.
 
     On CUDA the copy runs on a side stream after the decode and the caller goes on (the next request's
     denoise overlaps it); elsewhere, or with ``asynchronous=False``, it is an ordinary copy.
     """
-    vae = fill.vae
-    lat = fill._unpack_latents(latents, height, width, fill.vae_scale_factor)
-    lat = (lat / vae.config.scaling_factor) + vae.config.shift_factor
-    pixels = to_uint8(vae.decode(lat.to(vae.dtype), return_dict=False)[0])
+    pixels = to_uint8(image)
     if pixels.device.type != "cuda" or not asynchronous:
         return HostImages(pixels.cpu())
     stream = _COPY_STREAMS.setdefault(pixels.device, torch.cuda.Stream(pixels.device))

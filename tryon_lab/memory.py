@@ -195,13 +195,13 @@ def free_cached() -> None:
 def retry_with_vae_tiling(fn: Callable[[], object], vae, recoveries: list[str], stage: str):
     """``fn()``; on out-of-memory, once: free the cache, turn VAE tiling on, run ``fn()`` again.
 
-    Tiling stays on afterwards (the next request would run out the same way), and ``recoveries`` says so.
-    A second out-of-memory, or one with tiling already on, is raised: there is nothing left to try here.
+    Tiling stays on afterwards (the next request would run out the same way), and ``recoveries`` says so;
+    that also makes it once: an out-of-memory with tiling already on is raised.
     """
     try:
         return fn()
     except Exception as e:
-        if not is_oom(e) or getattr(vae, "use_tiling", False) or any("VAE tiling" in r for r in recoveries):
+        if not is_oom(e) or getattr(vae, "use_tiling", False):  # tiling on already: nothing left to try here
             raise
         free_cached()
         vae.enable_tiling()

@@ -10,12 +10,14 @@ the stock pipeline uses, and the slim path reproduces the stock one exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
 
-from .bench import Timings
+from .bench import Timings, sync
 from .checkpoint import TRYON_PROMPT, describe_model
 from .images import ImageInputError, PreparedInput, image_hash, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
@@ -131,20 +133,32 @@ def denoise(fill, prepared: list[PreparedInput], prompt_embeds: torch.Tensor, po
 
 
 @torch.no_grad()
-def decode(fill, latents: torch.Tensor, height: int, width: int, hot_path: bool = False) -> list[Image.Image]:
-    """Unpack, unscale and VAE-decode packed latents to PIL images (the stock pipeline's final lines).
-
-    ``hot_path``: the same pixels, postprocessed on the device and copied to the host as uint8.
-    """
-    if hot_path:
-        from .hotpath import decode_to_host
-
-        return decode_to_host(fill, latents, height, width).images()
+def vae_decode(fill, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Unpack, unscale and VAE-decode packed latents (the stock pipeline's final lines): images in [-1, 1]."""
     vae = fill.vae
     latents = fill._unpack_latents(latents, height, width, fill.vae_scale_factor)
     latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+
+
+def decode(fill, latents: torch.Tensor, height: int, width: int, hot_path: bool = False) -> list[Image.Image]:
+    """Packed latents to PIL images.
+
+    ``hot_path``: the same pixels, postprocessed on the device and copied to the host as uint8.
+    """
+    image = vae_decode(fill, latents, height, width)
+    if hot_path:
+        from .hotpath import pixels_to_host
+
+        return pixels_to_host(image).images()
     return fill.image_processor.postprocess(image, output_type="pil")
+
+
+def decode_async(fill, latents: torch.Tensor, height: int, width: int):
+    """``decode`` on the hot path without waiting: a ``hotpath.HostImages`` whose ``images()`` waits for the copy."""
+    from .hotpath import pixels_to_host
+
+    return pixels_to_host(vae_decode(fill, latents, height, width))
 
 
 def _finish(fill, prepared, latents, timings: Timings, settings: TryOnSettings,
@@ -203,3 +217,33 @@ def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnReq
     images, diptychs = _finish(std.fill, prepared, latents, timings, settings, [])
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], 0,
                        describe_model(std.model_dir))
+
+
+def compare_denoise_loops(pipe: SlimPipeline, request: TryOnRequest, settings: TryOnSettings) -> tuple[list[dict], bool]:
+    """The stock loop and the hot path on one request, each after a warm-up call: one row per loop with its
+    denoise seconds and, on CUDA, allocations per step outside and inside the transformer (steps after the
+    first); and whether the final latents are bit-identical."""
+    from .hotpath import StepAllocations
+
+    prepared = prepare([request], settings.fit)
+    tokens, _ = encode_garments(pipe, [garment_of(p) for p in prepared])
+    prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
+    cuda = torch.device(pipe.device).type == "cuda"
+    rows, latents = [], []
+    for name, hot in (("stock loop", False), ("hot path", True)):
+        s = replace(settings, hot_path=hot, progress=False)
+        run = lambda s=s: denoise(pipe.fill, prepared, prompt_embeds, pooled, s, [request.seed])  # noqa: E731
+        run()  # warm-up
+        counter = StepAllocations(pipe.transformer, pipe.device) if cuda else nullcontext()
+        sync(pipe.device)
+        start = time.perf_counter()
+        with counter:
+            latents.append(run().clone())
+        sync(pipe.device)
+        row = {"loop": name, "denoise s": time.perf_counter() - start}
+        if cuda:
+            steps = counter.per_step()[1:]
+            row["allocations per step outside the model"] = sum(r["loop"] for r in steps) / max(1, len(steps))
+            row["allocations per step in the model"] = sum(r["model"] for r in steps) / max(1, len(steps))
+        rows.append(row)
+    return rows, bool(torch.equal(latents[0], latents[1]))

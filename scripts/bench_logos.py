@@ -74,28 +74,13 @@ def bench_full_size(a) -> tuple[dict, list[dict]]:
     import torch
     from PIL import Image
 
-    from scripts.bench_gpu import default_dtype
+    from scripts.bench_memory_gpu import build
     from tryon_lab import logos, pipeline
     from tryon_lab.bench import Timings
 
     cfg = json.loads(Path(a.config).read_text())
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
-    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
-    from diffusers import (
-        AutoencoderKL,
-        FlowMatchEulerDiscreteScheduler,
-        FluxFillPipeline,
-        FluxTransformer2DModel,
-    )
-
-    torch.manual_seed(0)
-    with torch.device(a.device), default_dtype(dtype):
-        transformer = FluxTransformer2DModel(**strip(cfg["transformer"])).eval().requires_grad_(False)
-        vae = AutoencoderKL(**strip(cfg["vae"])).eval().requires_grad_(False)
-    fill = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**strip(cfg["scheduler"])), vae=vae,
-                            transformer=transformer, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                            tokenizer_2=None)
-    fill.set_progress_bar_config(disable=True)
+    fill = build(a, a.device)[0].fill  # transformer + VAE seeded as before; the Redux part goes unused here
     txt = cfg["text_embeddings"]["t5_prompt_embeds"][1] + cfg["redux"]["image_encoder"]["image_tokens"]
     g = torch.Generator().manual_seed(0)
     pe = torch.randn(1, txt, cfg["transformer"]["joint_attention_dim"], generator=g).to(a.device, dtype)

@@ -317,6 +317,8 @@ def calibrate_ray(model_dir: str | Path, requests: Sequence, settings, dtype: to
     from ray.util import ActorPool
     from tqdm.auto import tqdm
 
+    from .embeddings import dtype_name
+
     names = [r.name or f"request{i}" for i, r in enumerate(requests)]
     parts, ok_names, failures = [], [], []
     with ray_session(address) as ray:
@@ -325,7 +327,7 @@ def calibrate_ray(model_dir: str | Path, requests: Sequence, settings, dtype: to
         n = max(1, min(len(requests), workers or int(slots)))
         actor = ray.remote(Calibrator).options(max_restarts=retries, max_task_retries=retries,
                                                runtime_env=_runtime_env(), **res)
-        pool = ActorPool([actor.remote(str(model_dir), str(dtype).replace("torch.", ""),
+        pool = ActorPool([actor.remote(str(model_dir), dtype_name(dtype),
                                        None if embeddings_file is None else str(embeddings_file), threads)
                           for _ in range(n)])
         for r in requests:

@@ -1,9 +1,9 @@
-# tryon_lab — the two commands a new user needs are `make setup` then `make demo` (run) / `make test`.
+# tryon_lab — a new user needs `make setup`, then `make demo` (run), `make lab` (JupyterLab) or `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint sync verify data
+.PHONY: setup demo lab test test-fast lint sync verify data
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ setup: $(PY)
 # The main job: every notebook, headless, on the default model, into runs/<date>-demo/.
 demo:
 	$(PY) -m tryon_lab.runs run --all --name demo
+
+# JupyterLab from the venv on the notebooks (the try-on widget is notebook 04).
+lab:
+	$(PY) -m jupyter lab notebooks/
 
 test:
 	$(PY) -m pytest -q

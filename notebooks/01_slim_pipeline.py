@@ -21,7 +21,7 @@
 # only transformer + VAE + scheduler + Redux image encoder, safetensors only, with SDPA attention.
 #
 # This notebook measures both loaders per component and proves the slim pipeline reproduces the
-# stock one. Every number below comes from this run, on the model named in the next cell.
+# stock one. Every number below comes from this run, on the model named under the setup cell.
 
 # %% tags=["parameters"]
 model = "default"  # "default" (trained toy model if committed, else random), "random", or a folder with real snapshots
@@ -35,15 +35,12 @@ seed = 0
 output_dir = "runs/scratch/01_slim_pipeline"
 
 # %%
-from IPython.display import Markdown, display
+from tryon_lab import notebook
 
-from tryon_lab import checkpoint, embeddings, loading, metrics, pipeline, plots, runs, samples
-from tryon_lab.bench import markdown_table, stamp
+lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
 
-device, torch_dtype = loading.resolve_device_dtype(device, dtype)
-model_dir = checkpoint.resolve_model_dir(model)
-display(Markdown(f"**Model:** {checkpoint.describe_model(model_dir)}  \n**Device:** {stamp(device)['device']}, "
-                 f"dtype {embeddings.dtype_name(torch_dtype)}"))
+from tryon_lab import embeddings, loading, pipeline, plots, runs, samples
+from tryon_lab.experiments import slim_report
 
 # %% [markdown]
 # ## 1. The text-embedding cache
@@ -51,31 +48,30 @@ display(Markdown(f"**Model:** {checkpoint.describe_model(model_dir)}  \n**Device
 # file is checked against the transformer that consumes it.
 
 # %%
-emb_file = embeddings.ensure_embeddings(model_dir, torch_dtype, device)
-meta = embeddings.read_metadata(emb_file)
-display(Markdown(markdown_table([{"file": emb_file.name, **{k: meta[k] for k in
-                                  ("dtype", "prompt_embeds_shape", "pooled_prompt_embeds_shape", "date")},
-                                  "encoder fingerprint": meta["encoder_fingerprint"][:16]}])))
+emb_file = embeddings.ensure_embeddings(lab.model_dir, lab.dtype, lab.device)
+notebook.table([slim_report.embeddings_row(emb_file)])
 
 # %% [markdown]
 # ## 2. Standard against slim loading, per component
-# Memory is CUDA peak allocation on a GPU and process RSS growth on the CPU (safetensors are
-# memory-mapped, so on the CPU RSS grows less than the bytes loaded).
+# The standard pipeline is the stock diffusers way (every component, text encoders included); the slim one
+# is what `configure.build_pipeline` makes with default options. Memory is CUDA peak allocation on a GPU and
+# process RSS growth on the CPU (safetensors are memory-mapped, so on the CPU RSS grows less than the bytes
+# loaded). Load seconds on a CPU shared with other work are indicative only.
 
 # %%
-standard = loading.load_standard(model_dir, torch_dtype, device)
-slim = loading.load_slim(model_dir, torch_dtype, device, embeddings_file=emb_file)
+standard = loading.load_standard(lab.model_dir, lab.dtype, lab.device)
+slim = lab.build(embeddings_file=str(emb_file))
 reports = {"standard": standard.load_report, "slim": slim.load_report}
-display(Markdown(markdown_table(plots.totals_table(reports))))
-display(Markdown(markdown_table(plots.component_table(reports))))
-fig = plots.component_bars(reports)
+notebook.table(slim_report.load_rows(reports, lab.cpu))
+notebook.table(slim_report.component_rows(reports, lab.cpu))
+fig = slim_report.plot_components(reports, lab.cpu)
 
 # %% [markdown]
 # ## 3. safetensors (memory-mapped) against pickle, same weights
 
 # %%
-pk = loading.pickle_vs_safetensors(model_dir, "transformer")
-display(Markdown(markdown_table([pk])))
+pk = loading.pickle_vs_safetensors(lab.model_dir, "transformer")
+notebook.table([slim_report.pickle_row(pk, lab.cpu)])
 
 # %% [markdown]
 # ## 4. The same try-on through both pipelines
@@ -85,30 +81,17 @@ display(Markdown(markdown_table([pk])))
 # %%
 s = samples.load_sample(sample, height=height)
 request = pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed, name=s.id)
-settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale)
+settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, progress=False)
 out_standard = pipeline.tryon_standard(standard, request, settings)
 out_slim = pipeline.tryon(slim, request, settings)
-equivalence = {
-    "latent max abs diff": metrics.max_abs(out_slim.latents, out_standard.latents),
-    "image max abs diff (0-255)": metrics.max_abs(out_slim.images[0], out_standard.images[0]),
-    "image PSNR (dB)": metrics.psnr(out_slim.images[0], out_standard.images[0]),
-}
-display(Markdown(markdown_table([equivalence])))
-display(Markdown(markdown_table([{"pipeline": "standard", **out_standard.timings},
-                                 {"pipeline": "slim", **out_slim.timings}])))
-if out_slim.notes[0]:
-    display(Markdown("Input conversions: " + "; ".join(out_slim.notes[0])))
+equivalence = slim_report.equivalence(out_slim, out_standard)
+notebook.table([equivalence], floatfmt="{:.4g}")
+notebook.table(slim_report.timing_rows({"standard": out_standard, "slim": out_slim}),
+               note=slim_report.timing_note(out_slim, lab.cpu))
 
 # %%
-shown = [s.garment, s.person, s.mask, out_standard.images[0], out_slim.images[0]]
-titles = ["garment", "person", "mask", "standard", "slim"]
-if s.target is not None:
-    shown.append(s.target)
-    titles.append("ground truth")
-fig = plots.image_row(shown, titles)
-if s.target is not None:
-    display(Markdown(f"Masked-region PSNR against ground truth: "
-                     f"{metrics.psnr(out_slim.images[0], s.target, mask=s.mask):.2f} dB"))
+fig = notebook.images(*slim_report.comparison_panels(s, out_standard, out_slim))
+notebook.markdown(slim_report.masked_psnr_text(s, out_slim))
 
 # %% [markdown]
 # ## 5. Record the run
@@ -116,8 +99,9 @@ if s.target is not None:
 # %%
 runs.save_image(output_dir, "tryon_slim", out_slim.images[0])
 runs.save_image(output_dir, "tryon_standard", out_standard.images[0])
-runs.record_inputs(output_dir, {"model": str(model_dir), "embeddings": str(emb_file), "sample": [str(p) for p in s.paths.values()]})
-runs.save_metrics(output_dir, {"model": checkpoint.describe_model(model_dir), "fingerprint": slim.fingerprint,
+runs.record_inputs(output_dir, {"model": str(lab.model_dir), "embeddings": str(emb_file),
+                                "sample": [str(p) for p in s.paths.values()]})
+runs.save_metrics(output_dir, {"model": lab.description, "fingerprint": slim.fingerprint,
                                "equivalence": equivalence, "standard_load": plots.totals_table(reports)[0],
                                "slim_load": plots.totals_table(reports)[1], "pickle_vs_safetensors": pk,
                                "timings_slim": out_slim.timings, "timings_standard": out_standard.timings,

@@ -24,7 +24,7 @@
 # The polynomial is model-specific. The published one was fitted on FLUX.1-dev text-to-image; here it is
 # fitted on *this* FLUX Fill model and try-on inputs, checked on held-out requests, and then every
 # threshold is compared with full compute and with three caches diffusers ships (First Block Cache,
-# MagCache, TaylorSeer). Every number comes from this run, on the model named in the next cell.
+# MagCache, TaylorSeer). Every number comes from this run, on the model named under the setup cell.
 
 # %% tags=["parameters"]
 model = "default"  # "default" (trained toy model if committed, else random), "random", or a folder with real snapshots
@@ -44,19 +44,14 @@ seed = 0
 output_dir = "runs/scratch/02"
 
 # %%
-from pathlib import Path
+from tryon_lab import notebook
 
-from IPython.display import Markdown, display
+lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
 
-from tryon_lab import checkpoint, embeddings, loading, pipeline, runs, synthetic
-from tryon_lab import teacache as tc
-from tryon_lab.bench import markdown_table, stamp
+from tryon_lab import pipeline, runs, synthetic, teacache
+from tryon_lab.experiments import teacache_fit, teacache_report
 
-device, torch_dtype = loading.resolve_device_dtype(device, dtype)
-model_dir = checkpoint.resolve_model_dir(model)
-slim = loading.load_slim(model_dir, torch_dtype, device)
-display(Markdown(f"**Model:** {checkpoint.describe_model(model_dir)}  \n**Device:** {stamp(device)['device']}, "
-                 f"dtype {embeddings.dtype_name(torch_dtype)}"))
+slim = lab.pipeline()
 
 # %% [markdown]
 # ## 1. Requests
@@ -65,9 +60,9 @@ display(Markdown(f"**Model:** {checkpoint.describe_model(model_dir)}  \n**Device
 # are also the requests of the sweep.
 
 # %%
-samples = [synthetic.make_sample(seed, i) for i in range(calibration_size + holdout_size)]
-requests = [pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed + i, name=f"sample{i}")
-            for i, s in enumerate(samples)]
+pairs = [synthetic.make_sample(seed, i) for i in range(calibration_size + holdout_size)]
+requests = [pipeline.TryOnRequest(p.person, p.garment, p.mask, seed=seed + i, name=f"sample{i}")
+            for i, p in enumerate(pairs)]
 settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, progress=False)
 
 # %% [markdown]
@@ -77,11 +72,10 @@ settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, pr
 # function of *x*.
 
 # %%
-calibration = tc.calibrate(slim, requests, settings)
-fit = tc.fit_coefficients(calibration, degree=degree, holdout=holdout_size)
-display(Markdown(markdown_table(tc.degree_table(fit), floatfmt="{:.4g}")))
-display(Markdown(tc.describe_fit(fit)))
-fig = tc.plot_calibration(calibration, fit)
+calibration = teacache_fit.calibrate(slim, requests, settings)
+fit = teacache_fit.fit_coefficients(calibration, degree=degree, holdout=holdout_size)
+notebook.table(teacache_fit.degree_table(fit), floatfmt="{:.4g}", note=teacache_fit.describe_fit(fit))
+fig = teacache_report.plot_calibration(calibration, fit)
 
 # %% [markdown]
 # The dashed curve is the published polynomial. It was fitted on another model and task, so it maps
@@ -90,32 +84,32 @@ fig = tc.plot_calibration(calibration, fit)
 #
 # ## 3. Sweep: every method against full compute
 # `computed` counts the steps in which the last block's attention ran (a full pass for TeaCache,
-# First Block Cache and MagCache; TaylorSeer predicts attention outputs but still runs the MLPs).
-# `speedup` is full-compute denoising time over the method's; `psnr`, `ssim` and `latent_rel_l2`
+# First Block Cache and MagCache; TaylorSeer predicts attention outputs but still runs the MLPs), and
+# `ideal_speedup` (steps / computed) is what that pass count promises. `psnr`, `ssim` and `latent_rel_l2`
 # compare with the full-compute image of the same request; `gt_psnr` is PSNR against the ground truth
-# inside the mask. Times are those of the fastest image: on a shared machine other work only ever adds
-# time. `ideal_speedup` (steps / computed) is what the pass count alone promises; the gap to `speedup`
-# is the per-step overhead of each method (and, on a busy CPU, noise).
+# inside the mask. On a GPU, `speedup` is the measured full-compute denoising time over the method's (fastest
+# image); its gap to `ideal_speedup` is each method's per-step overhead.
 
 # %%
-first = calibration_size if holdout_size else calibration_size - 1  # without held-out requests: the last one
-holdout, targets = requests[first:], [s.target for s in samples[first:]]
-rows = tc.sweep(slim, holdout, thresholds, settings, fit.coefficients, include_diffusers=include_diffusers,
-                targets=targets, published_thresholds=published_thresholds, diffusers_params=diffusers_settings,
-                input_range=fit.input_range)
-display(Markdown(markdown_table(tc.scalar_rows(rows), tc.TABLE_COLUMNS)))
-fig = tc.plot_pareto(rows)
+holdout, targets = teacache_report.held_out(requests, [p.target for p in pairs], calibration_size, holdout_size)
+rows = teacache_fit.sweep(slim, holdout, thresholds, settings, fit.coefficients, include_diffusers=include_diffusers,
+                          targets=targets, published_thresholds=published_thresholds,
+                          diffusers_params=diffusers_settings, input_range=fit.input_range)
+notebook.table(teacache_report.sweep_rows(rows), teacache_report.sweep_columns(lab.cpu),
+               note=teacache_report.speed_note(lab.cpu))
+fig = teacache_report.plot_pareto(rows, lab.cpu)
 
 # %% [markdown]
 # ## 4. Recommended threshold and what it looks like
 # The largest threshold whose images (and those of every smaller threshold) stay within `min_psnr` of
-# full compute. Below: full compute, TeaCache at three thresholds, and the ground truth.
+# full compute. Below: full compute, TeaCache at three thresholds (with the passes each computed), and the
+# ground truth.
 
 # %%
-recommended = tc.recommend_threshold(rows, min_psnr=min_psnr)
-display(Markdown(f"**Recommended rel_l1_thresh: {recommended}** (min PSNR {min_psnr} dB vs full compute, "
-                 f"{steps} steps)"))
-fig = tc.plot_samples(rows, target=targets[0], include=recommended)
+recommended = teacache_fit.recommend_threshold(rows, min_psnr=min_psnr)
+notebook.markdown(f"**Recommended rel_l1_thresh: {recommended}** (min PSNR {min_psnr} dB vs full compute, "
+                  f"{steps} steps)")
+fig = teacache_fit.plot_samples(rows, target=targets[0], include=recommended)
 
 # %% [markdown]
 # ## 5. Record the run
@@ -124,13 +118,11 @@ fig = tc.plot_samples(rows, target=targets[0], include=recommended)
 # expected_fingerprint=...)` refuses it for another model.
 
 # %%
-coeff_file = tc.save_coefficients(Path(output_dir) / "teacache_coefficients.json", fit, calibration, recommended)
-for r in rows:
-    if r["method"] in ("full", "teacache"):
-        runs.save_image(output_dir, f"{r['method']}_{r['value']}", r["images"][0])
-runs.record_inputs(output_dir, {"model": str(model_dir)})
-runs.save_metrics(output_dir, {"model": checkpoint.describe_model(model_dir), "fingerprint": slim.fingerprint,
-                               "device": stamp(device)["device"], "fit": vars(fit), "recommended_threshold": recommended,
-                               "sweep": tc.scalar_rows(rows)})
+coeff_file = teacache.save_coefficients(lab.output_dir / "teacache_coefficients.json", fit, calibration, recommended)
+teacache_report.save_images(output_dir, rows)
+runs.record_inputs(output_dir, {"model": str(lab.model_dir)})
+runs.save_metrics(output_dir, {"model": lab.description, "fingerprint": slim.fingerprint,
+                               "device": lab.stamp["device"], "fit": vars(fit), "recommended_threshold": recommended,
+                               "sweep": teacache_fit.scalar_rows(rows)})
 runs.record_tolerances(output_dir, {"metrics_ignore": ["*s_per_image", "*denoise_s", "*speedup", "date", "device"]})
-display(Markdown(f"Coefficients: `{coeff_file}`"))
+notebook.markdown(f"Coefficients: `{coeff_file}`")

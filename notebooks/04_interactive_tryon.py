@@ -21,7 +21,8 @@
 # in **one batched** FLUX Fill call: each is a small in-context diptych *logo crop | target crop*, pasted
 # back with a feathered mask. The pipeline is loaded once per process; pressing Run again reloads nothing.
 #
-# Headless runs (papermill) call `app.run()` once, the same function the button calls.
+# Headless runs (papermill) call `app.run()`, the same function the button calls, and show its images as a plain
+# figure as well, so the exported HTML shows them without a live kernel.
 
 # %% tags=["parameters"]
 model = "default"  # "default" (trained toy model if committed, else random), "random", or a folder with real snapshots
@@ -36,51 +37,50 @@ logos = "manifest"  # "manifest" (the garment's boxes), "none", or "x0,y0,x1,y1;
 output_dir = "runs/scratch/04_interactive_tryon"
 
 # %%
-import ipywidgets as W
-import numpy as np
-from IPython.display import Markdown, display
+from tryon_lab import notebook
 
-from tryon_lab import checkpoint, pipeline, runs, samples, widgets
+lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
+
+from IPython.display import display
+
+from tryon_lab import configure, runs, samples, widgets
 from tryon_lab import logos as logo_lib
-from tryon_lab.bench import markdown_table, stamp
+from tryon_lab.experiments import logos_report
 
-app = widgets.TryOnApp(model=model, device=device, dtype=dtype, person=person, garment=garment, steps=steps,
-                       seed=seed, teacache=teacache, logos_text=logos)
-display(Markdown(f"**Model:** {checkpoint.describe_model(app.model_dir)}  \n**Device:** {stamp(app.device)['device']}"))
+app = widgets.TryOnApp(model=lab.model_dir, device=lab.device, dtype=lab.dtype_name, person=person, garment=garment,
+                       steps=steps, seed=seed, teacache=teacache, logos_text=logos)
 display(app.ui)
 
 # %% [markdown]
 # ## 1. One run, exactly as the Run button does it
+# The widget above shows the result in a live kernel; the same images follow as a plain figure, so the
+# HTML export of a headless run shows them too. A second `app.run()` must reuse the warm pipeline.
 
 # %%
 result = app.run()
 assert result is not None, f"run failed: {app.last_error}"
-display(Markdown(markdown_table(result.timings)))
-display(Markdown(markdown_table(logo_lib.match_rows(result.matches)) if result.matches else "No logo boxes given."))
-loads_after_first = widgets.load_count()
+fig = notebook.images([result.person, result.tryon, result.logo_boxes_image],
+                      ["person", "try-on", "after logo pass\n(found logos boxed)"])
+notebook.table(result.timings, note=lab.timing("Seconds per stage") + ".")
+notebook.table(logo_lib.match_rows(result.matches), note="" if result.matches else "No logo boxes given.")
+loads_after_first = configure.warm_pipelines()
 again = app.run()  # warm: the cached pipeline is reused
-assert again is not None and widgets.load_count() == loads_after_first, "a second Run reloaded the pipeline"
+assert again is not None and configure.warm_pipelines() == loads_after_first, "a second Run reloaded the pipeline"
 
 # %% [markdown]
 # ## 2. The logo pass, batched against one call per logo
 # On the garment sample's ground-truth try-on, where its logos are known to be present (the toy model's
-# own output may not show them clearly enough to be found). Same seeds, so both give the same images.
+# own output may not show them clearly enough to be found). Same seeds, so both give the same images; what
+# batching changes is the number of pipeline calls.
 
 # %%
 ref = samples.load_sample(garment)
-pipe = app.pipeline()
-settings = pipeline.TryOnSettings(steps=steps, progress=False)
-boxes = logo_lib.parse_boxes(app.logo_boxes.value)
-matches = logo_lib.locate_logos(ref.garment, boxes, ref.target, search_mask=ref.mask) if ref.target else []
-passes = {mode: logo_lib.logo_pass(pipe, ref.target, ref.garment, matches, settings, batched=mode == "batched",
-                                   seed=seed) for mode in ("sequential", "batched")}
-found = sum(m.found for m in matches)
-comparison = [{"mode": mode, "logos found": found, "pipeline calls": p.calls, **p.timings} for mode, p in passes.items()]
-diff = max((int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
-            for a, b in zip(passes["batched"].patches, passes["sequential"].patches, strict=True)), default=0)
-display(Markdown(markdown_table(comparison) + f"\nBatched vs sequential patches, max abs difference: {diff} / 255"))
-shown = [ref.target, logo_lib.draw_boxes(passes["batched"].image, matches)]
-W.HBox([W.Image(value=widgets.png_bytes(i, 2), format="png") for i in shown])
+logo_cmp = logos_report.compare_passes(app.pipeline(), ref, logo_lib.parse_boxes(app.logo_boxes.value), steps, seed)
+notebook.table(logos_report.display_rows(logo_cmp, lab.cpu),
+               note=f"{logos_report.timing_note(logo_cmp, lab.cpu)}\n\nBatched vs sequential patches, max abs "
+               f"difference: {logo_cmp.max_abs} / 255")
+fig = notebook.images([ref.target, logo_lib.draw_boxes(logo_cmp.passes["batched"].image, logo_cmp.matches)],
+                      ["ground truth", "batched logo pass\n(found logos boxed)"])
 
 # %% [markdown]
 # ## 3. Record the run
@@ -90,15 +90,16 @@ runs.save_image(output_dir, "person", result.person)
 runs.save_image(output_dir, "tryon", result.tryon)
 runs.save_image(output_dir, "tryon_logo_pass", result.logo_image)
 runs.save_image(output_dir, "tryon_logo_boxes", result.logo_boxes_image)
-runs.save_image(output_dir, "target_logo_pass_batched", passes["batched"].image)
+runs.save_image(output_dir, "target_logo_pass_batched", logo_cmp.passes["batched"].image)
 runs.record_inputs(output_dir, {"model": str(app.model_dir),
-                                "samples": [str(p) for s in {person, garment}
+                                "samples": [str(p) for s in dict.fromkeys((person, garment))
                                             for p in samples.load_sample(s).paths.values()]})
-runs.save_metrics(output_dir, {"model": checkpoint.describe_model(app.model_dir), "stamp": stamp(app.device),
+runs.save_metrics(output_dir, {"model": lab.description, "stamp": lab.stamp,
                                "settings": result.settings, "timings": result.timings,
-                               "matches": logo_lib.match_rows(result.matches), "logo_pass": comparison,
-                               "batched_vs_sequential_max_abs": diff, "pipeline_loads": widgets.load_count()})
+                               "matches": logo_lib.match_rows(result.matches), "logo_pass": logo_cmp.rows,
+                               "batched_vs_sequential_max_abs": logo_cmp.max_abs,
+                               "pipeline_loads": configure.warm_pipelines()})
 runs.record_tolerances(output_dir, {"image_psnr_min": 40.0, "metrics_rtol": 1e-3,
                                     "metrics_ignore": ["timings*", "logo_pass*", "stamp.*", "pipeline_loads",
                                                        "matches*confidence"]})
-assert diff <= 2, f"batched and sequential logo passes differ by {diff}"
+assert logo_cmp.max_abs <= 2, f"batched and sequential logo passes differ by {logo_cmp.max_abs}"

@@ -34,25 +34,22 @@ budget_file = "benchmarks/memory_budget.json"  # the planner's table, measured o
 raw_file = "benchmarks/memory_gpu_raw.json"  # everything that run measured (capped runs, hot path)
 limits_gb = [80, 24, 16, 8]  # cards to plan for (GB, as vendors count: 1e9 bytes)
 logos = 4  # logos per garment the logo pass should batch
+sample = "s000"  # the hot-path request: an id from data/manifest.json
 steps = 4
 seed = 0
 output_dir = "runs/scratch/05"
 
 # %%
-import json
-from pathlib import Path
+from tryon_lab import notebook
 
-import matplotlib.pyplot as plt
-from IPython.display import Markdown, display
+lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
 
-from tryon_lab import checkpoint, loading, memory, pipeline, plots, runs, samples
-from tryon_lab.bench import markdown_table, stamp
+from tryon_lab import memory, pipeline, runs, samples
+from tryon_lab.experiments import loops, memory_report
 
 budget = memory.load_budget(budget_file)
-raw = json.loads(Path(raw_file).read_text()) if Path(raw_file).exists() else {}
-where = budget.get("stamp") or {}
-display(Markdown(f"**Budget measured on:** {where.get('device')} (commit {str(where.get('commit'))[:7]}, "
-                 f"{where.get('date')}), {raw.get('model', 'model not recorded')}; {budget.get('request')}"))
+raw = memory_report.load_raw(raw_file)
+notebook.markdown(memory_report.budget_header(budget, raw))
 
 # %% [markdown]
 # ## 1. The budget, component by component
@@ -61,18 +58,17 @@ display(Markdown(f"**Budget measured on:** {where.get('device')} (commit {str(wh
 # request's activations, the VAE decode with and without tiling, and each extra logo in a logo batch.
 
 # %%
-display(Markdown(markdown_table(memory.component_rows(budget))))
+notebook.table(memory_report.component_rows(budget))
 
 # %% [markdown]
 # ## 2. Each mode: peak memory and time per image
-# One try-on per mode, each in a fresh process. Peaks are the allocator's *reserved* bytes: what a card,
-# or a per-process cap, actually has to hold. The dashed lines are the limits planned for below.
+# One try-on per mode, each in a fresh process on the GPU named above. Peaks are the allocator's *reserved*
+# bytes: what a card, or a per-process cap, actually has to hold. The dashed lines are the cards planned for
+# below (sold in GB, 1e9 bytes; the axis counts GiB, 2^30 bytes).
 
 # %%
-rows = memory.mode_rows(budget)
-display(Markdown(markdown_table(rows)))
-fig = plots.memory_mode_bars(rows, [g * 1e9 / memory.GiB for g in limits_gb])
-plt.show()
+notebook.table(memory_report.mode_rows(budget))
+fig = memory_report.plot_modes(budget, limits_gb)
 
 # %% [markdown]
 # ## 3. The planner: the fastest mode that fits a card
@@ -80,27 +76,15 @@ plt.show()
 # that fits beside it, with every faster mode it turned down and why.
 
 # %%
-plans = {}
-for gb in limits_gb:
-    try:
-        plan = memory.plan_for_limit(int(gb * 1e9), budget, logos=logos)
-        plans[f"{gb} GB"] = {"mode": plan.mode.name, "logo batch": plan.logo_batch,
-                             "peak GiB": round(plan.peak_bytes / memory.GiB, 2), "s per image": plan.seconds_per_image}
-        display(Markdown(f"**{gb} GB:** `{plan.mode.name}`, logo batch {plan.logo_batch}\n\n"
-                         + "\n".join(f"- {r}" for r in plan.reasons)))
-    except memory.MemoryBudgetError as e:
-        plans[f"{gb} GB"] = {"mode": None, "error": str(e).splitlines()[0]}
-        display(Markdown(f"**{gb} GB:** {str(e).splitlines()[0]}"))
+plans, plan_text = memory_report.plans(limits_gb, budget, logos)
+notebook.markdown(plan_text)
 
 # %% [markdown]
 # The planner's choices were checked on the H100 by capping the process
 # (`torch.cuda.set_per_process_memory_fraction`) and running one full-size try-on under each cap:
 
 # %%
-caps = [{"cap": k, "mode": c.get("mode"), "completed": c.get("completed"),
-         "peak GiB": round(c.get("peak_bytes", 0) / memory.GiB, 2), "s per image": c.get("s_per_image"),
-         "error": c.get("error", "")} for k, c in raw.get("caps", {}).items()]
-display(Markdown(markdown_table(caps) if caps else "No capped runs recorded."))
+notebook.table(memory_report.cap_rows(raw), note="" if raw.get("caps") else "No capped runs recorded.")
 
 # %% [markdown]
 # ## 4. The hot path on this machine
@@ -110,26 +94,17 @@ display(Markdown(markdown_table(caps) if caps else "No capped runs recorded."))
 # On a GPU the allocator's counter shows the allocations per step outside the transformer.
 
 # %%
-device, torch_dtype = loading.resolve_device_dtype(device, dtype)
-model_dir = checkpoint.resolve_model_dir(model)
-slim = loading.load_slim(model_dir, torch_dtype, device)
-s = samples.load_sample("s000")
-display(Markdown(f"**Model:** {slim.description}  \n**Device:** {stamp(device)['device']}"))
+slim = lab.pipeline()
+s = samples.load_sample(sample)
 request = pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=seed)
-hot_rows, identical = pipeline.compare_denoise_loops(slim, request, pipeline.TryOnSettings(steps=steps))
-display(Markdown(markdown_table(hot_rows) + f"\n\nFinal latents bit-identical: **{identical}**"))
+hot_rows, identical = loops.compare_denoise_loops(slim, request, pipeline.TryOnSettings(steps=steps))
+notebook.table(memory_report.loop_rows(hot_rows, lab.cpu), note=f"Final latents bit-identical: **{identical}**")
 assert identical, "the hot path must reproduce the stock loop exactly"
-gpu_hot = raw.get("hot_path", {})
-if gpu_hot:
-    display(Markdown(
-        f"On the H100 (full size, {budget.get('request')}): {gpu_hot['stock_loop_allocations_per_step']:g} allocations "
-        f"per step outside the transformer in the stock loop, {gpu_hot['hot_loop_allocations_per_step']:g} in the hot "
-        f"path (the transformer's own: {gpu_hot['hot_model_allocations_per_step']:g}); bit-identical: "
-        f"{gpu_hot['bit_identical']}. Copying the decoded pixels to pinned memory on a side stream, overlapped "
-        f"with the next request, saved {gpu_hot['saved_ms_per_request']:.0f} ms per request."))
+notebook.markdown(memory_report.gpu_hot_path_text(raw, budget))
 
 # %%
-runs.record_inputs(output_dir, {"model": str(model_dir), "budget": budget_file})
-runs.save_metrics(output_dir, {"model": slim.description, "stamp": stamp(device), "plans": plans,
+runs.record_inputs(output_dir, {"model": str(lab.model_dir), "budget": budget_file})
+runs.save_metrics(output_dir, {"model": slim.description, "stamp": lab.stamp, "plans": plans,
                                "hot_path_bit_identical": identical, "loop_timings": hot_rows})
 runs.record_tolerances(output_dir, {"metrics_ignore": ["loop_timings*", "stamp.*"]})  # timings vary run to run
+notebook.recorded(output_dir)

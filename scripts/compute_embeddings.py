@@ -14,7 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tryon_lab import checkpoint, embeddings, loading  # noqa: E402
+from tryon_lab.checkpoint import TRYON_PROMPT  # noqa: E402
+from tryon_lab.experiments.assets import compute_embeddings  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -22,15 +23,10 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default", help="'default', 'random', 'trained' or a folder holding FLUX.1-Fill-dev/")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
-    p.add_argument("--prompt", default=checkpoint.TRYON_PROMPT)
+    p.add_argument("--prompt", default=TRYON_PROMPT)
     p.add_argument("--out", default=None, help="output .safetensors (default: the cache path the loaders look in)")
     args = p.parse_args(argv)
-    device, dtype = loading.resolve_device_dtype(args.device, args.dtype)
-    model_dir = checkpoint.resolve_model_dir(args.model)
-    path = embeddings.build_embeddings(model_dir, dtype, device, args.out, prompt=args.prompt)
-    meta = embeddings.read_metadata(path)
-    print(f"wrote {path}: prompt_embeds {meta['prompt_embeds_shape']}, pooled {meta['pooled_prompt_embeds_shape']}, "
-          f"{meta['dtype']}, encoders {meta['encoder_fingerprint'][:16]}")
+    compute_embeddings(args.model, args.dtype, args.device, args.prompt, args.out)
     return 0
 
 

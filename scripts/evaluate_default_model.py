@@ -2,7 +2,8 @@
 
     python scripts/evaluate_default_model.py            # 8 pairs from seed 999 (never used in training), 20 steps
 
-Writes the numbers to benchmarks/results.json (entry ``heldout_quality``) and the grid to docs/heldout_grid.png.
+Writes the numbers to benchmarks/results.json (entry ``heldout_quality``) and the grid to docs/heldout_grid.png
+(``tryon_lab.experiments.default_model.evaluate_default``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tryon_lab import bench, checkpoint, training  # noqa: E402
+from tryon_lab.experiments import default_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -21,16 +22,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=999)
     p.add_argument("--count", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--results", default=str(Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"))
+    p.add_argument("--grid", default=str(Path(__file__).resolve().parent.parent / "docs" / "heldout_grid.png"))
     args = p.parse_args(argv)
-    results = {"stamp": bench.stamp("cpu")}
-    for name, model_dir in (("trained", checkpoint.TRAINED_DIR), ("random", checkpoint.random_checkpoint())):
-        summary, rows = training.evaluate_heldout(model_dir, args.seed, args.count, args.steps)
-        summary["model"] = checkpoint.describe_model(model_dir)
-        results[name] = summary
-        print(f"{name}: masked PSNR {summary['psnr_masked_mean']:.2f} dB, masked SSIM {summary['ssim_masked_mean']:.3f}")
-        if name == "trained":
-            training.grid_image(rows).save(checkpoint.REPO_ROOT / "docs" / "heldout_grid.png")
-    bench.write_results(checkpoint.REPO_ROOT / "benchmarks" / "results.json", "heldout_quality", results)
+    default_model.evaluate_default(args.seed, args.count, args.steps, args.results, args.grid)
     return 0
 
 

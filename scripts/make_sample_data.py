@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tryon_lab.synthetic import SyntheticConfig, write_sample_set  # noqa: E402
+from tryon_lab.experiments.assets import write_sample_data  # noqa: E402
+from tryon_lab.synthetic import SyntheticConfig  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,21 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("data"), help="output folder (default: data)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--count", type=int, default=8, help="number of samples")
-    defaults = SyntheticConfig()
-    for name, value in asdict(defaults).items():
+    for name, value in asdict(SyntheticConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=value)
     args = ap.parse_args(argv)
-    cfg = SyntheticConfig(args.height, args.width, args.min_logos, args.max_logos)
-    out = write_sample_set(args.out, args.seed, args.count, cfg)
-    flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in asdict(cfg).items() if v != getattr(defaults, k))
-    (out / "README.md").write_text(
-        "# Synthetic try-on sample set\n\n"
-        f"{args.count} procedural try-on pairs (seed {args.seed}, {cfg.height}x{cfg.width}) from "
-        "`tryon_lab.synthetic`: a flat garment,\na person wearing another garment, the repaint mask "
-        "(255 = repaint) and the ground-truth target,\nwith logo boxes (x0, y0, x1, y1; x1/y1 exclusive) "
-        "and logo ids in `manifest.json`.\n\nGenerated, do not edit. Remake (byte-identical) with\n\n"
-        f"    python scripts/make_sample_data.py --out {out.name} --seed {args.seed} --count {args.count}{flags}\n")
-    print(f"wrote {args.count} samples to {out}")
+    write_sample_data(args.out, args.seed, args.count,
+                      SyntheticConfig(**{k: getattr(args, k) for k in asdict(SyntheticConfig())}))
     return 0
 
 

@@ -6,14 +6,14 @@ import json
 
 import torch
 
-from tryon_lab import checkpoint
+from tryon_lab import checkpoint, provenance
 
 
 def test_factory_is_deterministic(tmp_path, model_dir):
     again = checkpoint.random_checkpoint(root=tmp_path / "again")
-    assert checkpoint.fingerprint(again) == checkpoint.fingerprint(model_dir)
+    assert provenance.fingerprint(again) == provenance.fingerprint(model_dir)
     other = checkpoint.random_checkpoint(checkpoint.SmallModelConfig(seed=1), root=tmp_path / "other")
-    assert checkpoint.fingerprint(other) != checkpoint.fingerprint(model_dir)
+    assert provenance.fingerprint(other) != provenance.fingerprint(model_dir)
 
 
 def test_layout_matches_the_public_snapshots(model_dir):
@@ -51,12 +51,12 @@ def test_fingerprint_changes_with_weights(tmp_path, model_dir):
 
     copy = tmp_path / "copy"
     shutil.copytree(model_dir, copy)
-    assert checkpoint.fingerprint(copy) == checkpoint.fingerprint(model_dir)
+    assert provenance.fingerprint(copy) == provenance.fingerprint(model_dir)
     vae = next((copy / checkpoint.FILL_SUBDIR / "vae").glob("*.safetensors"))
     data = bytearray(vae.read_bytes())
     data[-1] ^= 0xFF
     vae.write_bytes(bytes(data))
-    assert checkpoint.fingerprint(copy) != checkpoint.fingerprint(model_dir)
+    assert provenance.fingerprint(copy) != provenance.fingerprint(model_dir)
 
 
 def test_resolve_model_dir(monkeypatch, tmp_path, model_dir):

@@ -84,3 +84,69 @@ def test_bad_files(tmp_path):
         load_image(np.zeros((4, 4, 7), np.uint8))
     with pytest.raises(ImageInputError, match=r"\[0, 1\]"):
         load_image(np.full((4, 4), 3.0))
+
+
+def test_more_modes_convert_and_prepare_input_reports_each_conversion():
+    assert load_image(Image.fromarray(np.full((8, 8), 0.5, np.float32))).getpixel((0, 0)) == (128, 128, 128)
+    assert load_image(Image.fromarray(np.full((8, 8), 200.0, np.float32))).getpixel((0, 0)) == (200, 200, 200)
+    assert load_image(Image.new("La", (8, 8), (0, 0))).getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert load_image(Image.new("PA", (8, 8))).mode == "RGB"
+    person, garment, mask = make_request_images()
+    p = prepare_input(person, garment.convert("RGBA"), np.asarray(mask) > 0)
+    assert p.notes == ["garment: RGBA converted to 8-bit RGB (transparency composited over white)"]
+    soft = Image.fromarray((np.asarray(mask) * 0.8).astype(np.uint8))  # grey levels 0 and 204
+    assert "mask: grey levels binarised at 128" in " ".join(prepare_input(person, garment, soft).notes)
+
+
+def test_exif_orientation_is_applied_and_reported(tmp_path):
+    person, garment, mask = make_request_images()  # 128x192 upright
+    sideways = person.transpose(Image.Transpose.ROTATE_90)  # stored 192x128, shown upright by its EXIF tag
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, exif=exif, quality=95)
+    p = prepare_input(path, garment, mask)
+    assert p.person_size == (128, 192) and any("EXIF orientation 6" in n for n in p.notes)
+
+
+def test_masks_with_transparency_other_sizes_and_bad_files(tmp_path):
+    person, _, mask = make_request_images()
+    strokes = Image.new("RGBA", person.size, (255, 255, 255, 0))  # white strokes on a transparent background
+    strokes.paste((255, 255, 255, 255), (20, 40, 100, 150))
+    m = load_mask(strokes, person.size)
+    assert m.getpixel((0, 0)) == 0 and m.getpixel((50, 100)) == 255  # transparent = keep, not "whole image"
+    half = mask.resize((64, 96), Image.NEAREST)  # the person's aspect at half size: resized, and said so
+    p = prepare_input(person, person, half)
+    assert np.array_equal(np.asarray(p.mask)[:, 128:], np.asarray(half.resize(person.size, Image.NEAREST)))
+    assert any("64x96 resized to the person's 128x192" in n for n in p.notes)
+    with pytest.raises(ImageInputError, match="turned 90 degrees"):
+        load_mask(mask.transpose(Image.Transpose.ROTATE_90), person.size)
+    junk = tmp_path / "mask.png"
+    junk.write_text("a text file named like an image")
+    with pytest.raises(ImageInputError, match="mask: .*mask.png is not a readable image"):
+        prepare_input(person, person, junk)
+    with pytest.raises(ImageInputError, match="mask: file not found"):
+        load_mask(tmp_path / "nope.png", person.size)
+
+
+@pytest.mark.parametrize("source, match", [
+    (np.full((4, 4), np.nan), "NaN"),
+    (np.zeros((0, 4), np.uint8), "empty"),
+    (np.zeros((4, 4), np.int64), "unsupported array dtype"),
+    (Image.new("RGB", (0, 5)), "empty"),
+    (Image.fromarray(np.full((4, 4), 300.0, np.float32)), r"\[0, 1\] or \[0, 255\]"),
+    (3.5, "expected a path, PIL image or numpy array"),
+])
+def test_bad_arrays_and_objects(source, match):
+    with pytest.raises(ImageInputError, match=match):
+        load_image(source, "garment")
+
+
+def test_folders_and_huge_files_are_named(tmp_path, monkeypatch):
+    with pytest.raises(ImageInputError, match="is a folder, not an image file"):
+        load_image(tmp_path, "person")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (64, 64)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is > 2x the limit: PIL refuses to decode it
+    with pytest.raises(ImageInputError, match="too large to open safely"):
+        load_image(big, "person")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tryon_lab import checkpoint, embeddings, loading
+from tryon_lab.experiments.assets import convert_to_safetensors
 
 
 def test_slim_loads_nothing_else(slim):
@@ -72,9 +73,42 @@ def test_resolve_device_dtype():
         loading.resolve_device_dtype("cpu", "int8")
 
 
-def test_convert_script_makes_a_refused_folder_loadable(tmp_path, model_dir):
-    from scripts.convert_to_safetensors import convert
-
+def test_convert_makes_a_refused_folder_loadable(tmp_path, model_dir):
     copy, vae_dir = _pickled_copy(tmp_path, model_dir)
-    convert(vae_dir)
+    convert_to_safetensors(vae_dir)
     assert loading.load_slim(copy, torch.float32, "cpu").fill.vae is not None
+
+
+@pytest.mark.parametrize("loader", [loading.load_slim, loading.load_standard])
+def test_a_missing_model_folder_fails_first_naming_the_path_and_the_fix(tmp_path, monkeypatch, loader):
+    def never(*a, **k):
+        raise AssertionError("a component was loaded from a folder that does not exist")
+
+    monkeypatch.setattr(loading, "load_component", never)
+    missing = tmp_path / "no" / "such" / "models"
+    with pytest.raises(loading.ModelFolderError, match=f"model folder {missing} does not exist; .*'random'.*"
+                                                        "FLUX.1-Fill-dev/ and FLUX.1-Redux-dev/.*TRYON_LAB_MODELS"):
+        loader(missing, torch.float32, "cpu")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(loading.ModelFolderError, match="is a file, not a folder"):
+        loader(str(tmp_path / "file"), torch.float32, "cpu")
+    (tmp_path / checkpoint.FILL_SUBDIR).mkdir()
+    with pytest.raises(loading.ModelFolderError, match=f"has no {checkpoint.REDUX_SUBDIR}/ inside"):
+        loader(tmp_path, torch.float32, "cpu")
+
+
+def test_resolve_and_describe_refuse_missing_folders(tmp_path, monkeypatch, model_dir):
+    missing = tmp_path / "nope"
+    with pytest.raises(checkpoint.ModelFolderError, match=f"{missing} does not exist"):
+        checkpoint.resolve_model_dir(missing)
+    monkeypatch.setenv("TRYON_LAB_MODELS", str(missing))
+    with pytest.raises(checkpoint.ModelFolderError, match=f"{missing} \\(from TRYON_LAB_MODELS\\) does not exist"):
+        checkpoint.resolve_model_dir("default")
+    monkeypatch.setattr(checkpoint, "TRAINED_DIR", missing)
+    with pytest.raises(checkpoint.ModelFolderError, match="train_default_model.py"):
+        checkpoint.resolve_model_dir("trained")
+    for folder in (missing, tmp_path):  # missing, and empty: never a line with the fingerprint of nothing
+        with pytest.raises(checkpoint.ModelFolderError, match=str(folder)):
+            checkpoint.describe_model(folder)
+    assert checkpoint.resolve_model_dir(model_dir) == model_dir
+    assert "[fingerprint " in checkpoint.describe_model(model_dir)

@@ -97,7 +97,7 @@ def test_logo_lora_loaded_once_kept_and_hotswapped(model_dir, monkeypatch):
 
     pipe = loading.load_slim(model_dir, torch.float32, "cpu")
     a, b = lora.make_default_loras(model_dir, ranks=(4, 8))
-    lora.prepare_hotswap(pipe.fill, 8)
+    lora.prepare_hotswap(pipe.fill, 8, pipe.lora)
     loads = []
     real = lora.load_lora
     monkeypatch.setattr(lora, "load_lora", lambda *args, **kw: loads.append(kw.get("hotswap")) or real(*args, **kw))

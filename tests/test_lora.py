@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tryon_lab import lora, speed
+from tryon_lab import compiling, lora
 from tryon_lab.checkpoint import SmallModelConfig, transformer_config
 from tryon_lab.metrics import rel_l2
 
@@ -69,17 +69,18 @@ def test_lora_changes_output_and_unload_restores(adapters):
 
 
 def test_hotswap_on_compiled_model_does_not_recompile(adapters):
-    speed.reset_compiled()
+    compiling.reset_compiled()
     pipe, eager = tiny_fill(), tiny_fill()
     x = tiny_inputs(pipe.transformer)
-    lora.prepare_hotswap(pipe, target_rank=8)
-    lora.load_lora(pipe, adapters[4], "style")
-    speed.compile_transformer(pipe.transformer, "regional", backend="aot_eager")
+    state = lora.LoraState()
+    lora.prepare_hotswap(pipe, 8, state)
+    lora.load_lora(pipe, adapters[4], "style", state=state)
+    compiling.compile_transformer(pipe.transformer, "regional", backend="aot_eager")
     with torch.no_grad():
-        with speed.count_recompiles() as first:
+        with compiling.count_recompiles() as first:
             out_a = pipe.transformer(**x)[0]
-        swap = lora.load_lora(pipe, adapters[8], "style", hotswap=True)  # rank 4 -> rank 8, same compiled graphs
-        with speed.count_recompiles(strict=True) as after:
+        swap = lora.load_lora(pipe, adapters[8], "style", hotswap=True, state=state)  # rank 4 -> rank 8, same compiled graphs
+        with compiling.count_recompiles(strict=True) as after:
             out_b = pipe.transformer(**x)[0]
         lora.load_lora(eager, adapters[8], "style")
         ref_b = eager.transformer(**x)[0]
@@ -90,19 +91,16 @@ def test_hotswap_on_compiled_model_does_not_recompile(adapters):
 
 
 def test_rank_above_hotswap_target_is_our_clear_error(adapters):
-    pipe = tiny_fill()
-    lora.prepare_hotswap(pipe, target_rank=4)
-    lora.load_lora(pipe, adapters[2], "style")
+    pipe, state = tiny_fill(), lora.LoraState()
+    lora.prepare_hotswap(pipe, 4, state)
+    lora.load_lora(pipe, adapters[2], "style", state=state)
+    assert state.loaded == {"style": str(adapters[2])}
     with pytest.raises(lora.LoraRankError, match="rank 8, above the hotswap target rank 4.*prepare_hotswap"):
-        lora.load_lora(pipe, adapters[8], "style", hotswap=True)
+        lora.load_lora(pipe, adapters[8], "style", hotswap=True, state=state)
+    other = lora.LoraState()
+    lora.prepare_hotswap(tiny := tiny_fill(), 4, other)
     with pytest.raises(lora.LoraRankError):
-        lora.load_lora(tiny_fill_with_target(4), adapters[8], "first")
-
-
-def tiny_fill_with_target(rank: int):
-    pipe = tiny_fill()
-    lora.prepare_hotswap(pipe, target_rank=rank)
-    return pipe
+        lora.load_lora(tiny, adapters[8], "first", state=other)
 
 
 def test_make_lora_refuses_a_transformer_with_adapters(adapters, tmp_path):

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import make_request_images
-from tryon_lab import hotpath, logos, memory, pipeline
+from tryon_lab import hotpath, logos, memory, oom, pipeline
+from tryon_lab.experiments import loops
 from tryon_lab.memory import GiB, MemoryBudgetError, MemoryMode
 
 # A budget table in the shape scripts/bench_memory_gpu.py writes (numbers chosen for the cases below).
@@ -120,7 +121,7 @@ def test_second_out_of_memory_is_raised_not_hidden(slim, monkeypatch):
     finally:
         slim.fill.vae.disable_tiling()
     with pytest.raises(ValueError, match="not oom"):  # other errors pass straight through, no retry
-        memory.retry_with_vae_tiling(lambda: (_ for _ in ()).throw(ValueError("not oom")), slim.fill.vae, [], "x")
+        oom.retry_with_vae_tiling(lambda: (_ for _ in ()).throw(ValueError("not oom")), slim.fill.vae, [], "x")
     assert not slim.fill.vae.use_tiling
 
 
@@ -152,7 +153,7 @@ def test_split_on_oom_raises_for_a_single_item():
         raise _oom()
 
     with pytest.raises(torch.OutOfMemoryError):
-        memory.split_on_oom(run, [1], [])
+        oom.split_on_oom(run, [1], [])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -216,6 +217,6 @@ def test_hot_path_composes_with_teacache_hooks(slim):
 
 
 def test_compare_denoise_loops_reports_both_loops(slim):
-    rows, identical = pipeline.compare_denoise_loops(slim, _request(3), pipeline.TryOnSettings(steps=2))
+    rows, identical = loops.compare_denoise_loops(slim, _request(3), pipeline.TryOnSettings(steps=2))
     assert identical and [r["loop"] for r in rows] == ["stock loop", "hot path"]
     assert all(r["denoise s"] > 0 for r in rows)

@@ -1,5 +1,6 @@
-"""Tests for tryon_lab.parallel: sweeps and TeaCache calibration on Ray (2 CPU workers), and diffusers' context
-parallelism on CPU (gloo, world size 2, spawned processes) against one process.
+"""Tests for tryon_lab.jobs / experiments.ray_calibration: sweeps and TeaCache calibration on Ray (2 CPU workers),
+and for tryon_lab.parallel: diffusers' context parallelism on CPU (gloo, world size 2, spawned processes) against
+one process.
 
 Ray starts once for the module (``ray.init(num_cpus=2)``, no dashboard) and is shut down after it.
 """
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from tests.conftest import write_test_notebooks
-from tryon_lab import parallel, runs
+from tryon_lab import configure, jobs, parallel, runs
 
 HERE = Path(__file__).parent
 
@@ -81,10 +82,12 @@ def test_ray_sweep_matches_sequential(ray_local, nbs, tmp_path, monkeypatch):
     grid = {"seed": [1, 2, 3], "size": [4]}
     seq = runs.sweep([nbs["nb_ok"]], {"input_file": ""}, grid, name="seq", runs_root=tmp_path, progress=False)
 
+    import papermill
+
     def not_here(*args, **kwargs):
         raise AssertionError("a point ran in the driver process, not in a Ray worker")
 
-    monkeypatch.setattr(runs, "_run_in", not_here)  # the workers import their own copy of runs
+    monkeypatch.setattr(papermill, "execute_notebook", not_here)  # the workers import their own papermill
     par = runs.sweep([nbs["nb_ok"]], {"input_file": ""}, grid, name="par", runs_root=tmp_path, progress=False,
                      executor="ray")
     assert json.loads((par / "sweep.json").read_text())["executor"] == "ray"
@@ -123,7 +126,7 @@ def test_pack_unpack_round_trip(tmp_path):
     (src / "nb").mkdir(parents=True)
     (src / "manifest.json").write_text("{}")
     (src / "nb" / "x.bin").write_bytes(bytes(range(256)))
-    parallel.unpack(parallel.pack(src), tmp_path / "b")
+    jobs.unpack(jobs.pack(src), tmp_path / "b")
     assert (tmp_path / "b" / "nb" / "x.bin").read_bytes() == bytes(range(256))
     assert (tmp_path / "b" / "manifest.json").read_text() == "{}"
 
@@ -131,17 +134,17 @@ def test_pack_unpack_round_trip(tmp_path):
 # ----------------------------------------------------------------------------- TeaCache calibration on Ray
 def test_calibration_on_ray_matches_sequential(ray_local, model_dir, slim):
     from tests.conftest import make_request_images
-    from tryon_lab import teacache
+    from tryon_lab.experiments import ray_calibration, teacache_fit
     from tryon_lab.pipeline import TryOnRequest, TryOnSettings
 
     settings = TryOnSettings(steps=3, progress=False)
     reqs = [TryOnRequest(*make_request_images(seed=i), seed=i, name=f"r{i}") for i in range(2)]
     bad = TryOnRequest(*make_request_images(seed=9)[:2], "no/such/mask.png", seed=9, name="bad")
     threads = torch.get_num_threads()
-    ref = teacache.calibrate(slim, reqs, settings)
+    ref = teacache_fit.calibrate(slim, reqs, settings)
     with pytest.warns(UserWarning, match="bad failed twice"):
-        cal, failures = parallel.calibrate_ray(model_dir, [reqs[0], bad, reqs[1]], settings, torch.float32,
-                                               workers=2, threads=threads, progress=False)
+        cal, failures = ray_calibration.calibrate_ray(model_dir, [reqs[0], bad, reqs[1]], settings, torch.float32,
+                                                      workers=2, threads=threads, progress=False)
     assert [f["name"] for f in failures] == ["bad"] and "mask.png" in failures[0]["error"]
     assert [r["name"] for r in cal.requests] == ["r0", "r1"]
     assert cal.requests == ref.requests  # every per-step change, bit for bit
@@ -175,18 +178,27 @@ def _tiny_inputs(model) -> dict:
 
 
 def _rank_env(rank: int, world: int, port: int) -> None:
-    """What torchrun sets for each process."""
+    """What torchrun sets for each process; without an accelerator, the CPU counts as the one device.
+
+    diffusers places a rank on ``rank % torch.accelerator.device_count()``, which is 0 without an accelerator;
+    ``parallel.enable_context_parallel`` refuses that, so this (spawned, short-lived) rank process counts one.
+    """
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    if torch.accelerator.device_count() == 0:
+        from unittest import mock
+
+        mock.patch.object(torch.accelerator, "device_count", return_value=1).start()
 
 
 def _tiny_variant(model, quant: str, compile: str):
     """FP8 weights and regional compilation, as the pipeline applies them (aot_eager: no C++ toolchain needed)."""
-    from tryon_lab import speed
+    from tryon_lab import compiling
+    from tryon_lab import quant as quantization
 
-    speed.quantize_transformer(model, quant)
-    return model, lambda: speed.compile_transformer(model, compile, backend="aot_eager")
+    quantization.quantize_transformer(model, quant)
+    return model, lambda: compiling.compile_transformer(model, compile, backend="aot_eager")
 
 
 def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, compile: str, text: int) -> None:
@@ -209,7 +221,7 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
         dist.destroy_process_group()
 
 
-def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str) -> None:
+def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, anything: bool = True) -> None:
     import torch.distributed as dist
 
     from tests.conftest import make_request_images
@@ -217,7 +229,9 @@ def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str) ->
 
     _rank_env(rank, world, port)
     try:
-        pipe = parallel.load_slim_parallel(model_dir, parallel.ContextParallel(ulysses_degree=world), torch.float32)
+        cp = parallel.ContextParallel(ulysses_degree=world, anything=anything)
+        pipe = configure.build_pipeline(model_dir, dtype="float32", context_parallel=cp)
+        assert pipe.text_multiple == (1 if anything else world)
         res = tryon(pipe, TryOnRequest(*make_request_images(), seed=5), TryOnSettings(steps=2, progress=False))
         torch.save(res.latents.clone(), f"{out}/rank{rank}.pt")
     finally:
@@ -264,12 +278,14 @@ def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch,
     assert err < 1e-5
 
 
-def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim):
+@pytest.mark.parametrize("anything", [True, False], ids=["ulysses_anything", "even_split"])
+def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, anything):
+    """Both ways to split: diffusers' ``ulysses_anything`` and the even split (text padded to the degree)."""
     from tests.conftest import make_request_images
     from tryon_lab.pipeline import TryOnRequest, TryOnSettings, tryon
 
     ref = tryon(slim, TryOnRequest(*make_request_images(), seed=5), TryOnSettings(steps=2, progress=False)).latents
-    _spawn(_tryon_worker, (str(tmp_path), str(model_dir)))
+    _spawn(_tryon_worker, (str(tmp_path), str(model_dir), anything))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1])
     err = _rel_l2(outs[0], ref)
@@ -299,7 +315,7 @@ def test_context_parallel_config_checks():
     assert "anything=False" in parallel.compile_problem(cp, "regional")
     assert parallel.compile_problem(parallel.ContextParallel(ulysses_degree=2, anything=False), "regional") is None
     with pytest.raises(ValueError, match="cannot trace"):
-        parallel.load_slim_parallel("unused", cp, compile="regional")  # refused before anything loads
+        configure.build_pipeline("unused", context_parallel=cp, compile="regional")  # refused before anything loads
 
 
 @pytest.mark.skip(reason="ring attention needs a kernel that returns the log-sum-exp (cuDNN / flash SDPA, CUDA "

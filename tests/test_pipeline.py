@@ -61,3 +61,55 @@ def test_paste_back_keeps_pixels_outside_the_mask(slim):
     assert np.array_equal(np.asarray(out.images[0])[keep], np.asarray(req.person)[keep])
     raw = pipeline.tryon(slim, req, pipeline.TryOnSettings(steps=2, progress=False, paste_back=False))
     assert not np.array_equal(np.asarray(raw.images[0])[keep], np.asarray(req.person)[keep])
+
+
+def test_conditioning_pads_text_with_its_last_position_to_a_multiple():
+    import torch
+
+    from tryon_lab.pipeline import conditioning
+
+    text, pooled, redux = torch.randn(1, 5, 4), torch.randn(1, 3), torch.randn(2, 2, 4)
+    same, _ = conditioning(text, pooled, redux)
+    assert same.shape == (2, 7, 4)
+    padded, pooled2 = conditioning(text, pooled, redux, multiple=4)
+    assert padded.shape == (2, 8, 4) and pooled2.shape == (2, 3)
+    assert torch.equal(padded[:, :5], same[:, :5]) and torch.equal(padded[:, 5], text[:, -1].expand(2, -1))
+    assert torch.equal(padded[:, 6:], redux)  # the Redux tokens follow the padded text unchanged
+
+
+def test_result_notes_report_input_conversions(slim):
+    person, garment, mask = make_request_images()
+    r = pipeline.tryon(slim, pipeline.TryOnRequest(person, garment.convert("RGBA"), mask), FAST)
+    assert r.notes == [["garment: RGBA converted to 8-bit RGB (transparency composited over white)"]]
+
+
+def test_build_pipeline_checks_the_model_folder_before_anything_starts(tmp_path, monkeypatch):
+    from tryon_lab import checkpoint, configure, parallel
+
+    def never(*a, **k):
+        raise AssertionError("started loading (or a process group) for a folder that does not exist")
+
+    monkeypatch.setattr(configure, "load_slim", never)
+    monkeypatch.setattr(parallel, "init_distributed", never)
+    missing = tmp_path / "models"
+    for build in (configure.build_pipeline, configure.get_pipeline):
+        with pytest.raises(checkpoint.ModelFolderError, match=f"model folder {missing} does not exist.*TRYON_LAB_MODELS"):
+            build(missing, device="cpu", context_parallel=parallel.ContextParallel(ulysses_degree=2))
+    assert not any(str(missing) in key[0] for key in configure._WARM)  # nothing was cached for it
+
+
+def test_sample_ids_are_checked_from_the_manifest_alone(monkeypatch):
+    from tryon_lab import samples
+
+    assert samples.check_sample_id("s003") == "s003" and samples.check_sample_id(0) == "s000"
+    monkeypatch.setattr(samples, "_open", lambda *a: (_ for _ in ()).throw(AssertionError("opened an image")))
+    for bad in ("s999", "S000", 99):
+        with pytest.raises(samples.UnknownSampleError) as info:
+            samples.check_sample_id(bad)
+        assert isinstance(info.value, KeyError) and isinstance(info.value, ValueError)
+        assert "valid ids: s000, s001" in str(info.value) and not str(info.value).startswith("'")
+    monkeypatch.undo()
+    with pytest.raises(KeyError, match="valid ids: s000"):
+        samples.load_sample("s999")
+    with pytest.raises(ValueError, match="height must be a positive whole number"):
+        samples.load_sample("s000", height=-5)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tryon_lab import speed
+from tryon_lab import compiling, quant
 from tryon_lab.checkpoint import SmallModelConfig, transformer_config
+from tryon_lab.experiments import variants
 from tryon_lab.metrics import rel_l2
 
 TINY = SmallModelConfig(num_layers=1, num_single_layers=2, num_attention_heads=2, attention_head_dim=32,
@@ -43,7 +44,7 @@ def test_fp8_weight_only_close_to_reference(dtype):
     x = tiny_inputs(t, dtype)
     with torch.no_grad():
         ref = t(**x)[0]
-        info = speed.quantize_transformer(t, "fp8_weight_only")
+        info = quant.quantize_transformer(t, "fp8_weight_only")
         out = t(**x)[0]
     err = rel_l2(out, ref)
     assert 0 < err < FP8_WEIGHT_ONLY_TOL, err
@@ -60,44 +61,44 @@ def test_weight_bytes_counts_fp8_storage():
     lin = torch.nn.Sequential(torch.nn.Linear(64, 128))
     wrapped = torch.nn.Module()
     wrapped.transformer_blocks = torch.nn.ModuleList([lin])
-    before = speed.weight_bytes(wrapped)
-    speed.quantize_transformer(wrapped, "fp8_weight_only")
+    before = quant.weight_bytes(wrapped)
+    quant.quantize_transformer(wrapped, "fp8_weight_only")
     # 1 byte per weight + one fp32 scale per output row; the bias stays fp32
-    assert speed.weight_bytes(wrapped) == 64 * 128 + 128 * 4 + 128 * 4
+    assert quant.weight_bytes(wrapped) == 64 * 128 + 128 * 4 + 128 * 4
     assert before == (64 * 128 + 128) * 4
 
 
 @pytest.mark.parametrize("mode", ["fp8_dynamic_row", "fp8_dynamic_tensor"])
 def test_dynamic_fp8_on_cpu_is_a_clear_error(mode):
     t = tiny_transformer()
-    with pytest.raises(speed.SpeedConfigError, match="compute capability >= 8.9.*cpu.*fp8_weight_only"):
-        speed.quantize_transformer(t, mode)
+    with pytest.raises(quant.SpeedConfigError, match="compute capability >= 8.9.*cpu.*fp8_weight_only"):
+        quant.quantize_transformer(t, mode)
     assert all(type(p).__name__ != "Float8Tensor" for p in t.parameters())  # nothing half-done
 
 
 def test_unknown_modes_are_clear_errors():
     t = tiny_transformer()
-    with pytest.raises(speed.SpeedConfigError, match="unknown quantization mode 'int4'.*fp8_weight_only"):
-        speed.quantize_transformer(t, "int4")
-    with pytest.raises(speed.SpeedConfigError, match="unknown compile mode 'max'.*regional"):
-        speed.compile_transformer(t, "max")
-    with pytest.raises(speed.SpeedConfigError, match="unknown variant part 'turbo'"):
-        speed.parse_variant("fp8_weight_only+turbo")
-    assert speed.parse_variant("fp8_weight_only+regional+lora@aot_eager") == speed.Variant(
+    with pytest.raises(quant.SpeedConfigError, match="unknown quantization mode 'int4'.*fp8_weight_only"):
+        quant.quantize_transformer(t, "int4")
+    with pytest.raises(quant.SpeedConfigError, match="unknown compile mode 'max'.*regional"):
+        compiling.compile_transformer(t, "max")
+    with pytest.raises(quant.SpeedConfigError, match="unknown variant part 'turbo'"):
+        variants.parse_variant("fp8_weight_only+turbo")
+    assert variants.parse_variant("fp8_weight_only+regional+lora@aot_eager") == variants.Variant(
         "fp8_weight_only+regional+lora@aot_eager", "fp8_weight_only", "regional", "aot_eager", True)
 
 
 @pytest.mark.parametrize("mode", ["regional", "full"])
 def test_compile_equals_eager_and_is_steady(mode):
-    speed.reset_compiled()
+    compiling.reset_compiled()
     t = tiny_transformer()
     x = tiny_inputs(t)
     with torch.no_grad():
         ref = t(**x)[0]
-        speed.compile_transformer(t, mode, backend="aot_eager")
-        with speed.count_recompiles() as first:
+        compiling.compile_transformer(t, mode, backend="aot_eager")
+        with compiling.count_recompiles() as first:
             out = t(**x)[0]
-        with speed.count_recompiles(strict=True) as steady:
+        with compiling.count_recompiles(strict=True) as steady:
             out2 = t(**x)[0]
     assert torch.equal(out, ref) and torch.equal(out2, ref)
     # regional: one double-stream graph + one single-stream graph (+1 for the first single block's contiguous input)
@@ -106,39 +107,40 @@ def test_compile_equals_eager_and_is_steady(mode):
 
 
 def test_fp8_weight_only_then_regional_compile():
-    speed.reset_compiled()
+    compiling.reset_compiled()
     t = tiny_transformer()
     x = tiny_inputs(t)
     with torch.no_grad():
-        speed.quantize_transformer(t, "fp8_weight_only")
+        quant.quantize_transformer(t, "fp8_weight_only")
         ref = t(**x)[0]
-        speed.compile_transformer(t, "regional", backend="aot_eager")
+        compiling.compile_transformer(t, "regional", backend="aot_eager")
         out = t(**x)[0]
     assert rel_l2(out, ref) < 1e-5
 
 
 def test_recompile_guard_raises_on_recompile():
-    speed.reset_compiled()
+    compiling.reset_compiled()
     t = tiny_transformer()
-    speed.compile_transformer(t, "full", backend="eager")
+    compiling.compile_transformer(t, "full", backend="eager")
     with torch.no_grad():
         t(**tiny_inputs(t))
-        with pytest.raises(RuntimeError, match="fail_on_recompile"), speed.count_recompiles(strict=True):
+        with pytest.raises(RuntimeError, match="fail_on_recompile"), compiling.count_recompiles(strict=True):
             t(**tiny_inputs(t, n=32))  # a new sequence length needs a new graph
 
 
 CHILD = """
 import json, sys, torch
-from tryon_lab import speed
+from tryon_lab import compiling, quant
+from tryon_lab.experiments import variants
 art = sys.argv[1]
-loaded = speed.load_compile_artifacts(art) if sys.argv[2] == "load" else None
+loaded = compiling.load_compile_artifacts(art) if sys.argv[2] == "load" else None
 torch.manual_seed(0)
 m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
 x = torch.randn(3, 8)
 with torch.no_grad():
     out = torch.compile(m, fullgraph=True)(x)
 from torch._dynamo.utils import counters
-saved = speed.save_compile_artifacts(art) if sys.argv[2] == "save" else None
+saved = compiling.save_compile_artifacts(art) if sys.argv[2] == "save" else None
 print("RESULT " + json.dumps({"loaded": loaded, "saved": saved, "inductor": dict(counters["inductor"]),
                               "out": out.tolist()}))
 """
@@ -154,7 +156,7 @@ def _child(tmp_path: Path, mode: str, cache: str) -> dict:
 
 def test_compile_artifacts_round_trip_in_fresh_processes(tmp_path):
     """Process 1 compiles with inductor and saves; process 2 (empty inductor folder) loads and hits the cache."""
-    assert speed.load_compile_artifacts(tmp_path / "missing.bin") is None
+    assert compiling.load_compile_artifacts(tmp_path / "missing.bin") is None
     first = _child(tmp_path, "save", "inductor-a")
     assert first["saved"]["saved"] and first["saved"]["bytes"] > 0
     assert first["inductor"].get("fxgraph_cache_miss", 0) >= 1

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,8 @@ import torch
 from tests.conftest import make_request_images
 from tryon_lab import pipeline
 from tryon_lab import teacache as tc
-
-ROOT = Path(__file__).resolve().parent.parent
+from tryon_lab.experiments import teacache_bench
+from tryon_lab.experiments import teacache_fit as tf
 
 
 def _settings(steps: int) -> pipeline.TryOnSettings:
@@ -110,23 +108,23 @@ def test_fit_recovers_known_polynomial():
     for i in range(6):
         x = np.sort(rng.uniform(0.02, 0.4, 12))
         recs.append({"name": f"r{i}", "x": x.tolist(), "y": np.polyval(true, x).tolist()})
-    fit = tc.fit_coefficients(recs, degree=3, holdout=2)
+    fit = tf.fit_coefficients(recs, degree=3, holdout=2)
     np.testing.assert_allclose(fit.coefficients, true, rtol=1e-6, atol=1e-9)
     assert fit.holdout_mae < 1e-9 and fit.holdout_requests == ["r4", "r5"]
-    auto = tc.fit_coefficients(recs)  # degrees 3..5 tie on exact data: 4 is the default
+    auto = tf.fit_coefficients(recs)  # degrees 3..5 tie on exact data: 4 is the default
     assert auto.degree == 4 and auto.holdout_mae < 1e-8
     noisy = [{**r, "y": (np.asarray(r["y"]) + rng.normal(0, 1e-3, 12)).tolist()} for r in recs]
-    assert tc.fit_coefficients(noisy, holdout=2).holdout_mae < 3e-3
-    few = tc.fit_coefficients([{"name": "a", "x": [0.1, 0.2, 0.3], "y": [1.0, 2.0, 3.0]}], holdout=0)
+    assert tf.fit_coefficients(noisy, holdout=2).holdout_mae < 3e-3
+    few = tf.fit_coefficients([{"name": "a", "x": [0.1, 0.2, 0.3], "y": [1.0, 2.0, 3.0]}], holdout=0)
     assert few.degree == 2 and few.holdout_mae is None  # default 4 lowered to what three pairs can fit
-    assert "no held-out requests" in tc.describe_fit(few) and "held-out MAE" in tc.describe_fit(auto)
-    assert [r["chosen"] for r in tc.degree_table(auto)].count("yes") == 1
+    assert "no held-out requests" in tf.describe_fit(few) and "held-out MAE" in tf.describe_fit(auto)
+    assert [r["chosen"] for r in tf.degree_table(auto)].count("yes") == 1
 
 
 def test_coefficients_round_trip_and_fingerprint_check(tmp_path):
-    cal = tc.Calibration([{"name": f"r{i}", "seed": i, "timesteps": [0.9, 0.8], "x": [0.1 + i / 100, 0.2],
+    cal = tf.Calibration([{"name": f"r{i}", "seed": i, "timesteps": [0.9, 0.8], "x": [0.1 + i / 100, 0.2],
                            "y": [0.2, 0.3 + i / 50]} for i in range(4)], 12, 30.0, [256, 192], "f" * 64, "test model", "float32")
-    fit = tc.fit_coefficients(cal, degree=1, holdout=1)
+    fit = tf.fit_coefficients(cal, degree=1, holdout=1)
     path = tc.save_coefficients(tmp_path / "c.json", fit, cal, recommended_threshold=0.3)
     data = tc.load_coefficients(path, expected_fingerprint="f" * 64)
     assert data["coefficients"] == fit.coefficients and data["recommended_threshold"] == 0.3
@@ -218,14 +216,14 @@ def test_calibrate_sweep_recommend_and_plots(slim, tmp_path):
 
     matplotlib.use("Agg")
     reqs = [_req(seed=i) for i in range(3)]
-    cal = tc.calibrate(slim, reqs, _settings(4))
+    cal = tf.calibrate(slim, reqs, _settings(4))
     assert [len(r["x"]) for r in cal.requests] == [3, 3, 3] and cal.fingerprint == slim.fingerprint
-    fit = tc.fit_coefficients(cal, holdout=1)
+    fit = tf.fit_coefficients(cal, holdout=1)
     assert fit.holdout_requests == ["r2"] and all(math.isfinite(c) for c in fit.coefficients)
     data = tc.load_coefficients(tc.save_coefficients(tmp_path / "c.json", fit, cal), slim.fingerprint)
     assert data["resolution"] == [128, 64]
     target = reqs[2].person
-    rows = tc.sweep(slim, reqs[2:], [0.0, 1e6], _settings(4), fit.coefficients, targets=[target],
+    rows = tf.sweep(slim, reqs[2:], [0.0, 1e6], _settings(4), fit.coefficients, targets=[target],
                     published_thresholds=[1e6], input_range=fit.input_range,
                     diffusers_params={"first_block_cache": [0.1], "mag_cache": [0.5], "taylorseer": [2]})
     methods = [r["method"] for r in rows]
@@ -234,20 +232,15 @@ def test_calibrate_sweep_recommend_and_plots(slim, tmp_path):
     assert full["computed"] == 4 and full["speedup"] == 1.0 and math.isinf(full["psnr"])
     assert exact["computed"] == 4 and math.isinf(exact["psnr"]) and exact["latent_rel_l2"] == 0.0
     assert skipping["computed"] == 2 and skipping["psnr"] < 200 and "gt_psnr" in skipping
-    assert tc.recommend_threshold(rows, min_psnr=1e9) == 0.0
-    assert tc.recommend_threshold(rows, min_psnr=0.0) == 1e6
-    for fig in (tc.plot_calibration(cal, fit), tc.plot_pareto(rows), tc.plot_samples(rows, target=target)):
+    assert tf.recommend_threshold(rows, min_psnr=1e9) == 0.0
+    assert tf.recommend_threshold(rows, min_psnr=0.0) == 1e6
+    for fig in (tf.plot_calibration(cal, fit), tf.plot_pareto(rows), tf.plot_samples(rows, target=target)):
         assert fig.axes
-    assert "images" not in tc.scalar_rows(rows)[0]
+    assert "images" not in tf.scalar_rows(rows)[0]
 
 
-def test_bench_script_tiny(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_teacache_gpu", ROOT / "scripts" / "bench_teacache_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    args = mod.parse_args(["--out", "x.json"])
-    assert (args.height, args.width, args.text_tokens + args.image_tokens) == (1024, 768, 1241)
-    res = mod.main(["--tiny", "--compile", "off", "--out", str(tmp_path / "b.json")])
+def test_step_cost_bench_tiny(tmp_path):
+    res = teacache_bench.run(tmp_path / "b.json", tiny=True, compile="off")
     saved = json.loads((tmp_path / "b.json").read_text())["teacache_step_cost"]
     assert saved["stamp"]["device"] and res["eager"]["teacache_skip_stats"]["skipped"] == 2
     assert res["eager"]["teacache_compute_stats"]["skipped"] == 0

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .provenance import REPO_ROOT, cache_dir, fingerprint
+
 TRAINED_DIR = REPO_ROOT / "checkpoints" / "toy-tryon"
 FILL_SUBDIR = "FLUX.1-Fill-dev"
 REDUX_SUBDIR = "FLUX.1-Redux-dev"
@@ -40,14 +41,6 @@ TRYON_PROMPT = (
     "[IMAGE1] Detailed product shot of a clothing; "
     "[IMAGE2] The same cloth is worn by a model in a lifestyle setting."
 )
-
-
-def cache_dir() -> Path:
-    """Where generated checkpoints and file-hash caches live (``TRYON_LAB_CACHE`` overrides)."""
-    root = os.environ.get("TRYON_LAB_CACHE") or Path.home() / ".cache" / "tryon_lab"
-    path = Path(root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass
@@ -85,11 +78,6 @@ class SmallModelConfig:
     @property
     def fill_in_channels(self) -> int:
         return 4 * self.latent_channels * 2 + 4 * self.vae_scale_factor**2
-
-
-def load_shared_config(path: str | Path) -> dict:
-    """Read the published FLUX Fill / Redux configs (e.g. the full-size config used for GPU timing)."""
-    return json.loads(Path(path).read_text())
 
 
 # --------------------------------------------------------------------------- configs
@@ -326,34 +314,71 @@ def random_checkpoint(cfg: SmallModelConfig | None = None, root: Path | None = N
     return root
 
 
+MODEL_CHOICES = (f"use model='default', 'trained', 'random' or a folder holding {FILL_SUBDIR}/ and {REDUX_SUBDIR}/ "
+                 "(or set TRYON_LAB_MODELS to such a folder)")
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder that does not exist or lacks a part the loaders need; the message names the path and the fix."""
+
+
+def check_model_dir(model_dir: str | Path, layout: bool = True, origin: str = "") -> Path:
+    """``model_dir`` as a Path if it is an existing folder (and, with ``layout``, holds both snapshots).
+
+    Called first by every entry (``resolve_model_dir``, ``describe_model``, ``configure.build_pipeline``,
+    ``loading.load_slim``/``load_standard``), so a bad path fails here and never inside diffusers.
+    """
+    path = Path(model_dir).expanduser()
+    where = f"model folder {path}" + (f" ({origin})" if origin else "")
+    if not path.exists():
+        raise ModelFolderError(f"{where} does not exist; {MODEL_CHOICES}.")
+    if not path.is_dir():
+        raise ModelFolderError(f"{where} is a file, not a folder; {MODEL_CHOICES}.")
+    if layout:
+        missing = [s for s in (FILL_SUBDIR, REDUX_SUBDIR) if not (path / s).is_dir()]
+        if missing:
+            raise ModelFolderError(f"{where} has no {' or '.join(m + '/' for m in missing)} inside; {MODEL_CHOICES}.")
+    return path
+
+
 def default_model_dir() -> Path:
     """The model folder every notebook uses unless told otherwise.
 
     ``TRYON_LAB_MODELS`` (a folder holding ``FLUX.1-Fill-dev/`` and ``FLUX.1-Redux-dev/``, e.g. real
-    snapshots) wins; then the committed trained toy model; then the random embedded default.
+    snapshots) wins (a path that does not exist is an error naming it); then the committed trained toy
+    model; then the random embedded default.
     """
     env = os.environ.get("TRYON_LAB_MODELS")
     if env:
-        return Path(env)
+        return check_model_dir(env, layout=False, origin="from TRYON_LAB_MODELS")
     if (TRAINED_DIR / FILL_SUBDIR / "model_index.json").exists():
         return TRAINED_DIR
     return random_checkpoint()
 
 
 def resolve_model_dir(model: str | Path | None) -> Path:
-    """Map a notebook's ``model`` parameter to a folder: ``default``/None, ``random``, ``trained`` or a path."""
+    """Map a notebook's ``model`` parameter to a folder: ``default``/None, ``random``, ``trained`` or a path.
+
+    A folder that does not exist is a ``ModelFolderError`` here, naming the path and the choices (the
+    snapshot layout inside it is checked by the loaders, which name the missing part).
+    """
     if model in (None, "", "default"):
         return default_model_dir()
     if model == "random":
         return random_checkpoint()
     if model == "trained":
-        return TRAINED_DIR
-    return Path(model)
+        return check_model_dir(TRAINED_DIR, layout=False, origin="the committed trained model; "
+                               "train it with `python scripts/train_default_model.py`")
+    return check_model_dir(model, layout=False)
 
 
 def describe_model(model_dir: Path, model_fingerprint: str | None = None) -> str:
-    """One line saying which model a number came from (pass a known fingerprint to skip re-hashing)."""
-    model_dir = Path(model_dir)
+    """One line saying which model a number came from (pass a known fingerprint to skip re-hashing).
+
+    Without a fingerprint the folder is checked first: a missing folder, or one without the snapshots, is a
+    ``ModelFolderError`` (never a line with the fingerprint of nothing).
+    """
+    model_dir = Path(model_dir) if model_fingerprint else check_model_dir(model_dir)
     info = model_dir / "tryon_lab_config.json"
     if model_dir.resolve() == TRAINED_DIR.resolve():
         kind = "trained toy try-on model (committed)"
@@ -363,53 +388,3 @@ def describe_model(model_dir: Path, model_fingerprint: str | None = None) -> str
         kind = "external weights"
     fp = model_fingerprint or fingerprint(model_dir)
     return f"{kind} at {model_dir} [fingerprint {fp[:16]}]"
-
-
-# --------------------------------------------------------------------------- fingerprints
-
-
-def _hash_cache_path() -> Path:
-    return cache_dir() / "file_hashes.json"
-
-
-_HASHES: dict[str, str] | None = None  # the on-disk cache, read once per process
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file, cached by (path, size, mtime) so large weight files are hashed once."""
-    global _HASHES
-    path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = _hash_cache_path()
-    if _HASHES is None:
-        try:
-            _HASHES = json.loads(cache_file.read_text())
-        except (OSError, ValueError):
-            _HASHES = {}
-    if key in _HASHES:
-        return _HASHES[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    _HASHES[key] = h.hexdigest()
-    tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_HASHES))
-    os.replace(tmp, cache_file)
-    return _HASHES[key]
-
-
-def fingerprint(folder: str | Path, subfolders: tuple[str, ...] | None = None) -> str:
-    """Hash of every config and weight file under ``folder`` (or only the named subfolders)."""
-    folder = Path(folder)
-    roots = [folder / s for s in subfolders] if subfolders else [folder]
-    h = hashlib.sha256()
-    for root in roots:
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".txt", ".model"))
-        for p in files:
-            if p.name == "tryon_lab_card.json":  # the card describes the weights; it is not part of them
-                continue
-            h.update(str(p.relative_to(folder)).encode())
-            h.update(file_sha256(p).encode())
-    return h.hexdigest()

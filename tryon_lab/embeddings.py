@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FILL_SUBDIR, REPO_ROOT, TRAINED_DIR, TRYON_PROMPT, cache_dir, fingerprint
+from .checkpoint import FILL_SUBDIR, TRAINED_DIR, TRYON_PROMPT
+from .provenance import REPO_ROOT, cache_dir, fingerprint
 
 ENCODER_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 EMBEDDINGS_DIR = REPO_ROOT / "embeddings"

@@ -140,20 +140,21 @@ class HostImages:
         return [Image.fromarray(a) for a in self.host.numpy()]
 
 
-_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
 @torch.no_grad()
-def pixels_to_host(image: torch.Tensor, asynchronous: bool = True) -> HostImages:
+def pixels_to_host(image: torch.Tensor, asynchronous: bool = True, streams: dict | None = None) -> HostImages:
     """Decoded VAE output -> uint8 on the device -> a non-blocking copy into pinned host memory.
 
     On CUDA the copy runs on a side stream after the decode and the caller goes on (the next request's
-    denoise overlaps it); elsewhere, or with ``asynchronous=False``, it is an ordinary copy.
+    denoise overlaps it); elsewhere, or with ``asynchronous=False``, it is an ordinary copy. ``streams``
+    (device -> stream) is the caller's, so one side stream per device is reused (the pipeline owns it).
     """
     pixels = to_uint8(image)
     if pixels.device.type != "cuda" or not asynchronous:
         return HostImages(pixels.cpu())
-    stream = _COPY_STREAMS.setdefault(pixels.device, torch.cuda.Stream(pixels.device))
+    streams = {} if streams is None else streams
+    if pixels.device not in streams:
+        streams[pixels.device] = torch.cuda.Stream(pixels.device)
+    stream = streams[pixels.device]
     host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
     stream.wait_stream(torch.cuda.current_stream(pixels.device))
     with torch.cuda.stream(stream):

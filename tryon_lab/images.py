@@ -1,9 +1,12 @@
 """Image input handling: validate, convert, fit to the model's grid, and build the in-context diptych.
 
-Documented conversions (everything else is a clear ``ImageInputError``):
-- RGBA / LA / P with transparency: composited over white (garment photos are product shots on white);
-- CMYK, P, L, I;16 / I (16/32-bit): converted to 8-bit RGB (16-bit values scaled to 0..255);
-- masks: any mode becomes 8-bit ``L`` and is binarised at 128 (white = repaint, black = keep);
+Documented conversions (everything else is a clear ``ImageInputError``); ``prepare_input`` lists each one it
+applied in ``PreparedInput.notes`` (so ``TryOnResult.notes`` reports them):
+- an EXIF orientation (phone photos): turned upright, as image viewers show them;
+- RGBA / LA / PA / P with transparency: composited over white (garment photos are product shots on white);
+- CMYK, P, L, I;16 / I (16/32-bit), F (float in [0, 1] or [0, 255]): converted to 8-bit RGB;
+- masks: any mode becomes 8-bit ``L`` (transparent pixels = keep) and is binarised at 128 (white = repaint,
+  black = keep); a mask of the person's aspect ratio but another size is resized to it (nearest neighbour);
 - sizes that are not multiples of 16: the person and mask are padded (edge pixels, mask 0) up to the
   next multiple of 16 and the output is cropped back, so the result has the input size exactly
   (``fit="pad"``, default), or resized to the nearest multiple (``fit="resize"``) and resized back;
@@ -27,16 +30,25 @@ class ImageInputError(ValueError):
     """A bad try-on input; the message names the problem and the fix."""
 
 
-def load_image(source: str | Path | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
-    """Open a path / PIL image / uint8 array and return 8-bit RGB, applying the documented conversions."""
+MODE_NOTES = {m: " (transparency composited over white)" for m in ("RGBA", "LA", "PA", "RGBa", "La")}
+MODE_NOTES.update({m: " (16/32-bit values scaled to 0..255)" for m in ("I;16", "I;16B", "I;16L", "I")})
+MODE_NOTES.update(F=" (float values scaled to 0..255)", P=" (palette colours; any transparency over white)")
+
+
+def _open(source: str | Path | Image.Image | np.ndarray, what: str) -> Image.Image:
+    """The image as given (no mode conversion): a path, PIL image or array; unreadable or empty is an error."""
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
             raise ImageInputError(f"{what}: file not found: {path}. Check the path (relative paths are from the repo root).")
+        if path.is_dir():
+            raise ImageInputError(f"{what}: {path} is a folder, not an image file. Give the path of a PNG or JPEG file.")
         try:
             img = Image.open(path)
             img.load()
-        except (UnidentifiedImageError, OSError) as e:
+        except Image.DecompressionBombError as e:
+            raise ImageInputError(f"{what}: {path} is too large to open safely ({e}). Downscale it first.") from e
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ImageInputError(f"{what}: {path} is not a readable image ({e}). Use a PNG or JPEG file.") from e
     elif isinstance(source, np.ndarray):
         img = _array_to_image(source, what)
@@ -44,17 +56,52 @@ def load_image(source: str | Path | Image.Image | np.ndarray, what: str = "image
         img = source
     else:
         raise ImageInputError(f"{what}: expected a path, PIL image or numpy array, got {type(source).__name__}.")
-    return to_rgb(img)
+    if 0 in img.size:
+        raise ImageInputError(f"{what}: the image is empty ({img.size[0]}x{img.size[1]} pixels).")
+    return img
+
+
+def _upright(img: Image.Image, what: str, notes: list[str]) -> Image.Image:
+    """Apply the EXIF orientation (phone photos are stored sideways and shown upright), noting it."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):  # a broken EXIF block: keep the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    from PIL import ImageOps
+
+    notes.append(f"{what}: turned upright from its EXIF orientation {orientation} (as image viewers show it)")
+    return ImageOps.exif_transpose(img)
+
+
+def read_image(source: str | Path | Image.Image | np.ndarray, what: str = "image") -> tuple[Image.Image, list[str]]:
+    """``load_image`` plus the conversions it applied, in words (empty when the input was upright 8-bit RGB)."""
+    notes: list[str] = []
+    img = _upright(_open(source, what), what, notes)
+    if img.mode != "RGB":
+        notes.append(f"{what}: {img.mode} converted to 8-bit RGB" + MODE_NOTES.get(img.mode, ""))
+    return to_rgb(img, what), notes
+
+
+def load_image(source: str | Path | Image.Image | np.ndarray, what: str = "image") -> Image.Image:
+    """Open a path / PIL image / uint8 array and return 8-bit RGB, applying the documented conversions."""
+    return read_image(source, what)[0]
 
 
 def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
+        if 0 in arr.shape:
+            raise ImageInputError(f"{what}: the array is empty (shape {arr.shape}).")
         if arr.dtype == np.uint16:
             arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
-        elif arr.dtype in (np.float32, np.float64):
+        elif arr.dtype in (np.float16, np.float32, np.float64):
+            if not np.isfinite(arr).all():
+                raise ImageInputError(f"{what}: the float array holds NaN or infinite values; use values in [0, 1].")
             if arr.min() < 0 or arr.max() > 1:
-                raise ImageInputError(f"{what}: float arrays must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}].")
-            arr = (arr * 255).round().astype(np.uint8)
+                raise ImageInputError(f"{what}: float arrays must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]. "
+                                      "Divide 0..255 values by 255.")
+            arr = (arr.astype(np.float64) * 255).round().astype(np.uint8)
         elif arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         elif arr.dtype != np.uint8:
@@ -63,12 +110,21 @@ def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
     raise ImageInputError(f"{what}: array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4).")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode (alpha over white, 16-bit scaled down, CMYK converted)."""
+def to_rgb(img: Image.Image, what: str = "image") -> Image.Image:
+    """8-bit RGB from any PIL mode (alpha over white, 16/32-bit and float scaled down, CMYK converted)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
         scale = 65535.0 if arr.max() > 255 or img.mode.startswith("I;16") else 255.0
         img = Image.fromarray((arr / scale * 255).clip(0, 255).round().astype(np.uint8), "L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+            raise ImageInputError(f"{what}: a float image must hold values in [0, 1] or [0, 255]; got "
+                                  f"[{np.nanmin(arr):.3g}, {np.nanmax(arr):.3g}]. Rescale it first.")
+        arr = arr * 255 if arr.max() <= 1 else arr
+        img = Image.fromarray(arr.round().astype(np.uint8), "L")
+    if img.mode in ("La", "PA", "RGBa"):  # premultiplied or palette alpha: to plain alpha first
+        img = img.convert("LA" if img.mode == "La" else "RGBA")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
@@ -77,21 +133,41 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def load_mask(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Binary ``L`` mask (255 = repaint) of exactly ``size`` (width, height); empty or full is an error."""
+def _mask_l(img: Image.Image, notes: list[str]) -> Image.Image:
+    """A mask of any mode as 8-bit L; transparent pixels are 'keep' (composited over black), noted."""
+    if img.mode in ("L", "1"):
+        return img.convert("L")
+    if img.mode in ("RGBA", "LA", "La", "PA", "RGBa", "P") and (img.mode != "P" or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        notes.append(f"mask: {img.mode} converted to grey; transparent pixels count as keep (black)")
+        return Image.alpha_composite(black, rgba).convert("L")
+    notes.append(f"mask: {img.mode} converted to grey")
+    return to_rgb(img, "mask").convert("L")
+
+
+def read_mask(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> tuple[Image.Image, list[str]]:
+    """``load_mask`` plus the conversions it applied, in words."""
     if isinstance(source, np.ndarray) and source.ndim == 3 and source.shape[2] not in (1, 3, 4):
         raise ImageInputError(f"mask: array of shape {source.shape} is not a mask; expected (H, W).")
-    img = source if isinstance(source, Image.Image) else None
-    if img is None:
-        img = _array_to_image(source, "mask") if isinstance(source, np.ndarray) else load_image(source, "mask")
-    if img.mode not in ("L", "1"):
-        img = to_rgb(img).convert("L")
-    if img.size != tuple(size):
-        raise ImageInputError(
-            f"mask: size {img.size[0]}x{img.size[1]} does not match the person image {size[0]}x{size[1]}. "
-            "The mask marks the garment region on the person: make it the person image's size."
-        )
-    arr = np.asarray(img.convert("L")) >= 128
+    notes: list[str] = []
+    img = _mask_l(_upright(_open(source, "mask"), "mask", notes), notes)
+    size = tuple(size)
+    if img.size != size:
+        w, h = size
+        if abs(img.width * h - img.height * w) <= w:  # the same aspect ratio, within a pixel of rounding
+            notes.append(f"mask: {img.width}x{img.height} resized to the person's {w}x{h} (same aspect, nearest)")
+            img = img.resize(size, Image.NEAREST)
+        else:
+            hint = (" It is the person's size turned 90 degrees: rotate the mask (or check the person's EXIF "
+                    "orientation)." if img.size == size[::-1] else "")
+            raise ImageInputError(
+                f"mask: size {img.size[0]}x{img.size[1]} does not match the person image {w}x{h}.{hint} "
+                "The mask marks the garment region on the person: make it the person image's size.")
+    arr = np.asarray(img)
+    if ((arr > 0) & (arr < 255)).any():
+        notes.append("mask: grey levels binarised at 128 (>= 128 repaint, below keep)")
+    arr = arr >= 128
     frac = arr.mean()
     if frac == 0:
         raise ImageInputError("mask: it is empty (no pixel >= 128), so there is nothing to repaint. "
@@ -99,7 +175,12 @@ def load_mask(source: str | Path | Image.Image | np.ndarray, size: tuple[int, in
     if frac == 1:
         raise ImageInputError("mask: it covers the whole person image, so nothing of the person would be kept. "
                               "Paint only the garment region white.")
-    return Image.fromarray(arr.astype(np.uint8) * 255, "L")
+    return Image.fromarray(arr.astype(np.uint8) * 255, "L"), notes
+
+
+def load_mask(source: str | Path | Image.Image | np.ndarray, size: tuple[int, int]) -> Image.Image:
+    """Binary ``L`` mask (255 = repaint) of exactly ``size`` (width, height); empty or full is an error."""
+    return read_mask(source, size)[0]
 
 
 @dataclass
@@ -134,11 +215,11 @@ def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
     """Validate one request and compose the diptych and its mask (``fit``: 'pad' or 'resize')."""
     if fit not in ("pad", "resize"):
         raise ImageInputError(f"fit must be 'pad' or 'resize', got {fit!r}.")
-    person = load_image(person, "person")
-    garment = load_image(garment, "garment")
+    person, person_notes = read_image(person, "person")
+    garment, garment_notes = read_image(garment, "garment")
     if min(person.size) < MIN_SIDE:
         raise ImageInputError(f"person: {person.size[0]}x{person.size[1]} is too small; each side must be >= {MIN_SIDE} px.")
-    mask_img = load_mask(mask, person.size)
+    mask_img, mask_notes = read_mask(mask, person.size)
     notes: list[str] = []
     w, h = person.size
     tw, th = _next_multiple(w), _next_multiple(h)
@@ -157,6 +238,7 @@ def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
     garment, note = fit_garment(garment, (tw, th))
     if note:
         notes.append(note)
+    notes += person_notes + garment_notes + mask_notes  # after the size notes (callers read notes[0] for those)
     diptych = Image.new("RGB", (2 * tw, th))
     diptych.paste(garment, (0, 0))
     diptych.paste(person, (tw, 0))

@@ -16,9 +16,18 @@ from pathlib import Path
 
 import torch
 
-from .bench import measure
-from .checkpoint import FILL_SUBDIR, PICKLE_SUFFIXES, REDUX_SUBDIR, describe_model, fingerprint
+from .checkpoint import (
+    FILL_SUBDIR,
+    PICKLE_SUFFIXES,
+    REDUX_SUBDIR,
+    ModelFolderError,
+    check_model_dir,
+    describe_model,
+)
 from .embeddings import encoder_fingerprint, ensure_embeddings, load_embeddings
+from .lora import LoraState
+from .provenance import fingerprint
+from .timers import measure
 
 # component -> (snapshot subfolder, library, class name)
 COMPONENTS = {
@@ -41,12 +50,10 @@ class PickleCheckpointError(ValueError):
     """A component stored as pickle; the message explains why it is refused and how to convert it."""
 
 
-class ModelFolderError(FileNotFoundError):
-    """A model folder that lacks a part the loader needs."""
-
-
-def check_folder(model_dir: Path, names: tuple[str, ...]) -> None:
-    """Fail early and clearly: missing snapshot parts, and pickle weights where safetensors are required."""
+def check_folder(model_dir: str | Path, names: tuple[str, ...]) -> Path:
+    """Fail early and clearly: a missing folder, missing snapshot parts, pickle weights where safetensors are
+    required (``ModelFolderError`` / ``PickleCheckpointError`` naming the path and the fix); returns the folder."""
+    model_dir = check_model_dir(model_dir)
     for name in names:
         sub, _, _ = COMPONENTS[name]
         folder = model_dir / sub / name
@@ -65,7 +72,9 @@ def check_folder(model_dir: Path, names: tuple[str, ...]) -> None:
                     f"{name}: {folder} holds only pickle weights ({', '.join(pickles)}). Pickle files can run "
                     "arbitrary code when loaded and cannot be memory-mapped, so tryon_lab refuses them. Convert "
                     f"once with `python scripts/convert_to_safetensors.py {folder}` and load again.")
-            raise ModelFolderError(f"{name}: no .safetensors weights in {folder}.")
+            raise ModelFolderError(f"{name}: no .safetensors weights in {folder}; the model folder must hold the "
+                                   "snapshot's safetensors files (as downloaded).")
+    return model_dir
 
 
 def _cls(name: str):
@@ -127,6 +136,13 @@ class SlimPipeline:
     load_report: list[dict] = field(default_factory=list)
     embeddings_file: Path | None = None
     redux_cache: dict = field(default_factory=dict)  # garment image hash -> Redux tokens
+    lora: LoraState = field(default_factory=LoraState)  # hotswap rank and loaded adapters
+    copy_streams: dict = field(default_factory=dict)  # device -> CUDA stream for the pinned output copy
+    hot_path: bool = False  # default for TryOnSettings.hot_path (configure sets it from the options)
+    text_multiple: int = 1  # pad the text tokens to a multiple of this (an even split under context parallelism)
+    options: object = None  # the configure.PipelineOptions this pipeline was built with
+    model_description: str | None = None  # for models built in memory (no folder to fingerprint)
+    build_report: dict = field(default_factory=dict)  # what configure applied (e.g. FP8 layer count and bytes)
     _fingerprint: str | None = None
 
     @property
@@ -144,6 +160,8 @@ class SlimPipeline:
     @property
     def description(self) -> str:
         """Which model this is, for every result it produces (hashed once, not per call)."""
+        if self.model_description is not None:
+            return self.model_description
         return describe_model(self.model_dir, self.fingerprint)
 
 
@@ -153,10 +171,9 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
 
     ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing.
     """
+    model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
 
-    model_dir = Path(model_dir)
-    check_folder(model_dir, SLIM_COMPONENTS)
     parts, report = {}, []
     for name in SLIM_COMPONENTS:
         parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
@@ -193,10 +210,9 @@ class StandardPipeline:
 
 def load_standard(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu") -> StandardPipeline:
     """Stock diffusers loading, one component at a time only so each can be measured."""
+    model_dir = check_folder(model_dir, tuple(COMPONENTS))  # first: a bad path never reaches diffusers
     from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
 
-    model_dir = Path(model_dir)
-    check_folder(model_dir, tuple(COMPONENTS))
     parts, report = {}, []
     for name in COMPONENTS:
         parts[name], row = load_component(name, model_dir, dtype, device, slim=False)

@@ -10,7 +10,6 @@ generator (``seed + i``), so the batched and the sequential pass give the same i
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,13 +17,12 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .bench import Timings
-from .memory import split_on_oom
+from .oom import split_on_oom
 from .pipeline import TryOnRequest, TryOnSettings, tryon
+from .timers import Timings
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (pixels, x1/y1 exclusive)
 DEFAULT_SCALES = tuple(float(s) for s in np.round(np.geomspace(0.4, 1.6, 15), 3))
-_LOADED_LORA: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # fill pipeline -> logo LoRA path loaded
 
 
 @dataclass
@@ -165,13 +163,15 @@ def _use_lora(pipe, path) -> str | None:
     if path is None:
         return None
     path = str(Path(path))
-    if _LOADED_LORA.get(fill) != path:
-        hotswap = fill in _LOADED_LORA and lora_mod._TARGET_RANK.get(fill.transformer) is not None
-        if fill in _LOADED_LORA and not hotswap:
-            with lora_mod._quiet_diffusers():
+    state = pipe.lora
+    loaded = state.loaded.get("logo")
+    if loaded != path:
+        hotswap = loaded is not None and state.target_rank is not None
+        if loaded is not None and not hotswap:
+            with lora_mod.quiet_diffusers():
                 fill.unload_lora_weights()
-        lora_mod.load_lora(fill, path, "logo", hotswap=hotswap)
-        _LOADED_LORA[fill] = path
+            state.loaded.pop("logo")
+        lora_mod.load_lora(fill, path, "logo", hotswap=hotswap, state=state)
     fill.enable_lora()
     return path
 

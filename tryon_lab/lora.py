@@ -15,18 +15,26 @@ import logging
 import shutil
 import tempfile
 import time
-import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import FILL_SUBDIR, cache_dir, fingerprint
+from .checkpoint import FILL_SUBDIR
+from .provenance import cache_dir, fingerprint
 
 # attention projections of both block kinds (single-stream blocks have no add_* / to_add_out)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-_TARGET_RANK: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformer -> hotswap target rank
+
+
+@dataclass
+class LoraState:
+    """What a pipeline knows about its adapters: the hotswap rank (fixed before compiling) and what is loaded."""
+
+    target_rank: int | None = None
+    loaded: dict[str, str] = field(default_factory=dict)  # adapter name -> path
 
 
 class LoraRankError(ValueError):
@@ -99,14 +107,14 @@ def lora_rank(path: str | Path) -> int:
         return max(f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k)
 
 
-def prepare_hotswap(fill_pipe, target_rank: int) -> None:
+def prepare_hotswap(fill_pipe, target_rank: int, state: LoraState) -> None:
     """Call before loading the first adapter and before compiling: adapters are padded to ``target_rank``."""
     fill_pipe.enable_lora_hotswap(target_rank=target_rank)
-    _TARGET_RANK[fill_pipe.transformer] = target_rank
+    state.target_rank = target_rank
 
 
 @contextmanager
-def _quiet_diffusers():
+def quiet_diffusers():
     """The Fill pipeline has no text encoders here; diffusers warns about that at every load."""
     log = logging.getLogger("diffusers")
     level = log.level
@@ -117,56 +125,21 @@ def _quiet_diffusers():
         log.setLevel(level)
 
 
-def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswap: bool = False) -> dict:
+def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswap: bool = False,
+              state: LoraState | None = None) -> dict:
     """Load (or, with ``hotswap``, swap into ``adapter_name``) a LoRA; returns its rank and the seconds it took.
 
     Checks the rank against ``prepare_hotswap``'s target first, so the error says what to do.
     """
     rank = lora_rank(path)
-    target = _TARGET_RANK.get(fill_pipe.transformer)
+    target = state.target_rank if state is not None else None
     if target is not None and rank > target:
         raise LoraRankError(f"LoRA {path} has rank {rank}, above the hotswap target rank {target}. Call "
                             f"prepare_hotswap(pipe, target_rank>={rank}) before loading the first adapter and "
                             f"compiling (changing it later recompiles), or use an adapter of rank <= {target}.")
     start = time.perf_counter()
-    with _quiet_diffusers():
+    with quiet_diffusers():
         fill_pipe.load_lora_weights(str(path), weight_name=WEIGHT_NAME, adapter_name=adapter_name, hotswap=hotswap)
+    if state is not None:
+        state.loaded[adapter_name] = str(path)
     return {"rank": rank, "seconds": time.perf_counter() - start}
-
-
-def swap_benchmark(fill_pipe, paths: list, call, compile_mode: str = "regional", backend: str = "inductor",
-                   reload: bool = True) -> dict:
-    """Hotswap A -> B on a compiled transformer vs the way without hotswap (unload, load B, recompile).
-
-    ``fill_pipe`` holds no adapter yet; ``call()`` makes one image and returns its latents. Reports the swap's
-    seconds and recompiles (must be 0), and checks that both ways to reach B give the same latents.
-    """
-    from .bench import measure
-    from .metrics import rel_l2
-    from .speed import compile_transformer, count_recompiles
-
-    a, b = paths[:2]
-    device = next(fill_pipe.transformer.parameters()).device
-    prepare_hotswap(fill_pipe, max(lora_rank(p) for p in paths))
-    load_lora(fill_pipe, a, "lora")
-    compile_transformer(fill_pipe.transformer, compile_mode, backend)
-    with count_recompiles() as g_first, measure(device) as m_first:
-        call()
-    with measure(device) as m_steady:
-        lat_a = call()
-    swap = load_lora(fill_pipe, b, "lora", hotswap=True)
-    with count_recompiles(strict=True) as g_swap, measure(device) as m_swap:
-        lat_b = call()
-    out = {"compile": compile_mode, "backend": backend, "graphs_first": g_first["graphs"], "first_s": m_first["seconds"],
-           "steady_s": m_steady["seconds"], "swap_s": swap["seconds"], "recompiles_after_swap": g_swap["graphs"],
-           "call_after_swap_s": m_swap["seconds"], "swap_changed_rel_l2": rel_l2(lat_b, lat_a)}
-    if reload:
-        with measure(device) as m_reload, count_recompiles() as g_reload:
-            with _quiet_diffusers():
-                fill_pipe.unload_lora_weights()
-            load_lora(fill_pipe, b, "lora")
-            call()
-        lat_b2 = call()
-        out.update(reload_recompile_s=m_reload["seconds"], graphs_reload=g_reload["graphs"],
-                   swap_vs_reload_rel_l2=rel_l2(lat_b, lat_b2))
-    return out

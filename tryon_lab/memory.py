@@ -1,10 +1,10 @@
-"""GPU memory: diffusers' offload and VAE modes, a planner that fits a card, and out-of-memory recovery.
+"""GPU memory: diffusers' offload and VAE modes, and a planner that fits a card.
 
     MemoryMode      FP8 or not, which offload (none / group / model / sequential), VAE tiling and slicing
     apply_mode      puts a slim pipeline in that mode with diffusers' own mechanisms
     plan_for_limit  given a memory limit and a measured budget table, the fastest mode that fits, and why
-    retry_with_vae_tiling / split_on_oom   the two recoveries: a try-on retries once with VAE tiling; a logo
-                    batch is halved until it fits. Both record what they did; neither loses a result.
+
+Out-of-memory recovery (VAE-tiling retry, batch halving) is in ``oom.py``, which the pipeline imports.
 
 The budget table is measured (``scripts/bench_memory_gpu.py`` on the GPU writes ``benchmarks/memory_budget.json``);
 the planner only combines measured numbers and never offers a mode that was not measured to work.
@@ -13,7 +13,6 @@ the planner only combines measured numbers and never offers a mode that was not 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,11 +65,11 @@ def apply_mode(pipe, mode: MemoryMode, device: str | torch.device = "cuda") -> N
     The Redux encoder and the cached embeddings stay on ``device`` (under 1 GB at full size): the planner's
     table counts them in every mode.
     """
-    from . import speed
+    from . import quant
 
     fill, device = pipe.fill, torch.device(device)
     if mode.fp8:  # layer by layer on the device (torchao's FP8 kernels), before any offload moves weights away
-        speed.quantize_transformer(fill.transformer, "fp8_dynamic_row", device=device)
+        quant.quantize_transformer(fill.transformer, "fp8_dynamic_row", device=device)
     if mode.offload == "none":
         fill.to(device)
     elif mode.offload == "model":
@@ -179,50 +178,3 @@ def mode_rows(budget: dict) -> list[dict]:
 def component_rows(budget: dict) -> list[dict]:
     """The measured component budget as table rows (GiB)."""
     return [{"component": k, "GiB": round(v["bytes"] / GiB, 3)} for k, v in budget.get("components", {}).items()]
-
-
-# ------------------------------------------------------------------------------------------- recovery
-def is_oom(e: BaseException) -> bool:
-    """An out-of-memory error from any device (CUDA raises torch.OutOfMemoryError)."""
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
-
-
-def free_cached() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def retry_with_vae_tiling(fn: Callable[[], object], vae, recoveries: list[str], stage: str):
-    """``fn()``; on out-of-memory, once: free the cache, turn VAE tiling on, run ``fn()`` again.
-
-    Tiling stays on afterwards (the next request would run out the same way), and ``recoveries`` says so;
-    that also makes it once: an out-of-memory with tiling already on is raised.
-    """
-    try:
-        return fn()
-    except Exception as e:
-        if not is_oom(e) or getattr(vae, "use_tiling", False):  # tiling on already: nothing left to try here
-            raise
-        free_cached()
-        vae.enable_tiling()
-        recoveries.append(f"{stage}: out of memory; retried with VAE tiling (left on for later requests)")
-        return fn()
-
-
-def split_on_oom(run: Callable[[Sequence], list], items: Sequence, recoveries: list[str]) -> tuple[list, int]:
-    """``run(items)`` as one batch; on out-of-memory, halves and retries each half, down to batches of one.
-
-    Returns the outputs in order and the number of ``run`` calls made. One item that still runs out of
-    memory is raised.
-    """
-    try:
-        return list(run(items)), 1
-    except Exception as e:
-        if not is_oom(e) or len(items) <= 1:
-            raise
-        free_cached()
-        half = (len(items) + 1) // 2
-        recoveries.append(f"batch of {len(items)} out of memory; split into {half} + {len(items) - half}")
-        first, n1 = split_on_oom(run, items[:half], recoveries)
-        second, n2 = split_on_oom(run, items[half:], recoveries)
-        return first + second, 1 + n1 + n2

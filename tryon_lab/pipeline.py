@@ -10,18 +10,16 @@ the stock pipeline uses, and the slim path reproduces the stock one exactly.
 
 from __future__ import annotations
 
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
 
-from .bench import Timings, sync
 from .checkpoint import TRYON_PROMPT, describe_model
 from .images import ImageInputError, PreparedInput, image_hash, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
-from .memory import retry_with_vae_tiling
+from .oom import retry_with_vae_tiling
+from .timers import Timings
 
 
 @dataclass
@@ -40,7 +38,7 @@ class TryOnSettings:
     fit: str = "pad"  # 'pad' or 'resize' to multiples of 16 (see images.py)
     progress: bool = True
     paste_back: bool = True  # keep the person's own pixels outside the mask (the VAE round trip blurs them)
-    hot_path: bool = False  # the preallocated, bit-identical denoise loop and on-device postprocess (hotpath.py)
+    hot_path: bool | None = None  # the preallocated, bit-identical loop (hotpath.py); None: the pipeline's default
 
 
 @dataclass
@@ -63,6 +61,16 @@ def prepare(requests: list[TryOnRequest], fit: str = "pad") -> list[PreparedInpu
         raise ImageInputError(f"a batch must share one image size after fitting; got {sorted(sizes)}. "
                               "Resize the persons to one size or run them as separate calls.")
     return prepared
+
+
+def check_even_split(prepared: list[PreparedInput], multiple: int) -> None:
+    """Context parallelism without ``ulysses_anything`` needs the image tokens to divide by the degree too."""
+    width, height = prepared[0].diptych.size
+    tokens = (width // 16) * (height // 16)
+    if multiple > 1 and tokens % multiple:
+        raise ImageInputError(f"the diptych {width}x{height} has {tokens} image tokens, which do not split evenly over "
+                              f"{multiple} GPUs; choose a person size whose (width/8 x height/16) divides by {multiple}, "
+                              "or use ContextParallel(anything=True).")
 
 
 def garment_of(p: PreparedInput) -> Image.Image:
@@ -91,9 +99,16 @@ def encode_garments(pipe: SlimPipeline, garments: list[Image.Image]) -> tuple[to
     return torch.cat(tokens, dim=0), hits
 
 
-def conditioning(text_embeds: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor):
-    """Cached text embeddings followed by each request's Redux tokens, as Redux concatenates them."""
+def conditioning(text_embeds: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor, multiple: int = 1):
+    """Cached text embeddings followed by each request's Redux tokens, as Redux concatenates them.
+
+    ``multiple``: pad the text part with copies of its last position (a T5 padding token's encoding) until the
+    whole text sequence divides by it, so context parallelism splits it evenly without ``ulysses_anything``.
+    """
     batch = image_tokens.shape[0]
+    pad = -(text_embeds.shape[1] + image_tokens.shape[1]) % multiple
+    if pad:
+        text_embeds = torch.cat([text_embeds, text_embeds[:, -1:].expand(-1, pad, -1)], dim=1)
     prompt_embeds = torch.cat([text_embeds.expand(batch, -1, -1).to(image_tokens.dtype), image_tokens], dim=1)
     return prompt_embeds, pooled.expand(batch, -1)
 
@@ -141,32 +156,35 @@ def vae_decode(fill, latents: torch.Tensor, height: int, width: int) -> torch.Te
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 
 
-def decode(fill, latents: torch.Tensor, height: int, width: int, hot_path: bool = False) -> list[Image.Image]:
+def decode(fill, latents: torch.Tensor, height: int, width: int, hot_path: bool = False,
+           copy_streams: dict | None = None) -> list[Image.Image]:
     """Packed latents to PIL images.
 
-    ``hot_path``: the same pixels, postprocessed on the device and copied to the host as uint8.
+    ``hot_path``: the same pixels, postprocessed on the device and copied to the host as uint8 (on the
+    side streams in ``copy_streams``, the pipeline's).
     """
     image = vae_decode(fill, latents, height, width)
     if hot_path:
         from .hotpath import pixels_to_host
 
-        return pixels_to_host(image).images()
+        return pixels_to_host(image, streams=copy_streams).images()
     return fill.image_processor.postprocess(image, output_type="pil")
 
 
-def decode_async(fill, latents: torch.Tensor, height: int, width: int):
+def decode_async(fill, latents: torch.Tensor, height: int, width: int, copy_streams: dict | None = None):
     """``decode`` on the hot path without waiting: a ``hotpath.HostImages`` whose ``images()`` waits for the copy."""
     from .hotpath import pixels_to_host
 
-    return pixels_to_host(vae_decode(fill, latents, height, width))
+    return pixels_to_host(vae_decode(fill, latents, height, width), streams=copy_streams)
 
 
-def _finish(fill, prepared, latents, timings: Timings, settings: TryOnSettings,
-            recoveries: list[str]) -> tuple[list[Image.Image], list[Image.Image]]:
+def _finish(fill, prepared, latents, timings: Timings, settings: TryOnSettings, recoveries: list[str],
+            copy_streams: dict | None = None) -> tuple[list[Image.Image], list[Image.Image]]:
     width, height = prepared[0].diptych.size
     with timings.stage("decode"):
-        diptychs = retry_with_vae_tiling(lambda: decode(fill, latents, height, width, settings.hot_path), fill.vae,
-                                         recoveries, "decode")
+        diptychs = retry_with_vae_tiling(
+            lambda: decode(fill, latents, height, width, bool(settings.hot_path), copy_streams), fill.vae,
+            recoveries, "decode")
     if settings.paste_back:
         kept = [Image.composite(d, p.diptych, p.mask) for d, p in zip(diptychs, prepared, strict=True)]
     else:
@@ -182,19 +200,22 @@ def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
     ``recoveries``; latents already made are kept, never recomputed.
     """
     settings = settings or TryOnSettings()
+    if settings.hot_path is None:
+        settings = replace(settings, hot_path=pipe.hot_path)
     requests = [requests] if isinstance(requests, TryOnRequest) else list(requests)
     timings = Timings(device=pipe.device)
     recoveries: list[str] = []
     with timings.stage("prepare"):
         prepared = prepare(requests, settings.fit)
+        check_even_split(prepared, pipe.text_multiple)
     with timings.stage("redux"):
         tokens, hits = encode_garments(pipe, [garment_of(p) for p in prepared])
-        prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
+        prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens, pipe.text_multiple)
     with timings.stage("denoise"):
         latents = retry_with_vae_tiling(
             lambda: denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, [r.seed for r in requests], callback),
             pipe.fill.vae, recoveries, "denoise")
-    images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings, recoveries)
+    images, diptychs = _finish(pipe.fill, prepared, latents, timings, settings, recoveries, pipe.copy_streams)
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], hits,
                        pipe.description, recoveries)
 
@@ -217,33 +238,3 @@ def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnReq
     images, diptychs = _finish(std.fill, prepared, latents, timings, settings, [])
     return TryOnResult(images, diptychs, latents.float().cpu(), timings.as_dict(), [p.notes for p in prepared], 0,
                        describe_model(std.model_dir))
-
-
-def compare_denoise_loops(pipe: SlimPipeline, request: TryOnRequest, settings: TryOnSettings) -> tuple[list[dict], bool]:
-    """The stock loop and the hot path on one request, each after a warm-up call: one row per loop with its
-    denoise seconds and, on CUDA, allocations per step outside and inside the transformer (steps after the
-    first); and whether the final latents are bit-identical."""
-    from .hotpath import StepAllocations
-
-    prepared = prepare([request], settings.fit)
-    tokens, _ = encode_garments(pipe, [garment_of(p) for p in prepared])
-    prompt_embeds, pooled = conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
-    cuda = torch.device(pipe.device).type == "cuda"
-    rows, latents = [], []
-    for name, hot in (("stock loop", False), ("hot path", True)):
-        s = replace(settings, hot_path=hot, progress=False)
-        run = lambda s=s: denoise(pipe.fill, prepared, prompt_embeds, pooled, s, [request.seed])  # noqa: E731
-        run()  # warm-up
-        counter = StepAllocations(pipe.transformer, pipe.device) if cuda else nullcontext()
-        sync(pipe.device)
-        start = time.perf_counter()
-        with counter:
-            latents.append(run().clone())
-        sync(pipe.device)
-        row = {"loop": name, "denoise s": time.perf_counter() - start}
-        if cuda:
-            steps = counter.per_step()[1:]
-            row["allocations per step outside the model"] = sum(r["loop"] for r in steps) / max(1, len(steps))
-            row["allocations per step in the model"] = sum(r["model"] for r in steps) / max(1, len(steps))
-        rows.append(row)
-    return rows, bool(torch.equal(latents[0], latents[1]))

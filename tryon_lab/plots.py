@@ -83,3 +83,39 @@ def memory_mode_bars(rows: list[dict], limits_gib: list[float] = ()):
     a.invert_yaxis()
     fig.tight_layout()
     return fig
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.3g}") -> str:
+    """A plain markdown table from a list of dicts (for notebooks and result files)."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        return floatfmt.format(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def phase_bars(rows: list[dict], phases: list[str], label: str = "case", unit: str = "s", title: str = ""):
+    """One horizontal stacked bar per row (e.g. a cold-start case), one colour per phase, totals at the bar ends."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(11, 0.6 * len(rows) + 2.0))
+    left = np.zeros(len(rows))
+    names = [str(r[label]) for r in rows]
+    for phase in phases:
+        vals = np.array([float(r.get(phase, 0.0) or 0.0) for r in rows])
+        ax.barh(names, vals, left=left, label=phase)
+        left += vals
+    for y, total in enumerate(left):
+        ax.text(total, y, f" {total:.1f} {unit}", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"{unit}")
+    ax.set_xlim(0, left.max() * 1.15 if len(left) else 1)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=min(4, len(phases)), fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return fig

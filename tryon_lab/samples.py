@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +38,44 @@ def _open(path: Path, mode: str) -> Image.Image:
         return img.convert(mode)
 
 
-def load_sample(sample_id: str | int = 0, data_dir: str | Path = DATA_DIR, height: int | None = None) -> Sample:
-    """One sample by id (``"s000"``) or position; ``height`` rescales it (aspect kept) for other resolutions."""
-    data_dir = Path(data_dir)
-    samples = load_manifest(data_dir)["samples"]
-    entry = samples[sample_id] if isinstance(sample_id, int) else next((s for s in samples if s["id"] == sample_id), None)
+class UnknownSampleError(KeyError, ValueError):
+    """A sample id (or position) that is not in the manifest; the message lists the valid ids."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+def _entry(samples: list[dict], sample_id: str | int, data_dir: Path) -> dict:
+    ids = [s["id"] for s in samples]
+    if isinstance(sample_id, int) and not isinstance(sample_id, bool) and -len(samples) <= sample_id < len(samples):
+        return samples[sample_id]
+    entry = next((s for s in samples if s["id"] == sample_id), None)
     if entry is None:
-        raise KeyError(f"sample {sample_id!r} not in {data_dir / 'manifest.json'}; ids: {[s['id'] for s in samples]}")
+        what = f"position {sample_id}" if isinstance(sample_id, int) else f"{sample_id!r}"
+        raise UnknownSampleError(f"sample {what} is not in {data_dir / 'manifest.json'}; valid ids: {', '.join(ids)} "
+                                 f"(or a position 0..{len(ids) - 1}).")
+    return entry
+
+
+def check_sample_id(sample_id: str | int, data_dir: str | Path = DATA_DIR) -> str:
+    """The sample's id if the manifest has it (reads only the manifest: call it before anything loads).
+
+    Anything else is an ``UnknownSampleError`` (a ``KeyError`` and a ``ValueError``) listing the valid ids.
+    """
+    data_dir = Path(data_dir)
+    return _entry(load_manifest(data_dir)["samples"], sample_id, data_dir)["id"]
+
+
+def load_sample(sample_id: str | int = 0, data_dir: str | Path = DATA_DIR, height: int | None = None) -> Sample:
+    """One sample by id (``"s000"``) or position; ``height`` rescales it (aspect kept) for other resolutions.
+
+    An unknown id is an ``UnknownSampleError`` listing the valid ids (``check_sample_id`` checks without loading).
+    """
+    data_dir = Path(data_dir)
+    if height is not None and not (isinstance(height, numbers.Integral) and height >= 1):
+        raise ValueError(f"height must be a positive whole number of pixels (or None for the stored size), "
+                         f"got {height!r}.")
+    entry = _entry(load_manifest(data_dir)["samples"], sample_id, data_dir)
     paths = {k: data_dir / entry[k] for k in ("person", "garment", "mask", "target") if entry.get(k)}
     imgs = {k: _open(p, "L" if k == "mask" else "RGB") for k, p in paths.items()}
     gboxes = [tuple(b) for b in entry.get("garment_logo_boxes", [])]

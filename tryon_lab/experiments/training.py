@@ -11,11 +11,11 @@ Two stages on procedural pairs (``synthetic.py``):
 
 The text encoders are not trained: the fixed prompt's embeddings are an input (the same file the
 slim pipeline loads), so the trained transformer and the committed embeddings agree exactly.
+The recipes around it (train and save, assemble the checkpoint, held-out quality) are ``default_model``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .checkpoint import SmallModelConfig, build_models, save_checkpoint
+from ..checkpoint import SmallModelConfig, build_models, save_checkpoint
 
 # Attention kernels for training: flash / memory-efficient (and math on a CPU). cuDNN attention's
 # backward failed on the H100 here (CUBLAS_STATUS_EXECUTION_FAILED at the first Fill step).
@@ -194,8 +194,8 @@ def train(cfg: TrainConfig, small: SmallModelConfig, text: tuple[torch.Tensor, t
     """Both stages; returns (models, record of losses / steps / times)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 
-    from .checkpoint import SCHEDULER_CONFIG
-    from .synthetic import SyntheticConfig, iter_batches
+    from ..checkpoint import SCHEDULER_CONFIG
+    from ..synthetic import SyntheticConfig, iter_batches
 
     dev = torch.device(device)
     torch.manual_seed(cfg.model_seed)
@@ -277,7 +277,7 @@ def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
     """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
     from safetensors.torch import load_file
 
-    from .embeddings import encode_prompt
+    from ..embeddings import encode_prompt
 
     prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
     ref = load_file(str(training_embeddings))
@@ -285,74 +285,3 @@ def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
         raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {training_embeddings}: the trained "
                            "transformer would see other conditioning than in training. Assemble from the same factory "
                            "checkpoint the training embeddings came from.")
-
-
-def plot_losses(record: dict, path: Path | None = None):
-    """Loss curves of both stages (smoothed), saved when ``path`` is given."""
-    import matplotlib
-
-    matplotlib.use("Agg") if path else None
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key, title in ((axes[0], "vae_losses", "VAE reconstruction"), (axes[1], "fill_losses", "Fill flow matching")):
-        y = np.asarray(record[key])
-        k = max(1, len(y) // 100)
-        ax.plot(y, alpha=0.3, lw=0.5)
-        ax.plot(np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.5)
-        ax.set_yscale("log")
-        ax.set_title(f"{title} ({len(y)} steps)")
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    if path:
-        fig.savefig(path, dpi=100)
-    return fig
-
-
-def write_card(out_root: Path, record: dict, extra: dict) -> Path:
-    """The card: exactly how the weights were trained (data seed, steps, batch, time, device, commit)."""
-    card = {k: v for k, v in record.items() if not k.endswith("_losses")}
-    card["final_vae_loss"] = float(np.mean(record["vae_losses"][-50:]))
-    card["final_fill_loss"] = float(np.mean(record["fill_losses"][-50:]))
-    card.update(extra)
-    path = out_root / "tryon_lab_card.json"
-    path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
-    return path
-
-
-def evaluate_heldout(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20, dtype=torch.float32,
-                     device: str = "cpu", progress: bool = False) -> tuple[dict, list]:
-    """Masked-region PSNR / SSIM of try-ons against ground truth on pairs from a seed never used in training.
-
-    Returns (summary, rows) where each row holds the images (garment, person, try-on, target) for a grid.
-    """
-    from .loading import load_slim
-    from .metrics import psnr, ssim
-    from .pipeline import TryOnRequest, TryOnSettings, tryon
-    from .synthetic import make_sample
-
-    pipe = load_slim(model_dir, dtype, device)
-    rows = []
-    for i in range(count):
-        s = make_sample(seed, i)
-        out = tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=i), TryOnSettings(steps=steps, progress=progress))
-        m = np.asarray(s.mask) > 127
-        rows.append({"index": i, "psnr_masked": psnr(out.images[0], s.target, mask=m),
-                     "ssim_masked": ssim(out.images[0], s.target, mask=m),
-                     "images": [s.garment, s.person, out.images[0], s.target]})
-    summary = {"seed": seed, "count": count, "steps": steps,
-               "psnr_masked_mean": float(np.mean([r["psnr_masked"] for r in rows])),
-               "ssim_masked_mean": float(np.mean([r["ssim_masked"] for r in rows]))}
-    return summary, rows
-
-
-def grid_image(rows: list, cell: int = 2):
-    """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
-    from PIL import Image
-
-    w, h = rows[0]["images"][0].size
-    grid = Image.new("RGB", (4 * w, len(rows) * h), (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row["images"]):
-            grid.paste(img.convert("RGB"), (c * w, r * h))
-    return grid

@@ -1,0 +1,298 @@
+"""Step speed on one GPU: stock bf16 eager against optimised variants of the full-size FLUX Fill model, one process.
+
+Each variant is a ``PipelineOptions`` applied by ``configure.apply_options`` to a freshly built random-weight
+model (``fullsize``); 28 steps through diffusers' ``FluxFillPipeline`` + VAE decode. Per variant: ms/step
+(CUDA events, median), s/image, first call and compile time, TFLOP/s against a measured bf16 matmul, peak
+memory, graphs and steady-state recompiles, final-latent rel-L2 against eager. Results are written after
+every variant, so a run stopped at its budget keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..compiling import count_recompiles, reset_compiled
+from ..configure import PipelineOptions, apply_options
+from ..metrics import rel_l2
+from ..pipeline import decode
+from ..quant import weight_bytes
+from ..timers import measure, peak_memory_bytes
+from . import fullsize
+
+
+@dataclass
+class Recipe:
+    """One variant: its options, a cost estimate in seconds on an H200, and how it is timed."""
+
+    options: PipelineOptions
+    est_s: float
+    quick: bool = False  # one short image: per-step numbers only
+    stock: bool = False  # text encoders resident too (the stock pipeline's memory)
+    inductor: dict = field(default_factory=dict)  # torch._inductor.config overrides for this variant
+
+
+FP8_FUSED = dict(fp8="fp8_dynamic_row", fuse_qkv=True)
+FLUX_FAST_INDUCTOR = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
+                      "coordinate_descent_check_all_directions": True}
+RECIPES = {
+    "eager": Recipe(PipelineOptions(), 35, stock=True),
+    "regional": Recipe(PipelineOptions(compile="regional"), 45),
+    "full": Recipe(PipelineOptions(compile="full"), 140),
+    "fp8_row_eager": Recipe(PipelineOptions(fp8="fp8_dynamic_row"), 25, quick=True),
+    "fp8_row_fused_regional": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 60),
+    "fp8_row_fused_regional_cudagraphs": Recipe(PipelineOptions(compile="regional", compile_mode="reduce-overhead",
+                                                                **FP8_FUSED), 120),
+    "fp8_row_fused_full": Recipe(PipelineOptions(compile="full", **FP8_FUSED), 150),
+    "fp8_row_fused_full_cudagraphs": Recipe(PipelineOptions(compile="full", compile_mode="reduce-overhead",
+                                                            **FP8_FUSED), 180),
+    "fp8_row_fused_regional_tuned": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 200,
+                                           inductor=FLUX_FAST_INDUCTOR),
+}
+MODEL = "FLUX.1 Fill shapes from the published configs, random weights: timings are real, outputs are not"
+DEFAULT = "eager,fp8_row_fused_regional,fp8_row_fused_full_cudagraphs,fp8_row_fused_regional_tuned"
+
+
+def free() -> None:
+    reset_compiled()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_image(fill, s: fullsize.Shape, x: dict, steps: int) -> dict:
+    """One image: Fill denoising (a CUDA event at every step) + VAE decode; seconds, per-step seconds, latents."""
+    cuda = s.device == "cuda"
+    marks: list = []
+
+    def mark(_p, _i, _t, kw):
+        if cuda:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+        else:
+            marks.append(time.perf_counter())
+        return kw
+
+    with measure(s.device) as m:
+        lat = fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
+                   callback_on_step_end=mark).images
+        decode(fill, lat, s.height, s.width)
+    pairs = zip(marks, marks[1:], strict=False)
+    per_step = [a.elapsed_time(b) / 1e3 for a, b in pairs] if cuda else [b - a for a, b in pairs]
+    return {"seconds": m["seconds"], "per_step": per_step, "latents": lat.float().cpu()}
+
+
+def matmul_ceiling(s: fullsize.Shape) -> dict:
+    """Measured dense matmul rate in the model dtype: the roof that TFLOP/s per step is read against."""
+    n = 8192 if s.device == "cuda" else 512
+    a = torch.randn(n, n, device=s.device, dtype=s.torch_dtype)
+    b = torch.randn(n, n, device=s.device, dtype=s.torch_dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(3):
+        with measure(s.device) as m:
+            for _ in range(10):
+                a @ b
+        times.append(m["seconds"] / 10)
+    sec = statistics.median(times)
+    return {"n": n, "seconds": sec, "tflops": 2 * n**3 / sec / 1e12}
+
+
+def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, quick_steps: int,
+               reference: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+    """Build, apply the variant's options, time a first and a steady image; returns the row and the latents."""
+    free()
+    t0 = time.perf_counter()
+    pipe = fullsize.slim_pipeline(s)
+    encoders = fullsize.build_text_encoders(s) if r.stock else []
+    opts = PipelineOptions(**{**asdict(r.options), "device": s.device, "dtype": s.dtype,
+                              "compile_backend": "inductor" if s.device == "cuda" else "aot_eager"})
+    row: dict = {"variant": name, "options": {k: v for k, v in asdict(opts).items() if v not in (None, (), False)},
+                 "status": "ok", "text_encoder_bytes": sum(weight_bytes(e) for e in encoders)}
+    import torch._inductor.config as inductor_config
+
+    saved = {k: getattr(inductor_config, k) for k in r.inductor}
+    try:
+        for k, v in r.inductor.items():
+            setattr(inductor_config, k, v)
+        apply_options(pipe, opts)
+        row["build_s"] = time.perf_counter() - t0
+        compiled = opts.compile != "none"
+        n = quick_steps if r.quick else steps
+        with count_recompiles() as g1:
+            first = run_image(pipe.fill, s, x, n)
+        row.update(first_image_s=first["seconds"], graphs_first=g1["graphs"], steps=n)
+        timed = first
+        if not r.quick:
+            with count_recompiles(strict=compiled and opts.compile_mode is None) as g2:
+                timed = run_image(pipe.fill, s, x, n)
+            row.update(image_s=timed["seconds"], recompiles_steady=g2["graphs"],
+                       compile_s=max(0.0, first["seconds"] - timed["seconds"]) if compiled else 0.0)
+            if reference is not None:
+                row["latent_rel_l2_vs_eager"] = rel_l2(timed["latents"], reference)
+    finally:
+        for k, v in saved.items():
+            setattr(inductor_config, k, v)
+    per_step = (timed["per_step"][2:] if r.quick else []) or timed["per_step"]  # quick: drop warm-up steps
+    row["ms_per_step"] = 1e3 * statistics.median(per_step)
+    row["tflops"] = s.flops_per_step() / (row["ms_per_step"] / 1e3) / 1e12
+    row["peak_bytes"] = peak_memory_bytes(s.device)
+    latents = timed["latents"] if not r.quick else None
+    del pipe, encoders
+    return row, latents
+
+
+def run(names: list[str], s: fullsize.Shape, steps: int = 28, quick_steps: int = 8, budget_s: float = 540,
+        on_row=None) -> dict:
+    """Every named variant in this process, most telling first; a variant that would not fit ``budget_s`` is
+    skipped with the reason. ``on_row(results)`` is called after each variant (write results as you go)."""
+    start = time.perf_counter()
+    torch.set_grad_enabled(False)
+    res: dict = {"shape": f"{s.describe()}, {steps} steps", "model": MODEL, "matmul": matmul_ceiling(s),
+                 "variants": {}}
+    x = fullsize.diptych_inputs(s)
+    reference = None
+    for name in names:
+        if name not in RECIPES:
+            raise ValueError(f"unknown variant {name!r}; choose from {', '.join(RECIPES)}")
+        est = RECIPES[name].est_s if s.device == "cuda" else 0.0
+        left = budget_s - (time.perf_counter() - start)
+        if est > left:
+            res["variants"][name] = {"variant": name, "status": "skipped",
+                                     "reason": f"needs ~{est:.0f} s, {left:.0f} s left of the budget"}
+            continue
+        print(f"{name} ({time.perf_counter() - start:.0f} s elapsed, ~{est:.0f} s)...", flush=True)
+        try:
+            row, latents = run_recipe(name, RECIPES[name], s, x, steps, quick_steps, reference)
+            if name == "eager":
+                reference = latents
+        except Exception as e:  # one broken variant must not lose the others' numbers
+            traceback.print_exc()
+            row = {"variant": name, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:400]}
+            free()
+        res["variants"][name] = row
+        print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+                               if k not in ("options",))[:500], flush=True)
+        if on_row:
+            on_row(res)
+    return res
+
+
+def table(res: dict) -> list[dict]:
+    """Rows for the markdown table (ms/step, speed-up against eager, memory, error)."""
+    v = res["variants"]
+    eager = v.get("eager", {}).get("ms_per_step")
+    ceiling = res.get("matmul", {}).get("tflops")
+    return [{"variant": r["variant"], "status": r["status"], "ms/step": r.get("ms_per_step", ""),
+             "vs eager": eager / r["ms_per_step"] if eager and r.get("ms_per_step") else "",
+             "s/image": r.get("image_s", ""), "first call s": r.get("first_image_s", ""),
+             "compile s": r.get("compile_s", ""), "% of bf16 matmul": 100 * r["tflops"] / ceiling
+             if ceiling and "tflops" in r else "", "peak GiB": r["peak_bytes"] / 2**30 if "peak_bytes" in r else "",
+             "recompiles": r.get("recompiles_steady", ""), "rel-L2 vs eager": r.get("latent_rel_l2_vs_eager", ""),
+             "note": r.get("reason", "")[:80]} for r in v.values()]
+
+
+def targets(res: dict, ms_target: float = 75.0) -> list[str]:
+    v = res["variants"]
+    ok = [r for r in v.values() if r.get("status") == "ok" and "ms_per_step" in r and r["variant"] != "eager"]
+    if "ms_per_step" not in v.get("eager", {}) or not ok:
+        return []
+    e = v["eager"]["ms_per_step"]
+    best = min(ok, key=lambda r: r["ms_per_step"])
+    met = best["ms_per_step"] <= ms_target and e / best["ms_per_step"] >= 2.15
+    return [f"per step: best {best['variant']} {best['ms_per_step']:.1f} ms vs eager {e:.1f} ms = "
+            f"{e / best['ms_per_step']:.2f}x (target <= {ms_target:.0f} ms and >= 2.15x: {'met' if met else 'NOT met'}); "
+            f"rel-L2 vs eager {best.get('latent_rel_l2_vs_eager', float('nan')):.4f} (target <= 0.02)"]
+
+
+def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, tiny: bool = False,
+              steps: int | None = None, budget_s: float = 540, work: str | Path = "/tmp/bench_gpu_work") -> dict:
+    """Step-speed variants and/or the cold-start cases, written to ``out_dir/bench_gpu.json`` and ``.md``
+    (stamped with device, commit and date) after every variant, so a run stopped early keeps its numbers."""
+    from ..plots import markdown_table
+    from ..provenance import stamp, write_results
+    from . import coldstart_gpu
+
+    s = fullsize.shape(tiny=tiny)
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device here: run with --tiny on a CPU")
+    steps = steps or (3 if tiny else 28)
+    out = Path(out_dir)
+    res: dict = {"stamp": stamp(s.device), "model": MODEL, "shape": f"{s.describe()}, {steps} steps"}
+
+    def write(r: dict) -> None:
+        md = [f"# bench_gpu ({r['stamp']['device']}, commit {r['stamp']['commit'][:12]}, {r['stamp']['date']})", "",
+              f"{r['model']}; {r['shape']}", ""]
+        if r.get("steps"):
+            md += ["## Step speed", "", f"bf16 matmul ceiling {r['steps']['matmul']['tflops']:.0f} TFLOP/s", "",
+                   markdown_table(table(r["steps"])), *[f"- {t}" for t in targets(r["steps"])], ""]
+        if r.get("cold"):
+            md += ["## Cold start (fresh process -> first image, seconds)", "",
+                   markdown_table(coldstart_gpu.phase_rows(r["cold"])),
+                   *[f"- {t}" for t in coldstart_gpu.targets(r["cold"])], ""]
+        clean = json.loads(json.dumps(r, default=str))
+        write_results(out / "bench_gpu.json", "bench_gpu", clean, "\n".join(md) + "\n")
+
+    start = time.perf_counter()
+    names = [n.strip() for n in variants.split(",") if n.strip()]
+    if names:
+        res["steps"] = run(names, s, steps, 3 if tiny else 8, budget_s if not cold else budget_s * 0.5,
+                           on_row=lambda r: write({**res, "steps": r}))
+        write(res)
+    if cold:
+        left = budget_s - (time.perf_counter() - start)
+        res["cold"] = coldstart_gpu.run(s, Path(work), steps, budget_s=left)
+        write(res)
+    return res
+
+
+def kernel_kind(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("gemm", "scaled_mm", "cutlass", "sm90_xmma", "matmul", "nvjet")):
+        return "GEMM"
+    if any(k in n for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):
+        return "attention"
+    if "triton" in n or "fused" in n:
+        return "fused elementwise / norm / quantize (Triton)"
+    return "other"
+
+
+def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps: int = 3) -> list[dict]:
+    """Where one denoising step's GPU time goes, by kernel kind (GEMM, attention, Triton-fused rest, other),
+    after warm-up; the transformer only (the VAE decode is not inside the profiled steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    s = fullsize.shape(tiny=tiny)
+    pipe = fullsize.slim_pipeline(s)
+    opts = PipelineOptions(**{**asdict(RECIPES[name].options), "device": s.device, "dtype": s.dtype})
+    apply_options(pipe, opts)
+    x = fullsize.diptych_inputs(s)
+    with torch.no_grad():
+        run_image(pipe.fill, s, x, 2)
+        with profile(activities=[ProfilerActivity.CUDA if s.device == "cuda" else ProfilerActivity.CPU]) as prof:
+            pipe.fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
+    kinds: dict[str, dict] = {}
+    cuda = s.device == "cuda"
+    for e in prof.key_averages():  # on CUDA: kernels only (device events), so nothing is counted twice
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if not t:
+            continue
+        k = kinds.setdefault(kernel_kind(e.key), {"kind": kernel_kind(e.key), "ms_per_step": 0.0, "kernels": 0,
+                                                   "top": ("", 0.0)})
+        k["ms_per_step"] += t / 1e3 / steps
+        k["kernels"] += e.count // steps
+        if t > k["top"][1]:
+            k["top"] = (e.key[:60], t)
+    rows = sorted(kinds.values(), key=lambda r: -r["ms_per_step"])
+    return [{**r, "top": r["top"][0]} for r in rows]

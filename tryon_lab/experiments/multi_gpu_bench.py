@@ -1,0 +1,163 @@
+"""Past one GPU, measured: context-parallel latency and sweep throughput on 1, 2 and 4 GPUs (one launch per count).
+
+Full-size FLUX Fill (``fullsize``: random bf16 weights built on each GPU), 512 T5 + 729 Redux text tokens,
+diptychs of 1024x768 and 2048x1536. Launch one process per GPU (``torchrun``):
+
+* throughput: every rank runs its own requests on its own copy of the model (what a Ray sweep with one GPU per
+  point does once the model is loaded); requests per minute = all requests / wall time of the slowest rank.
+* latency: one image split over all ranks with context parallelism (``PipelineOptions.context_parallel``
+  through ``configure.apply_options``; Ulysses by default, ring for ``ring > 1``); ms per step (CUDA events,
+  median) and seconds per image (denoise + VAE decode, median of ``repeats``), peak memory per GPU; rank 0's
+  final latents against the 1-GPU run's saved ones (rel-L2), when that run saved them in ``work``.
+
+On the CPU (``tiny``, gloo) the ranks run whole, unsplit: context parallelism needs an accelerator.
+``bench`` writes ``multi_gpu_<N>gpu``; ``summarise`` (no torchrun) adds ``multi_gpu``: scaling efficiency
+(t_1 / (N t_N)) and requests per minute against GPU count, with a table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ..configure import PipelineOptions, apply_options
+from ..metrics import rel_l2
+from ..parallel import ContextParallel, init_distributed
+from ..plots import markdown_table
+from ..provenance import REPO_ROOT, stamp, write_results
+from ..timers import peak_memory_bytes
+from . import fullsize
+from .gpu_bench import run_image
+
+SIZES = {"1024x768": (768, 1024), "2048x1536": (1536, 2048)}  # diptych (height, width)
+COLUMNS = ["gpus", "size", "ms_per_step", "s_per_image", "efficiency", "peak_gib_per_gpu", "requests_per_min",
+           "rel_l2_vs_1gpu"]
+RESULTS = REPO_ROOT / "benchmarks" / "results.json"
+
+
+def shape_for(size: str, tiny: bool, config: str | Path = fullsize.CONFIG_FILE) -> fullsize.Shape:
+    """The full-size shape at one diptych size (tiny: the toy model on the CPU, one size only)."""
+    if tiny:
+        return fullsize.shape(tiny=True)
+    h, w = SIZES[size]
+    return fullsize.shape(height=h, width=w, config=config)
+
+
+def gather(value) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def throughput(fill, s: fullsize.Shape, steps: int, n: int) -> dict:
+    """Independent requests on every rank at once; requests per minute over all ranks."""
+    import torch.distributed as dist
+
+    x = fullsize.diptych_inputs(s)
+    run_image(fill, s, x, 2)  # warm-up
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        run_image(fill, s, x, steps)
+    wall = max(gather(time.perf_counter() - t0))
+    world = dist.get_world_size()
+    return {"requests": n * world, "wall_s": wall, "requests_per_min": 60 * n * world / wall}
+
+
+def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | None) -> tuple[dict, torch.Tensor]:
+    x = fullsize.diptych_inputs(s)
+    run_image(fill, s, x, 2)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    runs = [run_image(fill, s, x, steps) for _ in range(repeats)]
+    out = {"ms_per_step": 1e3 * statistics.median([t for r in runs for t in r["per_step"]]),
+           "s_per_image": statistics.median(r["seconds"] for r in runs),
+           "peak_bytes_per_rank": gather(peak_memory_bytes(s.device))}
+    lat = runs[-1]["latents"]
+    if ref_file is not None and ref_file.is_file():
+        out["rel_l2_vs_1gpu"] = float(rel_l2(lat, torch.load(ref_file)))
+    return out, lat
+
+
+VARIANTS = {"eager": {}, "fp8": {"fp8": "fp8_dynamic_row", "fuse_qkv": True, "compile": "regional"}}
+
+
+def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
+          work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
+          config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2) -> dict:
+    """One launch (every rank calls it): throughput (eager, one model per GPU), then latency of ``variant`` (the
+    best one-GPU path: FP8 + fused QKV + regional compile) with context parallelism over all ranks.
+
+    ``text_multiple``: the text tokens are padded (T5 padding positions) to a multiple of this, the same in every
+    launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like."""
+    import torch.distributed as dist
+
+    rank, world, device = init_distributed()
+    torch.set_grad_enabled(False)
+    steps = steps or (3 if tiny else 28)
+    sizes = ["tiny"] if tiny else list(sizes)
+    s0 = shape_for(sizes[0], tiny, config)
+    s0.text_tokens += -s0.text_tokens % text_multiple
+    pipe = fullsize.slim_pipeline(s0)  # the same seeded random weights on every rank
+    res = {"stamp": stamp(device), "gpus": world, "steps": steps, "repeats": repeats, "variant": variant,
+           "options": VARIANTS[variant], "text_tokens_padded_to_multiple_of": text_multiple,
+           "model": "tiny FLUX Fill (CPU smoke run)" if tiny else "full-size FLUX Fill, random bf16 weights",
+           "decode": "every rank decodes the whole image (not split)", "sizes": {}}
+    res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
+    options = PipelineOptions(device=s0.device, dtype=s0.dtype, **VARIANTS[variant] if not tiny else {})
+    if world > 1 and torch.accelerator.device_count() == 0:  # the CPU smoke run: the code paths, no splitting
+        res["context_parallel"] = "not applied: context parallelism needs an accelerator (each rank runs whole)"
+    elif world > 1:
+        even = (s0.text_tokens + s0.image_tokens) % world == 0
+        cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even)
+        options = dataclasses.replace(options, context_parallel=cp)
+        res["context_parallel"] = dataclasses.asdict(cp) | {"backend": cp.backend}
+    apply_options(pipe, options)
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for size in sizes:
+        s = shape_for(size, tiny, config)
+        s.text_tokens = s0.text_tokens
+        ref = work / f"multi_gpu_latents_{size}.pt"
+        out, lat = latency(pipe.fill, s, steps, repeats, None if world == 1 else ref)
+        res["sizes"][size] = out | {"image_tokens": s.image_tokens, "text_tokens": s.text_tokens}
+        if rank == 0:
+            if world == 1:
+                torch.save(lat, ref)
+            print(size, json.dumps(res["sizes"][size]), flush=True)
+    if rank == 0:
+        write_results(results, f"multi_gpu_{world}gpu", res)
+        print(f"wrote multi_gpu_{world}gpu to {results}; requests/min {res['throughput']['requests_per_min']:.2f}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return res
+
+
+def summarise(results: str | Path = RESULTS) -> list[dict]:
+    """Scaling efficiency and throughput against GPU count from the per-count entries."""
+    data = json.loads(Path(results).read_text())
+    runs = {e["gpus"]: e for k, e in data.items() if k.startswith("multi_gpu_") and k.endswith("gpu")}
+    if 1 not in runs:
+        raise SystemExit("no 1-GPU entry (multi_gpu_1gpu): run torchrun --nproc-per-node 1 first")
+    rows = []
+    for n in sorted(runs):
+        for size, r in runs[n]["sizes"].items():
+            t1 = runs[1]["sizes"].get(size, {}).get("s_per_image")
+            rows.append({"gpus": n, "size": size, "ms_per_step": r["ms_per_step"], "s_per_image": r["s_per_image"],
+                         "efficiency": t1 / (n * r["s_per_image"]) if t1 else None,
+                         "peak_gib_per_gpu": max(r["peak_bytes_per_rank"]) / 2**30,
+                         "requests_per_min": runs[n]["throughput"]["requests_per_min"],
+                         "rel_l2_vs_1gpu": r.get("rel_l2_vs_1gpu", "")})
+    title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nefficiency = t(1 GPU) / (N x t(N GPUs)) "
+             "per image; requests_per_min: one request per GPU at a time (a Ray sweep's steady state), at "
+             f"{runs[1]['throughput']['size']}.\n\n")
+    write_results(results, "multi_gpu", {"stamp": stamp(), "rows": rows}, title + markdown_table(rows, COLUMNS))
+    print(markdown_table(rows, COLUMNS))
+    return rows

@@ -1,0 +1,136 @@
+"""Notebook 03's variant list, tables and figures around ``variants`` (equivalence), ``lora_swap`` and ``coldstart``."""
+
+from __future__ import annotations
+
+import tempfile
+
+from ..notebook import CPU_TIMING, human_bytes, legend_outside, timed
+from ..runs import save_image
+from . import coldstart
+from .variants import VariantRun
+
+CHEAP_CPU_BACKEND = "aot_eager"  # inductor on a CPU spends tens of seconds in gcc per variant
+
+
+def variant_list(variants: list[str], all_variants: bool = False) -> list[str]:
+    """``variants`` as given, or (``all_variants``) every FP8 mode x compile mode, each with and without LoRA."""
+    if not all_variants:
+        return list(variants)
+    return [v + lo for q in ("", "fp8_weight_only", "fp8_dynamic_row") for c in ("", "regional", "full")
+            if (v := "+".join(x for x in (q, c) if x)) for lo in ("", "+lora")]
+
+
+def backends(device: str, backend: str = "auto", swap_backend: str = "auto") -> tuple[str, str]:
+    """``"auto"`` compile backends made concrete: inductor on a GPU, aot_eager on the CPU."""
+    cheap = "inductor" if device.startswith("cuda") else CHEAP_CPU_BACKEND
+    return (cheap if backend == "auto" else backend), (cheap if swap_backend == "auto" else swap_backend)
+
+
+def reference_text(dtype_name: str, device: str, backend: str) -> str:
+    return (f"Reference: eager {dtype_name}" + ("" if device.startswith("cuda") else " (CPU: fp32, as bf16 is slow here)")
+            + f"; compile backend {backend} unless a variant names one (`@backend`).")
+
+
+def variant_rows(results: dict[str, VariantRun], cpu: bool) -> list[dict]:
+    """One row per variant: status, errors against its reference, weight and peak bytes, compile and call seconds."""
+    rows = []
+    for r in results.values():
+        x = r.row
+        rows.append({"variant": x["variant"], "status": x["status"], "latent_rel_l2": x.get("latent_rel_l2", ""),
+                     "image_psnr": x.get("image_psnr", ""), "image_ssim": x.get("image_ssim", ""),
+                     "gt_psnr": x.get("gt_psnr", ""), "weights": human_bytes(x.get("weight_bytes")),
+                     "peak memory": human_bytes(x.get("peak_mem_bytes")) + (f" ({x['mem_kind']})" if x.get("mem_kind") else ""),
+                     timed("compile s", cpu): x.get("compile_s", ""), timed("steady s", cpu): x.get("steady_s", ""),
+                     "graphs (first call)": x.get("graphs_first", ""), "recompiles (steady)": x.get("recompiles_steady", "")})
+    return rows
+
+
+def verdicts(results: dict[str, VariantRun]) -> str:
+    """Markdown list: each variant's verdict, or why it did not run."""
+    lines = [r.row.get("verdict") or f"{r.row['variant']}: {r.row['status']} {r.row['reason']}".rstrip()
+             for r in results.values()]
+    return "\n".join(f"- {line}" for line in lines)
+
+
+def plot_step_errors(results: dict[str, VariantRun]):
+    """Relative L2 of the latents against the reference after every denoising step, one line per variant
+    (an error of exactly 0 is drawn at 1e-12 and says so in the legend)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, r in results.items():
+        if r.step_rel_l2:
+            label = f"{name} (identical)" if not any(r.step_rel_l2) else name
+            ax.semilogy(range(1, len(r.step_rel_l2) + 1), [max(e, 1e-12) for e in r.step_rel_l2], "o-", label=label)
+    ax.set(xlabel="denoising step", ylabel="latent rel-L2 vs reference (log)", title="per-step error")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    return legend_outside(fig)
+
+
+def fp8_blocks(results: dict[str, VariantRun]) -> dict[str, list[dict]]:
+    """Per FP8 variant: every block's output rel-L2 on one identical transformer call."""
+    return {n: r.blocks for n, r in results.items() if r.blocks}
+
+
+def block_rows(blocks: dict[str, list[dict]]) -> list[dict]:
+    """One row per block, one column per FP8 variant."""
+    if not blocks:
+        return []
+    names = list(blocks)
+    return [{"block": b["block"], **{n: blocks[n][i]["rel_l2"] for n in names}} for i, b in enumerate(blocks[names[0]])]
+
+
+def image_panels(results: dict[str, VariantRun], target) -> tuple[list, list[str]]:
+    """The ground truth, then the first image of every variant that ran."""
+    shown = {n: r for n, r in results.items() if r.images}
+    return [target] + [r.images[0] for r in shown.values()], ["ground truth", *shown]
+
+
+def swap_text(swap: dict, cpu: bool) -> str:
+    """The hotswap in one sentence: seconds (marked on the CPU), recompiles, and both ways giving the same latents."""
+    text = (f"Hotswap: {swap['swap_s']:.3f} s, then a call of {swap['call_after_swap_s']:.2f} s with "
+            f"**{swap['recompiles_after_swap']} recompiles**; B changed the latents by rel-L2 "
+            f"{swap['swap_changed_rel_l2']:.3g} against A.")
+    if "reload_recompile_s" in swap:
+        text += (f" Unload + load + recompile instead: {swap['reload_recompile_s']:.2f} s, "
+                 f"{swap['graphs_reload']} graphs; latents vs the hotswap: rel-L2 {swap['swap_vs_reload_rel_l2']:.2e}.")
+    return text + (f" (Seconds: {CPU_TIMING}.)" if cpu else "")
+
+
+def cold_start(model_dir, variant: str | None, dtype: str, device: str, steps: int, seed: int, backend: str) -> list[dict]:
+    """``coldstart.cold_start_breakdown`` in a temporary folder; [] when ``variant`` is None."""
+    if not variant:
+        return []
+    with tempfile.TemporaryDirectory() as work:
+        return coldstart.cold_start_breakdown(model_dir, variant, work, dtype=dtype, device=device, steps=steps,
+                                              seed=seed, backend=backend)
+
+
+COLD_PARTS = ["startup_s", "import_s", "load_s", "compile_s", "image_s"]
+
+
+def plot_cold_start(cold: list[dict], variant: str, cpu: bool):
+    """Seconds from a fresh process to its first image, stacked by phase, one bar per case."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 0.45 * len(cold) + 1.2))
+    left = [0.0] * len(cold)
+    for p in COLD_PARTS:
+        ax.barh([c["case"] for c in cold], [c[p] for c in cold], left=left, label=p.removesuffix("_s"))
+        left = [a + c[p] for a, c in zip(left, cold, strict=True)]
+    ax.invert_yaxis()
+    ax.set(xlabel=timed("seconds to the first image ('image': one more image)", cpu),
+           title=variant)
+    return legend_outside(fig)
+
+
+def image_name(variant: str, index: int) -> str:
+    """The recorded file name of a variant's image (``regional@inductor`` -> ``regional_at_inductor_0``)."""
+    return f"{variant.replace('@', '_at_').replace('+', '_')}_{index}"
+
+
+def save_images(output_dir, results: dict[str, VariantRun]) -> None:
+    """Every variant's images under ``image_name``."""
+    for name, r in results.items():
+        for i, img in enumerate(r.images):
+            save_image(output_dir, image_name(name, i), img)

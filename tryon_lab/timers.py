@@ -1,0 +1,87 @@
+"""One timer (``Timings``/``measure``) and one memory reader, imported everywhere; imports nothing of ours."""
+
+from __future__ import annotations
+
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+def sync(device: str | torch.device | None = None) -> None:
+    """Wait for queued device work so a host clock reads the real time."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Timings:
+    """Named durations in seconds, filled in one place per stage (``with timings.stage("denoise"):``)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    device: str | None = None
+
+    @contextmanager
+    def stage(self, name: str):
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.seconds, "total": self.total()}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def measure(device: str | torch.device = "cpu"):
+    """Wall time and memory of a block: CUDA peak allocation on a GPU, RSS growth on the CPU.
+
+    Yields a dict filled on exit with ``seconds``, ``memory_bytes`` and ``memory_kind``.
+    """
+    out: dict = {}
+    cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_bytes()
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        sync(device)
+        out["seconds"] = time.perf_counter() - start
+        if cuda:
+            out["memory_bytes"] = torch.cuda.max_memory_allocated() - base
+            out["memory_kind"] = "cuda peak allocated"
+        else:
+            out["memory_bytes"] = max(0, rss_bytes() - base)
+            out["memory_kind"] = "process RSS growth"
+
+
+def peak_memory_bytes(device: str | torch.device | None = None) -> int:
+    """Peak memory of this process so far: CUDA peak allocation on a GPU, peak RSS on the CPU."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        return torch.cuda.max_memory_allocated()
+    return peak_rss_bytes()

@@ -57,7 +57,7 @@ from tryon_lab import notebook
 
 lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
 
-from tryon_lab import lora, pipeline, runs, synthetic
+from tryon_lab import lora, pipeline, plots, runs, synthetic
 from tryon_lab.experiments import lora_swap, variants_report
 from tryon_lab.experiments import variants as equivalence
 
@@ -129,6 +129,18 @@ cold = variants_report.cold_start(lab.model_dir, cold_start_variant, lab.dtype_n
 if cold:
     notebook.table(cold, ["case", "wall_s", *variants_report.COLD_PARTS], note=lab.timing("Seconds") + ".")
     fig = variants_report.plot_cold_start(cold, cold_start_variant, lab.cpu)
+
+# %% [markdown]
+# ### On the GPU: where a cold start's time goes
+# The same question at full size, measured on an H200 (`scripts/bench_gpu.py`, committed in
+# `benchmarks/bench_gpu.json`): stock loading and eager denoising against the slim FP8 + regional-compile path,
+# each phase of a fresh process to its first image. Imports of diffusers (which pulls in peft, transformers and
+# torch._dynamo) dominate every case; a warm compile cache removes most but not all compile time.
+
+# %%
+gpu_cold, phases, measured_on = variants_report.gpu_cold_start()
+fig = plots.phase_bars(gpu_cold, phases, title="fresh process -> first full-size image (seconds)")
+notebook.markdown(f"Measured on {measured_on}.")
 
 # %% [markdown]
 # ## 6. Record the run

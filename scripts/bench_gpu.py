@@ -25,11 +25,25 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/bench_gpu_work", help="local disk for weights and compile artefacts")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: the same code path in seconds")
     ap.add_argument("--profile", metavar="VARIANT", help="only: where one step's GPU time goes, by kernel kind")
+    ap.add_argument("--step-cache", metavar="RESULTS_JSON", help="only: per image with the step cache, replaying the "
+                    "pattern `step_cache_pattern` in this results file (recorded on the trained model)")
     a = ap.parse_args(argv)
     if a.profile:
         import json
 
         print(json.dumps(gpu_bench.profile_step(a.profile, a.tiny, a.steps or 8), indent=1))
+        return 0
+    if a.step_cache:
+        import json
+        from pathlib import Path
+
+        pattern = json.loads(Path(a.step_cache).read_text())["step_cache_pattern"]
+        res = gpu_bench.step_cache_images(pattern["schedule"], a.tiny, a.steps or pattern["steps"])
+        res["pattern"] = {k: pattern[k] for k in ("model", "threshold", "min_psnr_db", "computed", "stamp")}
+        from tryon_lab.provenance import stamp, write_results
+
+        write_results(Path(a.out) / "step_cache.json", "step_cache_gpu", {"stamp": stamp(), **res})
+        print(json.dumps(res, indent=1, default=str))
         return 0
     gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work)
     return 0

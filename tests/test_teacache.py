@@ -244,3 +244,21 @@ def test_step_cost_bench_tiny(tmp_path):
     saved = json.loads((tmp_path / "b.json").read_text())["teacache_step_cost"]
     assert saved["stamp"]["device"] and res["eager"]["teacache_skip_stats"]["skipped"] == 2
     assert res["eager"]["teacache_compute_stats"]["skipped"] == 0
+
+
+def test_a_recorded_schedule_replays_the_same_decisions_and_result(slim):
+    """What the GPU benchmark relies on: the pattern TeaCache chose, replayed, gives the same passes and latents."""
+    req = _req(3)
+    with tc.enabled(slim.transformer, tc.TeaCacheConfig(0.5, num_inference_steps=8)):
+        chosen = pipeline.tryon(slim, req, _settings(8))
+        pattern = _decisions(slim.transformer)
+    assert 2 <= sum(pattern) < len(pattern)  # some steps skipped, some computed
+    with tc.enabled(slim.transformer, tc.TeaCacheConfig(schedule=tuple(pattern))):
+        replayed = pipeline.tryon(slim, req, _settings(8))
+        assert _decisions(slim.transformer) == pattern
+    assert torch.equal(replayed.latents, chosen.latents)
+    other = [True] * len(pattern)
+    other[3] = False
+    with tc.enabled(slim.transformer, tc.TeaCacheConfig(schedule=tuple(other))):
+        pipeline.tryon(slim, req, _settings(8))
+        assert _decisions(slim.transformer) == other  # the schedule, not the threshold, decides

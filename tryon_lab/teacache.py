@@ -59,6 +59,7 @@ class TeaCacheConfig:
     num_inference_steps: int | None = None
     input_range: tuple[float, float] | None = None
     record: bool = False
+    schedule: tuple[bool, ...] | None = None  # replay: compute exactly at the True steps (timing a recorded pattern)
 
     def __post_init__(self):
         t = self.rel_l1_thresh
@@ -164,6 +165,8 @@ class TeaCacheHook(ModelHook):
 
     def _should_compute(self, state: TeaCacheState, rel: float | None) -> bool:
         cfg = self.config
+        if cfg.schedule is not None:  # a recorded pattern, e.g. from the trained model, replayed on another
+            return state.residual is None or state.step >= len(cfg.schedule) or bool(cfg.schedule[state.step])
         n = cfg.num_inference_steps or getattr(self.state_manager._context, "num_inference_steps", None)
         if n is None and cfg.always_compute_last and not self._warned:
             self._warned = True

@@ -14,7 +14,7 @@ import json
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -296,3 +296,41 @@ def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps
             k["top"] = (e.key[:60], t)
     rows = sorted(kinds.values(), key=lambda r: -r["ms_per_step"])
     return [{**r, "top": r["top"][0]} for r in rows]
+
+
+def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28, repeats: int = 2) -> dict:
+    """Per image (``steps`` steps + VAE decode), in one process: stock bf16 eager, the best variant, and the best
+    variant with the step cache replaying ``schedule`` (a pattern TeaCache chose on the trained model)."""
+    from ..teacache import TeaCacheConfig, apply_teacache, teacache_stats
+
+    if len(schedule) != steps:
+        raise ValueError(f"the schedule has {len(schedule)} steps, the run {steps}: record it at {steps} steps.")
+    s = fullsize.shape(tiny=tiny)
+    x = fullsize.diptych_inputs(s)
+    torch.set_grad_enabled(False)
+    out: dict = {"shape": f"{s.describe()}, {steps} steps", "model": MODEL, "schedule": list(schedule),
+                 "computed": int(sum(schedule))}
+    for name, recipe, cache in (("stock eager", "eager", False), ("best variant", "fp8_row_fused_regional", False),
+                                ("best variant + step cache", "fp8_row_fused_regional", True)):
+        free()
+        pipe = fullsize.slim_pipeline(s)
+        opts = PipelineOptions(**{**asdict(RECIPES[recipe].options), "device": s.device, "dtype": s.dtype,
+                                  "compile_backend": "inductor" if s.device == "cuda" else "aot_eager"})
+        if s.device != "cuda" and opts.fp8.startswith("fp8_dynamic"):  # the CPU smoke run: no FP8 matmuls
+            opts = replace(opts, fp8="fp8_weight_only")
+        apply_options(pipe, opts)
+        if cache:
+            apply_teacache(pipe.transformer, TeaCacheConfig(schedule=tuple(schedule), num_inference_steps=steps))
+        run_image(pipe.fill, s, x, steps)  # warm-up (compile)
+        times = [run_image(pipe.fill, s, x, steps)["seconds"] for _ in range(repeats)]
+        row = {"s_per_image": statistics.median(times), "variant": recipe}
+        if cache:
+            stats = teacache_stats(pipe.transformer)
+            row["computed_last_image"] = sum(st["computed"] for st in stats["last_trajectory"])
+        out[name] = row
+        print(name, row, flush=True)
+        del pipe
+    e = out["stock eager"]["s_per_image"]
+    for k in ("best variant", "best variant + step cache"):
+        out[k]["vs_stock"] = e / out[k]["s_per_image"]
+    return out

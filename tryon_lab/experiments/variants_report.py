@@ -134,3 +134,21 @@ def save_images(output_dir, results: dict[str, VariantRun]) -> None:
     for name, r in results.items():
         for i, img in enumerate(r.images):
             save_image(output_dir, image_name(name, i), img)
+
+
+def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
+    """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
+    ``scripts/bench_gpu.py``): rows, the phase names in order, and a line saying where they were measured."""
+    import json
+    from pathlib import Path
+
+    from ..provenance import REPO_ROOT
+    from . import coldstart_gpu
+
+    path = Path(results_file or REPO_ROOT / "benchmarks" / "bench_gpu.json")
+    entry = json.loads(path.read_text())["bench_gpu"]
+    rows = [r for r in coldstart_gpu.phase_rows(entry["cold"]) if "interpreter" in r]
+    st = entry["stamp"]
+    where = (f"{st['device']}, {st['date']}, torch {st['torch']}, diffusers {st['diffusers']}; {entry['model']}; "
+             f"{entry['shape']}")
+    return rows, [*coldstart_gpu.PHASES, "other"], where

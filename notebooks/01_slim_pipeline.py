@@ -37,7 +37,7 @@ output_dir = "runs/scratch/01_slim_pipeline"
 # %%
 from tryon_lab import notebook
 
-lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
+lab = notebook.setup(model, device, dtype, output_dir, sample_ids=(sample,))  # header; quiets library noise
 
 from tryon_lab import embeddings, loading, pipeline, plots, runs, samples
 from tryon_lab.experiments import slim_report

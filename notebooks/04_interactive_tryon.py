@@ -39,7 +39,7 @@ output_dir = "runs/scratch/04_interactive_tryon"
 # %%
 from tryon_lab import notebook
 
-lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
+lab = notebook.setup(model, device, dtype, output_dir, sample_ids=(person, garment))  # header; quiets library noise
 
 from IPython.display import display
 

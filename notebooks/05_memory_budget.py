@@ -42,7 +42,7 @@ output_dir = "runs/scratch/05"
 # %%
 from tryon_lab import notebook
 
-lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
+lab = notebook.setup(model, device, dtype, output_dir, sample_ids=(sample,))  # header; quiets library noise
 
 from tryon_lab import memory, pipeline, runs, samples
 from tryon_lab.experiments import loops, memory_report

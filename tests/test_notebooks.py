@@ -201,3 +201,12 @@ def test_logo_comparison_uses_one_call_when_batched(slim):
     assert isinstance(c.max_abs, int) and c.max_abs <= 2
     assert all(isinstance(m, logos.LogoMatch) for m in c.matches)
     assert "logos found" in logos_report.display_rows(c, cpu=True)[0]
+
+
+def test_setup_refuses_an_unknown_sample_id_before_anything_loads(tmp_path):
+    from tryon_lab import notebook
+    from tryon_lab.samples import UnknownSampleError
+
+    with pytest.raises(UnknownSampleError, match="valid ids: s000"):
+        notebook.setup("/no/such/model", "cpu", "auto", tmp_path / "out", show=False, sample_ids=("s000", "s999"))
+    assert not (tmp_path / "out").exists()  # refused before the model folder or the output folder was touched

@@ -167,14 +167,23 @@ def test_compile_artifacts_round_trip_in_fresh_processes(tmp_path):
 
 
 def test_bench_gpu_script_tiny_mode(tmp_path):
-    """The GPU benchmark's own code path on the CPU: tiny model, two variants, results written."""
+    """The GPU benchmark's own code path on the CPU: tiny model, two variants and the cold-start processes,
+    results written; the cold-start phases add up to the wall time to the first image."""
+    from tryon_lab.experiments.coldstart_gpu import PHASES
+
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
     p = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "eager,regional", "--out", str(tmp_path),
                         "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "bench_gpu.json").read_text())["bench_gpu"]
-    eager, regional = res["variants"]["eager"], res["variants"]["regional"]
+    eager, regional = res["steps"]["variants"]["eager"], res["steps"]["variants"]["regional"]
     assert eager["status"] == regional["status"] == "ok"
     assert regional["graphs_first"] > 0 and regional["recompiles_steady"] == 0
     assert regional["latent_rel_l2_vs_eager"] < 1e-5 and eager["ms_per_step"] > 0
     assert "device" in res["stamp"] and (tmp_path / "bench_gpu.md").exists()
+    cases = res["cold"]["cases"]
+    assert cases["stock eager"]["status"] == cases["slim fp8 regional, empty cache"]["status"] == "ok"
+    for c in (c for c in cases.values() if c["status"] == "ok"):
+        parts = sum(c[k] for k in PHASES if k in c) + c["other"]
+        assert abs(parts - c["first_image_wall_s"]) < 1e-6 and all(c.get(k, 0.0) >= 0 for k in PHASES)
+    assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()

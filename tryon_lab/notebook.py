@@ -151,15 +151,21 @@ class Lab:
 
 
 def setup(model: str | Path | None = "default", device: str = "auto", dtype: str = "auto",
-          output_dir: str | Path = "runs/scratch", quiet: bool = True, show: bool = True) -> Lab:
+          output_dir: str | Path = "runs/scratch", quiet: bool = True, show: bool = True,
+          sample_ids: tuple[str, ...] = ()) -> Lab:
     """The notebook preamble in one call: resolve ``model`` (``checkpoint.resolve_model_dir``), ``device`` and
     ``dtype`` (``"auto"``: CUDA + bf16 when there is a GPU, else CPU + fp32), make ``output_dir``, quiet the
     known third-party warnings (``quiet``) and display the model / device / commit header (``show``).
+    ``sample_ids`` are checked against the manifest first, so a wrong id fails in seconds, before any model loads.
 
     Relative paths in a notebook's parameters are relative to the repository root, where headless runs execute;
     a kernel started inside the checkout (JupyterLab on ``notebooks/``, ``make lab``) moves there first."""
     if REPO_ROOT in Path.cwd().resolve().parents:
         os.chdir(REPO_ROOT)
+    from .samples import check_sample_id
+
+    for sample_id in sample_ids:
+        check_sample_id(sample_id)
     resolved_device, torch_dtype = resolve_device_dtype(device, dtype)
     if quiet:
         quiet_known_noise(resolved_device)

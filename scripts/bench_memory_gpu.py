@@ -2,7 +2,9 @@
 
 Full-size FLUX Fill + Redux shapes with random bf16 weights, one try-on of a 768x1024 person; every part in its
 own process (``tryon_lab.experiments.memory_bench`` says what each part measures). Results merge into
-``--budget`` (benchmarks/memory_budget.json, the planner's table) and ``--results`` (key memory_gpu).
+``--budget`` (benchmarks/memory_budget.json, the planner's table: modes not measured again are kept, each mode
+stamped with the run that measured it, so a partial run or a fresh ``--raw`` loses nothing) and ``--results``
+(key memory_gpu).
 
     python scripts/bench_memory_gpu.py --parts budget,bf16+model-offload,expandable
     python scripts/bench_memory_gpu.py --parts bf16+group-offload,bf16+sequential-offload,cap:24,cap:16

@@ -56,3 +56,33 @@ def test_missing_and_pickle_files(tmp_path, tcfg):
     torch.save({}, pkl)
     with pytest.raises(embeddings.EmbeddingMismatchError, match="pickle"):
         embeddings.load_embeddings(pkl, tcfg, torch.float32)
+
+
+def test_batch_of_two_is_refused_at_load(tmp_path, tcfg):
+    path = _save(tmp_path, torch.zeros(2, 8, tcfg["joint_attention_dim"]), torch.zeros(2, tcfg["pooled_projection_dim"]))
+    with pytest.raises(embeddings.EmbeddingMismatchError, match=r"batch of 2 .*prompt_embeds\[:1\]"):
+        embeddings.load_embeddings(path, tcfg, torch.float32)
+
+
+def test_save_without_encoder_fingerprint_is_noted_not_a_type_error(tmp_path, tcfg):
+    path = _save(tmp_path, torch.zeros(1, 8, tcfg["joint_attention_dim"]), torch.zeros(1, tcfg["pooled_projection_dim"]),
+                 fp=None)
+    _, _, meta = embeddings.load_embeddings(path, tcfg, torch.float32, encoder_fp="1" * 64)
+    assert "encoder_fingerprint" not in meta
+    assert "no encoder metadata" in embeddings.metadata_notes(path, meta)[0]
+    assert "compute_embeddings.py" in embeddings.metadata_notes(path, meta)[0]
+
+
+def test_from_tensors_checks_shapes_and_records_the_cast(tmp_path, model_dir, tcfg):
+    from safetensors.torch import save_file
+
+    src = tmp_path / "mine.safetensors"
+    save_file({"prompt_embeds": torch.ones(1, 8, tcfg["joint_attention_dim"], dtype=torch.float16),
+               "pooled_prompt_embeds": torch.ones(1, tcfg["pooled_projection_dim"], dtype=torch.float16)}, str(src))
+    out = embeddings.embeddings_from_tensors(model_dir, src, torch.float32, tmp_path / "out.safetensors")
+    pe, _, meta = embeddings.load_embeddings(out, tcfg, torch.float32)
+    assert pe.dtype == torch.float32 and meta["kind"] == "user-tensors" and meta["cast_from"] == "float16"
+    assert "user's own encoder outputs" in embeddings.metadata_notes(out, meta)[0]
+    save_file({"prompt_embeds": torch.ones(1, 8, 3), "pooled_prompt_embeds": torch.ones(1, 3)}, str(src))
+    with pytest.raises(embeddings.EmbeddingMismatchError, match="joint_attention_dim"):
+        embeddings.embeddings_from_tensors(model_dir, src, torch.float32, tmp_path / "out2.safetensors")

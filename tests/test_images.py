@@ -150,3 +150,47 @@ def test_folders_and_huge_files_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is > 2x the limit: PIL refuses to decode it
     with pytest.raises(ImageInputError, match="too large to open safely"):
         load_image(big, "person")
+
+
+def test_cmyk_16_bit_and_alpha_conversions_are_noted(tmp_path):
+    import struct
+    import zlib
+
+    from tryon_lab.images import read_image
+
+    cmyk = read_image(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "garment")
+    assert cmyk[0].mode == "RGB" and cmyk[1] == [
+        "garment: CMYK converted to 8-bit RGB (CMYK inks to RGB by PIL's plain formula, no colour profile: colours may shift)"]
+    grey16 = tmp_path / "grey16.png"
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(grey16)
+    img, notes = read_image(grey16, "person")
+    assert img.getpixel((0, 0)) == (156, 156, 156) and "I;16" in notes[0] and "16/32-bit values scaled" in notes[0]
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rgb16 = tmp_path / "rgb16.png"  # a 16-bit RGB PNG (PIL reads it as 8-bit RGB without a word)
+    rows = b"".join(b"\x00" + np.full((8, 3), 0xFFFF, ">u2").tobytes() for _ in range(8))
+    rgb16.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+                      + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    img, notes = read_image(rgb16, "person")
+    assert img.getpixel((0, 0)) == (255, 255, 255) and notes == ["person: 16-bit RGB PNG reduced to 8 bits per channel"]
+    assert read_image(np.full((8, 8, 3), 65535, np.uint16), "person")[1] == ["person: uint16 array (16-bit) scaled to 8 bits"]
+    assert read_image(Image.new("RGBA", (8, 8), (0, 0, 0, 0)), "garment")[1] == [
+        "garment: RGBA converted to 8-bit RGB (transparency composited over white)"]
+
+
+def test_resize_paste_back_keeps_every_pixel_outside_the_mask_at_the_input_size():
+    from tryon_lab.images import paste_back
+
+    rng = np.random.default_rng(0)
+    person = Image.fromarray(rng.integers(0, 255, (750, 1000, 3), dtype=np.uint8))
+    mask = np.zeros((750, 1000), np.uint8)
+    mask[200:500, 300:700] = 255
+    p = prepare_input(person, person, Image.fromarray(mask, "L"), fit="resize")
+    assert p.fitted_size != p.person_size and "pasted into the original 1000x750 person" in p.notes[0]
+    generated = Image.fromarray(rng.integers(0, 255, p.diptych.size[::-1] + (3,), dtype=np.uint8))
+    out = np.asarray(paste_back(generated, p))
+    keep = mask < 128
+    assert out.shape == (750, 1000, 3) and np.array_equal(out[keep], np.asarray(person)[keep])
+    assert np.array_equal(out[~keep], np.asarray(person_half(generated, p))[~keep])  # inside: the generated pixels

@@ -112,3 +112,81 @@ def test_resolve_and_describe_refuse_missing_folders(tmp_path, monkeypatch, mode
             checkpoint.describe_model(folder)
     assert checkpoint.resolve_model_dir(model_dir) == model_dir
     assert "[fingerprint " in checkpoint.describe_model(model_dir)
+
+
+def _never(*a, **k):
+    raise AssertionError("a component was loaded before the folder was checked")
+
+
+def test_folder_without_text_encoders_fails_before_loading_then_shape_only_or_own_tensors_load(
+        tmp_path, model_dir, monkeypatch, slim):
+    from safetensors.torch import save_file
+
+    from tryon_lab.experiments.assets import compute_embeddings
+
+    copy = tmp_path / "other_shape"
+    shutil.copytree(model_dir, copy)
+    for part in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "model_index.json"):
+        target = copy / checkpoint.FILL_SUBDIR / part
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    monkeypatch.setattr(loading, "load_component", _never)
+    with pytest.raises(embeddings.NoTextEncodersError, match="no text encoders.*--from-tensors FILE.*--shape-only"):
+        loading.load_slim(copy, torch.float32, "cpu")
+    with pytest.raises(embeddings.NoTextEncodersError, match="--from-tensors"):  # the script's own path, no OSError
+        compute_embeddings(str(copy), "float32", "cpu")
+    monkeypatch.undo()
+
+    path = compute_embeddings(str(copy), "float32", "cpu", shape_only=True)
+    assert embeddings.read_metadata(path)["kind"] == "shape-only"
+    pipe = loading.load_slim(copy, torch.float32, "cpu")
+    assert any("SHAPE-ONLY" in n for n in pipe.notes) and "SHAPE-ONLY" in pipe.description
+    assert pipe.load_report[-1]["notes"] == pipe.notes
+
+    mine = tmp_path / "mine.safetensors"
+    save_file({"prompt_embeds": slim.prompt_embeds, "pooled_prompt_embeds": slim.pooled_prompt_embeds}, str(mine))
+    own = compute_embeddings(str(copy), "float32", "cpu", out=tmp_path / "own.safetensors", from_tensors=mine)
+    pipe = loading.load_slim(copy, torch.float32, "cpu", embeddings_file=own)
+    assert torch.equal(pipe.prompt_embeds, slim.prompt_embeds) and "SHAPE-ONLY" not in pipe.description
+    assert "user's own encoder outputs" in pipe.notes[0]
+
+
+def test_redux_width_that_does_not_fit_the_transformer_is_refused_from_the_configs(tmp_path, model_dir, monkeypatch):
+    import json
+
+    copy = tmp_path / "mixed"
+    shutil.copytree(model_dir, copy)
+    cfg_path = copy / checkpoint.REDUX_SUBDIR / "image_embedder" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "txt_in_features": cfg["txt_in_features"] * 2}))
+    monkeypatch.setattr(loading, "load_component", _never)
+    with pytest.raises(loading.ModelMismatchError, match=r"image_embedder outputs tokens \d+ wide.*joint_attention_dim"):
+        loading.load_slim(copy, torch.float32, "cpu")
+    cfg_path.write_text(json.dumps({**cfg, "redux_dim": cfg["redux_dim"] + 1}))
+    with pytest.raises(loading.ModelMismatchError, match=r"image_encoder outputs features \d+ wide.*\(redux_dim\)"):
+        loading.load_slim(copy, torch.float32, "cpu")
+
+
+def test_truncated_or_corrupt_shard_is_named_before_loading(tmp_path, model_dir, monkeypatch):
+    copy = tmp_path / "broken"
+    shutil.copytree(model_dir, copy)
+    shard = next((copy / checkpoint.FILL_SUBDIR / "transformer").glob("*.safetensors"))
+    data = shard.read_bytes()
+    monkeypatch.setattr(loading, "load_component", _never)
+    for loader in (loading.load_slim, loading.load_standard):
+        shard.write_bytes(data[:-100])
+        with pytest.raises(loading.CorruptCheckpointError, match=f"{shard.name} is truncated.*100 missing.*again"):
+            loader(copy, torch.float32, "cpu")
+    shard.write_bytes(data[:8] + b"{not json" + data[17:])
+    with pytest.raises(loading.CorruptCheckpointError, match=f"{shard.name} is corrupt.*header"):
+        loading.load_slim(copy, torch.float32, "cpu")
+    shard.write_bytes(data[:20])
+    with pytest.raises(loading.CorruptCheckpointError, match=f"{shard.name} is truncated or corrupt"):
+        loading.load_slim(copy, torch.float32, "cpu")
+
+
+def test_embeddings_without_encoder_metadata_are_noted_in_the_load_report(tmp_path, model_dir, slim):
+    path = embeddings.save_embeddings(tmp_path / "nometa.safetensors", slim.prompt_embeds, slim.pooled_prompt_embeds,
+                                      "p", encoder_fp=None)
+    pipe = loading.load_slim(model_dir, torch.float32, "cpu", embeddings_file=path)
+    assert "no encoder metadata" in pipe.notes[0] and pipe.load_report[-1]["notes"] == pipe.notes
+    assert not slim.notes and "notes" not in slim.load_report[-1]

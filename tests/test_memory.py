@@ -220,3 +220,42 @@ def test_compare_denoise_loops_reports_both_loops(slim):
     rows, identical = loops.compare_denoise_loops(slim, _request(3), pipeline.TryOnSettings(steps=2))
     assert identical and [r["loop"] for r in rows] == ["stock loop", "hot path"]
     assert all(r["denoise s"] > 0 for r in rows)
+
+
+def test_planner_with_no_measured_modes_names_the_measuring_command():
+    for table in ({"modes": {}}, {}, {"modes": {"bf16": {"ok": False, "error": "OOM"}}}):
+        with pytest.raises(MemoryBudgetError, match="no measured modes.*scripts/bench_memory_gpu.py --parts budget"):
+            memory.plan_for_limit(24 * GiB, table)
+
+
+def test_bench_with_a_fresh_raw_file_merges_into_the_existing_table(tmp_path, monkeypatch):
+    """A partial run (one mode, a fresh --raw) keeps every mode the table had, each stamped by its own run."""
+    import json
+    import subprocess
+
+    from tryon_lab.experiments import memory_bench
+
+    budget = tmp_path / "memory_budget.json"
+    old = {**copy.deepcopy(BUDGET), "stamp": {"date": "old run"}}
+    budget.write_text(json.dumps(old))
+
+    real_run = subprocess.run
+
+    def fake_child(cmd, **kw):  # what a child process of ``run`` writes for one mode part
+        if memory_bench.__name__ not in cmd:  # git and the like, for the stamp
+            return real_run(cmd, **kw)
+        part, out = cmd[-3], cmd[-1]
+        with open(out, "w") as f:
+            json.dump({"modes": {part: {"peak_bytes": 25 * GiB, "s_per_image": 8.0, "ok": True}}}, f)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(memory_bench.subprocess, "run", fake_child)
+    b = memory_bench.Bench(tiny=True, budget=str(budget))
+    assert memory_bench.run("bf16+model-offload", b, tmp_path / "fresh_raw.json", tmp_path / "results.json") == 0
+    table = json.loads(budget.read_text())
+    assert set(table["modes"]) == set(BUDGET["modes"])  # nothing measured before was lost
+    assert table["modes"]["bf16+model-offload"]["peak_bytes"] == 25 * GiB  # the re-measured one is new
+    assert table["modes"]["bf16+model-offload"]["stamp"]["date"] != "old run"
+    assert table["modes"]["fp8"]["stamp"] == {"date": "old run"} and table["modes"]["fp8"]["peak_bytes"] == 18 * GiB
+    assert table["logo"]["resident_bytes"] == BUDGET["logo"]["resident_bytes"]
+    assert memory.plan_for_limit(80 * GiB, table).mode == MemoryMode(fp8=True)

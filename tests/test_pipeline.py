@@ -113,3 +113,11 @@ def test_sample_ids_are_checked_from_the_manifest_alone(monkeypatch):
         samples.load_sample("s999")
     with pytest.raises(ValueError, match="height must be a positive whole number"):
         samples.load_sample("s000", height=-5)
+
+
+def test_resize_paste_back_keeps_pixels_outside_the_mask(slim):
+    req = _req(seed=4, w=100, h=150)
+    out = pipeline.tryon(slim, req, pipeline.TryOnSettings(steps=2, progress=False, fit="resize"))
+    keep = np.asarray(req.mask) < 128
+    assert out.images[0].size == (100, 150) and "resized" in out.notes[0][0]
+    assert np.array_equal(np.asarray(out.images[0])[keep], np.asarray(req.person)[keep])

@@ -4,12 +4,14 @@ Documented conversions (everything else is a clear ``ImageInputError``); ``prepa
 applied in ``PreparedInput.notes`` (so ``TryOnResult.notes`` reports them):
 - an EXIF orientation (phone photos): turned upright, as image viewers show them;
 - RGBA / LA / PA / P with transparency: composited over white (garment photos are product shots on white);
-- CMYK, P, L, I;16 / I (16/32-bit), F (float in [0, 1] or [0, 255]): converted to 8-bit RGB;
+- CMYK, P, L, I;16 / I (16/32-bit), F (float in [0, 1] or [0, 255]): converted to 8-bit RGB; a 16-bit RGB(A) PNG
+  (which PIL reads as 8 bits per channel) and uint16 / float arrays are reduced to 8 bits, each noted;
 - masks: any mode becomes 8-bit ``L`` (transparent pixels = keep) and is binarised at 128 (white = repaint,
   black = keep); a mask of the person's aspect ratio but another size is resized to it (nearest neighbour);
 - sizes that are not multiples of 16: the person and mask are padded (edge pixels, mask 0) up to the
   next multiple of 16 and the output is cropped back, so the result has the input size exactly
-  (``fit="pad"``, default), or resized to the nearest multiple (``fit="resize"``) and resized back;
+  (``fit="pad"``, default), or resized to the nearest multiple (``fit="resize"``), the generated person resized
+  back and pasted into the original person at its own size (pixels outside the mask stay the input's);
 - a garment of another size than the person: resized to fit inside the person frame, keeping its
   aspect, and centred on white.
 """
@@ -32,7 +34,9 @@ class ImageInputError(ValueError):
 
 MODE_NOTES = {m: " (transparency composited over white)" for m in ("RGBA", "LA", "PA", "RGBa", "La")}
 MODE_NOTES.update({m: " (16/32-bit values scaled to 0..255)" for m in ("I;16", "I;16B", "I;16L", "I")})
-MODE_NOTES.update(F=" (float values scaled to 0..255)", P=" (palette colours; any transparency over white)")
+MODE_NOTES.update(F=" (float values scaled to 0..255)", P=" (palette colours; any transparency over white)",
+                  CMYK=" (CMYK inks to RGB by PIL's plain formula, no colour profile: colours may shift)")
+DEPTH_NOTE = "_tryon_lab_depth_note"  # img.info key: a bit-depth reduction made while opening, for read_image
 
 
 def _open(source: str | Path | Image.Image | np.ndarray, what: str) -> Image.Image:
@@ -45,7 +49,10 @@ def _open(source: str | Path | Image.Image | np.ndarray, what: str) -> Image.Ima
             raise ImageInputError(f"{what}: {path} is a folder, not an image file. Give the path of a PNG or JPEG file.")
         try:
             img = Image.open(path)
+            rawmodes = [str(t.args) for t in getattr(img, "tile", None) or []]
             img.load()
+            if img.mode in ("RGB", "RGBA") and any(";16" in r for r in rawmodes):  # PIL keeps 8 of the 16 bits
+                img.info[DEPTH_NOTE] = f"16-bit {img.mode} PNG reduced to 8 bits per channel"
         except Image.DecompressionBombError as e:
             raise ImageInputError(f"{what}: {path} is too large to open safely ({e}). Downscale it first.") from e
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -78,7 +85,11 @@ def _upright(img: Image.Image, what: str, notes: list[str]) -> Image.Image:
 def read_image(source: str | Path | Image.Image | np.ndarray, what: str = "image") -> tuple[Image.Image, list[str]]:
     """``load_image`` plus the conversions it applied, in words (empty when the input was upright 8-bit RGB)."""
     notes: list[str] = []
-    img = _upright(_open(source, what), what, notes)
+    img = _open(source, what)
+    depth = img.info.get(DEPTH_NOTE)
+    if depth:
+        notes.append(f"{what}: {depth}")
+    img = _upright(img, what, notes)
     if img.mode != "RGB":
         notes.append(f"{what}: {img.mode} converted to 8-bit RGB" + MODE_NOTES.get(img.mode, ""))
     return to_rgb(img, what), notes
@@ -93,8 +104,10 @@ def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
     if arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (1, 3, 4)):
         if 0 in arr.shape:
             raise ImageInputError(f"{what}: the array is empty (shape {arr.shape}).")
+        note = None
         if arr.dtype == np.uint16:
             arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+            note = "uint16 array (16-bit) scaled to 8 bits"
         elif arr.dtype in (np.float16, np.float32, np.float64):
             if not np.isfinite(arr).all():
                 raise ImageInputError(f"{what}: the float array holds NaN or infinite values; use values in [0, 1].")
@@ -102,11 +115,15 @@ def _array_to_image(arr: np.ndarray, what: str) -> Image.Image:
                 raise ImageInputError(f"{what}: float arrays must lie in [0, 1]; got [{arr.min():.3g}, {arr.max():.3g}]. "
                                       "Divide 0..255 values by 255.")
             arr = (arr.astype(np.float64) * 255).round().astype(np.uint8)
+            note = "float array in [0, 1] scaled to 8 bits"
         elif arr.dtype == bool:
             arr = arr.astype(np.uint8) * 255
         elif arr.dtype != np.uint8:
             raise ImageInputError(f"{what}: unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1].")
-        return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+        img = Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+        if note:
+            img.info[DEPTH_NOTE] = note
+        return img
     raise ImageInputError(f"{what}: array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4).")
 
 
@@ -193,6 +210,8 @@ class PreparedInput:
     fitted_size: tuple[int, int]  # (width, height) of the person half
     fit: str
     notes: list[str] = field(default_factory=list)
+    person: Image.Image | None = None  # the person at its original size (paste-back after fit="resize")
+    person_mask: Image.Image | None = None  # its binary mask at the original size
 
 
 def _next_multiple(x: int) -> int:
@@ -220,6 +239,7 @@ def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
     if min(person.size) < MIN_SIDE:
         raise ImageInputError(f"person: {person.size[0]}x{person.size[1]} is too small; each side must be >= {MIN_SIDE} px.")
     mask_img, mask_notes = read_mask(mask, person.size)
+    original, original_mask = person, mask_img
     notes: list[str] = []
     w, h = person.size
     tw, th = _next_multiple(w), _next_multiple(h)
@@ -234,7 +254,8 @@ def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
             tw, th = max(MULTIPLE, round(w / MULTIPLE) * MULTIPLE), max(MULTIPLE, round(h / MULTIPLE) * MULTIPLE)
             person = person.resize((tw, th), Image.BICUBIC)
             mask_img = mask_img.resize((tw, th), Image.NEAREST)
-            notes.append(f"person {w}x{h} resized to {tw}x{th} (multiples of {MULTIPLE}); output resized back")
+            notes.append(f"person {w}x{h} resized to {tw}x{th} (multiples of {MULTIPLE}); output resized back and "
+                         f"pasted into the original {w}x{h} person with its mask (outside it: the input's pixels)")
     garment, note = fit_garment(garment, (tw, th))
     if note:
         notes.append(note)
@@ -244,7 +265,7 @@ def prepare_input(person, garment, mask, fit: str = "pad") -> PreparedInput:
     diptych.paste(person, (tw, 0))
     mask_full = Image.new("L", (2 * tw, th), 0)
     mask_full.paste(mask_img, (tw, 0))
-    return PreparedInput(diptych, mask_full, (w, h), (tw, th), fit, notes)
+    return PreparedInput(diptych, mask_full, (w, h), (tw, th), fit, notes, original, original_mask)
 
 
 def person_half(image: Image.Image, prepared: PreparedInput) -> Image.Image:
@@ -255,6 +276,18 @@ def person_half(image: Image.Image, prepared: PreparedInput) -> Image.Image:
     if prepared.fit == "pad":
         return half.crop((0, 0, w, h))
     return half.resize((w, h), Image.BICUBIC)
+
+
+def paste_back(image: Image.Image, prepared: PreparedInput) -> Image.Image:
+    """The person side of a generated diptych with the input's own pixels outside the mask.
+
+    ``fit="pad"`` (or no resize): composited at the model's size, then cropped. ``fit="resize"``: the generated
+    person is resized back first and composited with the original person and mask at the original size, so no
+    pixel outside the mask goes through a resize round trip.
+    """
+    if prepared.fit == "resize" and prepared.person is not None and prepared.fitted_size != prepared.person_size:
+        return Image.composite(person_half(image, prepared), prepared.person, prepared.person_mask)
+    return person_half(Image.composite(image, prepared.diptych, prepared.mask), prepared)
 
 
 def image_hash(img: Image.Image) -> str:

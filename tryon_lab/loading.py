@@ -24,7 +24,14 @@ from .checkpoint import (
     check_model_dir,
     describe_model,
 )
-from .embeddings import encoder_fingerprint, ensure_embeddings, load_embeddings
+from .embeddings import (
+    encoder_fingerprint,
+    ensure_embeddings,
+    has_text_encoders,
+    load_embeddings,
+    metadata_notes,
+    transformer_config,
+)
 from .lora import LoraState
 from .provenance import fingerprint
 from .timers import measure
@@ -50,6 +57,98 @@ class PickleCheckpointError(ValueError):
     """A component stored as pickle; the message explains why it is refused and how to convert it."""
 
 
+class CorruptCheckpointError(ModelFolderError):
+    """A safetensors shard that is truncated or corrupt (checked from its header, before loading)."""
+
+
+class ModelMismatchError(ModelFolderError):
+    """Parts of the model folder that cannot work together (read from their configs, before loading)."""
+
+
+REDOWNLOAD = ("Download or copy that file again from its source (an interrupted download or copy leaves it short; "
+              "compare its size with the source's), then load again.")
+
+
+def check_safetensors_file(path: Path) -> None:
+    """A safetensors file's 8-byte header length, JSON header and tensor data size against the file size."""
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptCheckpointError(f"{path} is truncated: {size} bytes, shorter than the 8-byte safetensors "
+                                         f"header length. {REDOWNLOAD}")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise CorruptCheckpointError(
+                f"{path} is truncated or corrupt: its header length field says {n} bytes but the file holds only "
+                f"{size} bytes ({'not a safetensors file?' if n > 100_000_000 else 'cut off in the header'}). "
+                f"{REDOWNLOAD}")
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise CorruptCheckpointError(f"{path} is corrupt: its safetensors header cannot be read ({e}). "
+                                         f"{REDOWNLOAD}") from e
+    expected = 8 + n + max(ends, default=0)
+    if size < expected:
+        raise CorruptCheckpointError(
+            f"{path} is truncated: its header describes {expected} bytes of tensors but the file holds {size} "
+            f"({expected - size} missing). {REDOWNLOAD}")
+    if size > expected:
+        raise CorruptCheckpointError(f"{path} is corrupt: {size - expected} bytes follow the tensor data its header "
+                                     f"describes ({expected} bytes). {REDOWNLOAD}")
+
+
+def check_shards(folder: Path) -> None:
+    """Every safetensors file in ``folder`` readable from its header, every shard an index names present."""
+    import json
+
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(f"{index} is corrupt ({e}). {REDOWNLOAD}") from e
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise CorruptCheckpointError(f"{index} names shards that are not in {folder}: {', '.join(missing)}. "
+                                         "Download the missing shards (a partial download), then load again.")
+    for path in sorted(folder.glob("*.safetensors")):
+        check_safetensors_file(path)
+
+
+def _config(model_dir: Path, name: str) -> dict:
+    import json
+
+    path = model_dir / COMPONENTS[name][0] / name / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{name}: cannot read {path} ({e}); the snapshot's config.json is missing or "
+                               "corrupt. Download it again.") from e
+
+
+def check_redux_widths(model_dir: Path) -> None:
+    """The Redux image path must produce tokens of the transformer's text width (``joint_attention_dim``):
+    SigLIP hidden size -> embedder ``redux_dim``, embedder ``txt_in_features`` -> ``joint_attention_dim``."""
+    jad = _config(model_dir, "transformer").get("joint_attention_dim")
+    emb = _config(model_dir, "image_embedder")
+    enc = _config(model_dir, "image_encoder")
+    hidden = enc.get("hidden_size", enc.get("vision_config", {}).get("hidden_size"))
+    fix = (f"Use the {REDUX_SUBDIR} snapshot made for this {FILL_SUBDIR} (the FLUX.1 Redux for FLUX.1 Fill), or "
+           "a model folder whose two snapshots come from the same model family.")
+    if emb.get("txt_in_features") is not None and jad is not None and emb["txt_in_features"] != jad:
+        raise ModelMismatchError(
+            f"{REDUX_SUBDIR}/image_embedder outputs tokens {emb['txt_in_features']} wide (txt_in_features) but "
+            f"{FILL_SUBDIR}/transformer expects {jad} (joint_attention_dim): the first try-on would fail with a "
+            f"tensor-size error. {fix}")
+    if hidden is not None and emb.get("redux_dim") is not None and hidden != emb["redux_dim"]:
+        raise ModelMismatchError(
+            f"{REDUX_SUBDIR}/image_encoder outputs features {hidden} wide (hidden_size) but "
+            f"{REDUX_SUBDIR}/image_embedder takes {emb['redux_dim']} (redux_dim). {fix}")
+
+
 def check_folder(model_dir: str | Path, names: tuple[str, ...]) -> Path:
     """Fail early and clearly: a missing folder, missing snapshot parts, pickle weights where safetensors are
     required (``ModelFolderError`` / ``PickleCheckpointError`` naming the path and the fix); returns the folder."""
@@ -65,7 +164,9 @@ def check_folder(model_dir: str | Path, names: tuple[str, ...]) -> Path:
         if name not in WEIGHTED:
             continue
         files = [p for p in folder.iterdir() if p.is_file()]
-        if not any(p.suffix == ".safetensors" for p in files):
+        if any(p.suffix == ".safetensors" for p in files):
+            check_shards(folder)
+        else:
             pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
             if pickles:
                 raise PickleCheckpointError(
@@ -143,6 +244,7 @@ class SlimPipeline:
     options: object = None  # the configure.PipelineOptions this pipeline was built with
     model_description: str | None = None  # for models built in memory (no folder to fingerprint)
     build_report: dict = field(default_factory=dict)  # what configure applied (e.g. FP8 layer count and bytes)
+    notes: list[str] = field(default_factory=list)  # what the loader found worth saying (e.g. shape-only embeddings)
     _fingerprint: str | None = None
 
     @property
@@ -160,40 +262,48 @@ class SlimPipeline:
     @property
     def description(self) -> str:
         """Which model this is, for every result it produces (hashed once, not per call)."""
-        if self.model_description is not None:
-            return self.model_description
-        return describe_model(self.model_dir, self.fingerprint)
+        text = self.model_description
+        if text is None:
+            text = describe_model(self.model_dir, self.fingerprint)
+        if any("SHAPE-ONLY" in n for n in self.notes):
+            text += " [SHAPE-ONLY text embeddings: smoke run, not a real try-on]"
+        return text
 
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
               embeddings_file: str | Path | None = None) -> SlimPipeline:
     """The slim pipeline: transformer + VAE + scheduler + Redux image encoder/embedder, nothing else.
 
-    ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing.
+    ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing. Everything that
+    can be checked without loading weights is checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
+    check_redux_widths(model_dir)
+    if embeddings_file is None:
+        embeddings_file = ensure_embeddings(model_dir, dtype)
+    with measure(device) as m:
+        prompt_embeds, pooled, meta = load_embeddings(
+            embeddings_file, transformer_config(model_dir), dtype, device,
+            encoder_fp=encoder_fingerprint(model_dir) if has_text_encoders(model_dir) else None)
+    notes = metadata_notes(embeddings_file, meta)
     from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
 
     parts, report = {}, []
     for name in SLIM_COMPONENTS:
         parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
         report.append(row)
-    if embeddings_file is None:
-        embeddings_file = ensure_embeddings(model_dir, dtype)
-    with measure(device) as m:
-        prompt_embeds, pooled, _ = load_embeddings(
-            embeddings_file, dict(parts["transformer"].config), dtype, device,
-            encoder_fp=encoder_fingerprint(model_dir) if (model_dir / FILL_SUBDIR / "text_encoder").exists() else None)
     report.append({"component": "cached text embeddings", "params": 0,
                    "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),
-                   "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"]})
+                   "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
+                   **({"notes": notes} if notes else {})})
     fill = FluxFillPipeline(scheduler=parts["scheduler"], vae=parts["vae"], transformer=parts["transformer"],
                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     redux = FluxPriorReduxPipeline(image_encoder=parts["image_encoder"], feature_extractor=parts["feature_extractor"],
                                    image_embedder=parts["image_embedder"])
     for p in (fill, redux):
         p.set_progress_bar_config(disable=True)
-    return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file))
+    return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file),
+                        notes=notes)
 
 
 @dataclass

@@ -24,7 +24,11 @@ BUDGET_FILE = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_bu
 
 
 class MemoryBudgetError(RuntimeError):
-    """No measured mode fits the given memory limit; the message names the smallest one."""
+    """No measured mode fits the given memory limit (the message names the smallest one), or the table has none."""
+
+
+MEASURE_CMD = ("python scripts/bench_memory_gpu.py --parts budget,bf16+model-offload,bf16+group-offload,"
+               "bf16+sequential-offload")
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,14 @@ def plan_for_limit(limit_bytes: int, budget: dict, logos: int = 4, headroom: flo
     {"resident_bytes": per mode, "per_logo_bytes"}: a logo batch of b needs the mode's resident bytes plus
     b times the per-logo activation bytes. ``reasons`` lists every faster mode that was rejected and why.
     """
+    measured = {n: m for n, m in (budget.get("modes") or {}).items()
+                if isinstance(m, dict) and m.get("ok", True) and m.get("peak_bytes") is not None}
+    if not measured:
+        failed = sorted(n for n, m in (budget.get("modes") or {}).items() if isinstance(m, dict) and not m.get("ok", True))
+        raise MemoryBudgetError(
+            "the memory budget table has no measured modes" + (f" (only failed ones: {', '.join(failed)})" if failed else "")
+            + f", so there is nothing to plan from. Measure them on the GPU with `{MEASURE_CMD}` (it merges into "
+            f"{BUDGET_FILE.relative_to(BUDGET_FILE.parent.parent)}), or pass a table that has them.")
     usable = int(limit_bytes * (1 - headroom))
     reasons = [f"limit {limit_bytes / GiB:.1f} GiB, {headroom:.0%} kept free: {usable / GiB:.1f} GiB usable"]
     modes = sorted(((n, m) for n, m in budget["modes"].items()), key=lambda nm: nm[1].get("s_per_image", 1e9))
@@ -131,6 +143,9 @@ def plan_for_limit(limit_bytes: int, budget: dict, logos: int = 4, headroom: flo
         if mode.fp8 and not fp8_available:
             reasons.append(f"{name}: skipped, FP8 matmuls need compute capability >= 8.9")
             continue
+        if m.get("peak_bytes") is None:
+            reasons.append(f"{name}: skipped, no measured peak")
+            continue
         if m["peak_bytes"] > usable:
             reasons.append(f"{name}: needs {m['peak_bytes'] / GiB:.1f} GiB > {usable / GiB:.1f} GiB")
             continue
@@ -138,7 +153,7 @@ def plan_for_limit(limit_bytes: int, budget: dict, logos: int = 4, headroom: flo
         reasons.append(f"chosen {name}: {m['peak_bytes'] / GiB:.1f} GiB peak, {m['s_per_image']:.2f} s per image "
                        f"(the fastest that fits); logo batch {batch} of {logos} ({why})")
         return Plan(mode, batch, m["peak_bytes"], m["s_per_image"], reasons)
-    smallest = min((m for m in budget["modes"].values() if m.get("ok", True)), key=lambda m: m["peak_bytes"])
+    smallest = min(measured.values(), key=lambda m: m["peak_bytes"])
     raise MemoryBudgetError(f"no measured mode fits {limit_bytes / GiB:.1f} GiB; the smallest needs "
                             f"{smallest['peak_bytes'] / GiB:.1f} GiB.\n" + "\n".join(reasons))
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from .checkpoint import TRYON_PROMPT, describe_model
-from .images import ImageInputError, PreparedInput, image_hash, person_half, prepare_input
+from .images import ImageInputError, PreparedInput, image_hash, paste_back, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
 from .oom import retry_with_vae_tiling
 from .timers import Timings
@@ -185,11 +185,8 @@ def _finish(fill, prepared, latents, timings: Timings, settings: TryOnSettings, 
         diptychs = retry_with_vae_tiling(
             lambda: decode(fill, latents, height, width, bool(settings.hot_path), copy_streams), fill.vae,
             recoveries, "decode")
-    if settings.paste_back:
-        kept = [Image.composite(d, p.diptych, p.mask) for d, p in zip(diptychs, prepared, strict=True)]
-    else:
-        kept = diptychs
-    return [person_half(d, p) for d, p in zip(kept, prepared, strict=True)], diptychs
+    cut = paste_back if settings.paste_back else person_half  # paste-back at the input's own size (images.py)
+    return [cut(d, p) for d, p in zip(diptychs, prepared, strict=True)], diptychs
 
 
 def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],

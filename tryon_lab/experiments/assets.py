@@ -21,14 +21,27 @@ NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model.safetensors", "pyto
 
 
 def compute_embeddings(model: str = "default", dtype: str = "auto", device: str = "auto",
-                       prompt: str = checkpoint.TRYON_PROMPT, out: str | Path | None = None) -> Path:
+                       prompt: str = checkpoint.TRYON_PROMPT, out: str | Path | None = None,
+                       from_tensors: str | Path | None = None, shape_only: bool = False) -> Path:
     """The embedding cache of ``model`` ('default', 'random', 'trained' or a folder holding FLUX.1-Fill-dev/),
-    at ``out`` or the path the loaders look in."""
+    at ``out`` or the path the loaders look in. For a folder without text encoders: ``from_tensors`` (a user's
+    own encoder outputs, a .safetensors) or ``shape_only`` (zeros of the right shapes, smoke runs only)."""
+    if from_tensors and shape_only:
+        raise ValueError("give --from-tensors FILE or --shape-only, not both.")
     device, torch_dtype = resolve_device_dtype(device, dtype)
-    path = embeddings.build_embeddings(checkpoint.resolve_model_dir(model), torch_dtype, device, out, prompt=prompt)
+    model_dir = checkpoint.resolve_model_dir(model)
+    if from_tensors:
+        path = embeddings.embeddings_from_tensors(model_dir, from_tensors, torch_dtype, out, prompt=prompt)
+    elif shape_only:
+        path = embeddings.shape_only_embeddings(model_dir, torch_dtype, out)
+    else:
+        path = embeddings.build_embeddings(model_dir, torch_dtype, device, out, prompt=prompt)
     meta = embeddings.read_metadata(path)
+    source = {"shape-only": "SHAPE-ONLY zeros (smoke runs only)",
+              "user-tensors": f"your tensors from {meta.get('source')}"}.get(
+        meta.get("kind"), f"encoders {meta.get('encoder_fingerprint', '?')[:16]}")
     print(f"wrote {path}: prompt_embeds {meta['prompt_embeds_shape']}, pooled {meta['pooled_prompt_embeds_shape']}, "
-          f"{meta['dtype']}, encoders {meta['encoder_fingerprint'][:16]}")
+          f"{meta['dtype']}, {source}")
     return path
 
 

@@ -246,12 +246,36 @@ def merge(into: dict, new: dict) -> None:
 
 def budget_table(res: dict) -> dict:
     """The planner's table from everything measured: modes (peak, time), logo resident and per-logo bytes."""
-    keys = ("peak_bytes", "peak_allocated_bytes", "s_per_image", "ms_per_step", "ok", "error")
+    keys = ("peak_bytes", "peak_allocated_bytes", "s_per_image", "ms_per_step", "ok", "error", "stamp")
     modes = {n: {k: m.get(k) for k in keys if m.get(k) is not None} for n, m in res.get("modes", {}).items()}
     per_logo = res.get("components", {}).get("logo crops, per logo", {}).get("bytes")
     return {"components": res.get("components", {}), "modes": modes,
             "logo": {"per_logo_bytes": per_logo, "resident_bytes": res.get("logo_resident_bytes", {})},
             "request": res.get("request"), "stamp": res.get("stamp")}
+
+
+def merge_budget(old: dict, new: dict) -> dict:
+    """``new`` (this run's table) over ``old`` (the table on disk): modes, components and logo bytes not measured
+    again are kept, each mode carrying the stamp of the run that measured it, so a partial run loses nothing."""
+    old_stamp = old.get("stamp")
+    modes = {n: {**m, "stamp": m.get("stamp", old_stamp)} for n, m in (old.get("modes") or {}).items()}
+    modes.update(new.get("modes") or {})
+    logo_old, logo_new = old.get("logo") or {}, new.get("logo") or {}
+    per_logo = logo_new.get("per_logo_bytes")
+    return {**old, **new, "modes": modes,
+            "components": {**(old.get("components") or {}), **(new.get("components") or {})},
+            "logo": {"per_logo_bytes": per_logo if per_logo is not None else logo_old.get("per_logo_bytes"),
+                     "resident_bytes": {**(logo_old.get("resident_bytes") or {}),
+                                        **(logo_new.get("resident_bytes") or {})}}}
+
+
+def _read_table(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        print(f"{path} is not valid JSON; it is replaced by this run's table", file=sys.stderr)
+        return {}
+    return table if isinstance(table, dict) else {}
 
 
 def report(res: dict) -> str:
@@ -289,6 +313,7 @@ def run(parts: str, b: Bench, raw: str | Path, results: str | Path, part_timeout
     raw.parent.mkdir(parents=True, exist_ok=True)
     Path(b.budget).parent.mkdir(parents=True, exist_ok=True)
     res = json.loads(raw.read_text()) if raw.exists() else {}
+    table = _read_table(Path(b.budget))  # the committed table: merged into, never overwritten by a partial run
     res.update(model="full-size FLUX.1 Fill + Redux shapes, random bf16 weights" if not b.tiny else "tiny CPU smoke config",
                request=f"person {b.width}x{b.height} (diptych {2 * b.width}x{b.height}), {b.steps} steps, "
                        f"logo crops {b.logo_size} px per half")
@@ -314,8 +339,10 @@ def run(parts: str, b: Bench, raw: str | Path, results: str | Path, part_timeout
         res.setdefault("part_seconds", {})[part] = time.perf_counter() - t0
         res["stamp"] = stamp("cpu" if b.tiny else "cuda")
         res.setdefault("part_stamps", {})[part] = res["stamp"]  # parts may come from several runs
+        for name in new.get("modes") or {}:  # each mode says which run measured it
+            res["modes"][name]["stamp"] = res["stamp"]
         raw.write_text(json.dumps(res, indent=2, default=str))  # after every part: nothing lost on a timeout
-        Path(b.budget).write_text(json.dumps(budget_table(res), indent=2, default=str))
+        Path(b.budget).write_text(json.dumps(merge_budget(table, budget_table(res)), indent=2, default=str))
         print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)
     md = report(res)
     write_results(results, "memory_gpu" if not b.tiny else "memory_tiny", res, md)

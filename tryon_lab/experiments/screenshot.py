@@ -5,7 +5,9 @@ notebook's run outputs land there, not in the repository), starts ``jupyter lab`
 token on a free port and no browser, opens the notebook in headless Chromium, runs all cells from the Run menu,
 waits until the widget shows its output images and timing table and the remaining cells have finished, scrolls
 the widget to the top and fits the window to it, takes a full-page screenshot, stops the server and shrinks the
-PNG if needed (``max_kb``).
+PNG if needed (``max_kb``). With ``error_out`` it then also shows the widget after an error, as a user meets
+it: it types a logo box outside the garment image (``BAD_BOXES``) into the widget's "logo boxes" field, presses
+the widget's Run button, waits for the red "Error:" line and takes a second screenshot.
 
 Needs Playwright's Python package (an optional tool, not a dependency of the workbench; no Playwright-managed
 browser) and a system Chromium (e.g. Debian's ``apt-get install chromium``).
@@ -49,6 +51,11 @@ ALL_DONE_JS = """() => {
     const bar = document.querySelector('#jp-main-statusbar');
     return !prompts.some(p => p.innerText.includes('*')) && bar !== null && /\\bIdle\\b/.test(bar.innerText);
 }"""
+# The widget shows an error line (after a bad input), and Run has cleared its outputs.
+ERROR_SHOWN_JS = """() => [...document.querySelectorAll('.jp-OutputArea-output .widget-vbox .widget-html-content')]
+    .some(e => e.innerText.startsWith('Error:'))"""
+# A logo box far outside the (small) garment image: Run rejects it before any model call.
+BAD_BOXES = "10,10,40,40; 900,900,1000,1000"
 # Scroll the notebook so the widget starts just below the toolbar.
 TO_TOP_JS = """e => {
     e.scrollIntoView({block: 'start'});
@@ -100,7 +107,26 @@ def stop_lab(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def shoot(url: str, chromium: str, user_data: Path, width: int, height: int, timeout: float) -> bytes:
+def fit_to_widget(page, widget, width: int, height: int) -> bytes:
+    """Put the widget at the top of the notebook panel and shorten the window so the panel ends just below it
+    (the line above it names the model's local path; the next cell's stderr would show local library paths);
+    a full-page screenshot."""
+    page.set_viewport_size({"width": width, "height": height})
+    widget.evaluate(TO_TOP_JS)
+    page.wait_for_timeout(1000)
+    box = widget.bounding_box()
+    panel = page.locator(".jp-NotebookPanel .jp-WindowedPanel-outer").first.bounding_box()
+    if box and panel:
+        below = height - (panel["y"] + panel["height"])  # status bar and margins
+        page.set_viewport_size({"width": width, "height": int(box["y"] + box["height"] + 16 + below)})
+        widget.evaluate(TO_TOP_JS)
+    page.wait_for_timeout(2000)  # let the images lay out
+    return page.screenshot(full_page=True)
+
+
+def shoot(url: str, chromium: str, user_data: Path, width: int, height: int, timeout: float,
+          with_error: bool = False) -> tuple[bytes, bytes | None]:
+    """The widget after Run All (PNG) and, ``with_error``, after a Run with ``BAD_BOXES`` (PNG, else None)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -120,20 +146,18 @@ def shoot(url: str, chromium: str, user_data: Path, width: int, height: int, tim
             # Let the remaining cells finish too, so the progress bar and kernel status are final.
             page.wait_for_function(ALL_DONE_JS, timeout=timeout * 1000, polling=1000)
             page.add_style_tag(content=".Toastify { display: none !important; }")  # "Jupyter news?" toast
-            # Put the widget at the top of the notebook panel (the line above it names the model's local path).
             widget = page.locator(".jp-OutputArea-output .widget-vbox").first
-            widget.evaluate(TO_TOP_JS)
+            ok = fit_to_widget(page, widget, width, height)
+            if not with_error:
+                return ok, None
+            boxes = widget.locator(".widget-textarea textarea").first
+            boxes.fill(BAD_BOXES)  # continuous_update: the kernel gets the new value as it is typed
+            boxes.press("Tab")
             page.wait_for_timeout(1000)
-            # Shorten the window so the notebook panel ends just below the widget (the next cell's stderr
-            # would show local library paths).
-            box = widget.bounding_box()
-            panel = page.locator(".jp-NotebookPanel .jp-WindowedPanel-outer").first.bounding_box()
-            if box and panel:
-                below = height - (panel["y"] + panel["height"])  # status bar and margins
-                page.set_viewport_size({"width": width, "height": int(box["y"] + box["height"] + 16 + below)})
-                widget.evaluate(TO_TOP_JS)
-            page.wait_for_timeout(2000)  # let the images lay out
-            return page.screenshot(full_page=True)
+            widget.locator("button.jupyter-button", has_text="Run").first.click()
+            page.wait_for_function(ERROR_SHOWN_JS, timeout=120_000, polling=500)
+            page.wait_for_function(ALL_DONE_JS, timeout=120_000, polling=1000)
+            return ok, fit_to_widget(page, widget, width, height)
         finally:
             context.close()
 
@@ -157,9 +181,11 @@ def shrink(png: bytes, max_kb: int) -> bytes:
 
 
 def screenshot_widget(out: str | Path = REPO_ROOT / "docs" / "widget_ui.png", chromium: str | None = None,
-                      width: int = 1400, height: int = 1500, timeout: float = 600, max_kb: int = 600) -> Path:
+                      width: int = 1400, height: int = 1500, timeout: float = 600, max_kb: int = 400,
+                      error_out: str | Path | None = None) -> list[Path]:
     """Run notebook 04 in JupyterLab, screenshot its widget with ``chromium`` (default: chromium on PATH) and
-    write the PNG (at most ``max_kb``) to ``out``; ``timeout``: seconds to wait for the widget output."""
+    write the PNG (at most ``max_kb``) to ``out``; ``timeout``: seconds to wait for the widget output. With
+    ``error_out``, also the widget after a Run with a logo box outside the garment image, to ``error_out``."""
     chromium = chromium or shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
     with tempfile.TemporaryDirectory(prefix="widget-ui-") as tmp:
         root = Path(tmp) / "lab"
@@ -172,15 +198,21 @@ def screenshot_widget(out: str | Path = REPO_ROOT / "docs" / "widget_ui.png", ch
             try:
                 wait_for_server(f"{base}/api/status?token={token}", proc, timeout=120)
                 url = f"{base}/lab/tree/{NOTEBOOK.name}?reset&token={token}"
-                png = shoot(url, chromium, Path(tmp) / "chromium-profile", width, height, timeout)
+                pngs = shoot(url, chromium, Path(tmp) / "chromium-profile", width, height, timeout,
+                             with_error=error_out is not None)
             except Exception:
                 log.flush()
                 sys.stderr.write((Path(tmp) / "lab.log").read_text(errors="replace")[-4000:])
                 raise
             finally:
                 stop_lab(proc)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(shrink(png, max_kb))
-    print(f"wrote {out} ({out.stat().st_size // 1024} KB)")
-    return out
+    written = []
+    for path, png in zip((out, error_out), pngs, strict=True):
+        if path is None or png is None:
+            continue
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(shrink(png, max_kb))
+        print(f"wrote {path} ({path.stat().st_size // 1024} KB)")
+        written.append(path)
+    return written

@@ -65,6 +65,18 @@ def _lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _step(opt, loss: torch.Tensor, params, losses: list[float], step: int, log_every: int, what: str,
+          start: float, log) -> None:
+    """One optimiser step with gradient clipping at 1.0; the loss is kept and logged every ``log_every`` steps."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    losses.append(loss.item())
+    if step % log_every == 0:
+        log(f"{what} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - start:.0f}s)")
+
+
 def train_vae(vae, batches, cfg: TrainConfig, device, log=print) -> list[float]:
     vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
@@ -79,13 +91,7 @@ def train_vae(vae, batches, cfg: TrainConfig, device, log=print) -> list[float]:
             rec = vae.decode(post.sample()).sample
         rec = rec.float()
         loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0:
-            log(f"vae step {step} loss {np.mean(losses[-cfg.log_every:]):.4f} ({time.time() - start:.0f}s)")
+        _step(opt, loss, vae.parameters(), losses, step, cfg.log_every, f"vae step {step}", start, log)
         if time.time() - start > cfg.vae_time_s:
             break
     vae.eval().requires_grad_(False)
@@ -175,13 +181,7 @@ def train_fill(models: dict, fill_pipe, text: tuple[torch.Tensor, torch.Tensor],
                                pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
                                img_ids=img_ids, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0:
-            log(f"fill step {step} loss {np.mean(losses[-cfg.log_every:]):.4f} ({time.time() - start:.0f}s)")
+        _step(opt, loss, params, losses, step, cfg.log_every, f"fill step {step}", start, log)
         if time.time() - start > cfg.fill_time_s:
             break
     for m in (transformer, encoder, embedder):

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from . import compiling, quant
-from .loading import SLIM_COMPONENTS, SlimPipeline, check_folder, load_slim, resolve_device_dtype
+from .checkpoint import check_model_dir
+from .loading import SlimPipeline, load_slim, resolve_device_dtype
 from .lora import load_lora, prepare_hotswap
 from .parallel import ContextParallel
 from .teacache import TeaCacheConfig, apply_teacache
@@ -142,7 +143,7 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
 
         if problem := compile_problem(o.context_parallel, o.compile):
             raise OptionsError(problem)
-    model_dir = check_folder(model_dir, SLIM_COMPONENTS)
+    model_dir = check_model_dir(model_dir)  # both snapshots there; load_slim checks their parts and shards
     if o.context_parallel is not None:  # every rank builds on its own GPU (torchrun)
         from .parallel import init_distributed
 

@@ -80,8 +80,9 @@ def measure(device: str | torch.device = "cpu"):
             out["memory_kind"] = "process RSS growth"
 
 
-def peak_memory_bytes(device: str | torch.device | None = None) -> int:
-    """Peak memory of this process so far: CUDA peak allocation on a GPU, peak RSS on the CPU."""
+def peak_memory_bytes(device: str | torch.device | None = None, reserved: bool = False) -> int:
+    """Peak memory of this process so far: CUDA peak allocation on a GPU (``reserved``: the caching
+    allocator's peak reservation, what a card's limit is measured against), peak RSS on the CPU."""
     if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()
     return peak_rss_bytes()

@@ -60,6 +60,12 @@ MODEL = "FLUX.1 Fill shapes from the published configs, random weights: timings 
 DEFAULT = "eager,fp8_row_fused_regional,fp8_row_fused_full_cudagraphs,fp8_row_fused_regional_tuned"
 
 
+def for_shape(options: PipelineOptions, s: fullsize.Shape) -> PipelineOptions:
+    """A recipe's options on this shape's device and dtype (the CPU smoke run compiles with aot_eager: no C++)."""
+    return replace(options, device=s.device, dtype=s.dtype,
+                   compile_backend="inductor" if s.device == "cuda" else "aot_eager")
+
+
 def free() -> None:
     reset_compiled()
     gc.collect()
@@ -114,8 +120,7 @@ def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, qui
     t0 = time.perf_counter()
     pipe = fullsize.slim_pipeline(s)
     encoders = fullsize.build_text_encoders(s) if r.stock else []
-    opts = PipelineOptions(**{**asdict(r.options), "device": s.device, "dtype": s.dtype,
-                              "compile_backend": "inductor" if s.device == "cuda" else "aot_eager"})
+    opts = for_shape(r.options, s)
     row: dict = {"variant": name, "options": {k: v for k, v in asdict(opts).items() if v not in (None, (), False)},
                  "status": "ok", "text_encoder_bytes": sum(weight_bytes(e) for e in encoders)}
     import torch._inductor.config as inductor_config
@@ -273,8 +278,7 @@ def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps
 
     s = fullsize.shape(tiny=tiny)
     pipe = fullsize.slim_pipeline(s)
-    opts = PipelineOptions(**{**asdict(RECIPES[name].options), "device": s.device, "dtype": s.dtype})
-    apply_options(pipe, opts)
+    apply_options(pipe, for_shape(RECIPES[name].options, s))
     x = fullsize.diptych_inputs(s)
     with torch.no_grad():
         run_image(pipe.fill, s, x, 2)
@@ -314,8 +318,7 @@ def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28,
                                 ("best variant + step cache", "fp8_row_fused_regional", True)):
         free()
         pipe = fullsize.slim_pipeline(s)
-        opts = PipelineOptions(**{**asdict(RECIPES[recipe].options), "device": s.device, "dtype": s.dtype,
-                                  "compile_backend": "inductor" if s.device == "cuda" else "aot_eager"})
+        opts = for_shape(RECIPES[recipe].options, s)
         if s.device != "cuda" and opts.fp8.startswith("fp8_dynamic"):  # the CPU smoke run: no FP8 matmuls
             opts = replace(opts, fp8="fp8_weight_only")
         apply_options(pipe, opts)

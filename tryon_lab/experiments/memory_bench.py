@@ -90,7 +90,7 @@ def clear() -> None:
 
 def peaks(device: str) -> dict:
     """Peak reserved (what a cap limits; CPU: peak RSS) and peak allocated bytes since the last ``measure``."""
-    reserved = torch.cuda.max_memory_reserved() if device == "cuda" else peak_memory_bytes(device)
+    reserved = peak_memory_bytes(device, reserved=True)
     return {"peak_bytes": reserved, "peak_allocated_bytes": peak_memory_bytes(device)}
 
 

@@ -127,20 +127,35 @@ notebook.markdown(variants_report.swap_text(swap, lab.cpu))
 cold = variants_report.cold_start(lab.model_dir, cold_start_variant, lab.dtype_name, lab.device, cold_start_steps,
                                   seed, backend)
 if cold:
-    notebook.table(cold, ["case", "wall_s", *variants_report.COLD_PARTS], note=lab.timing("Seconds") + ".")
+    notebook.table(cold, ["case", *variants_report.COLD_PARTS, "to first image"], note=lab.timing("Seconds") + ".")
     fig = variants_report.plot_cold_start(cold, cold_start_variant, lab.cpu)
 
 # %% [markdown]
 # ### On the GPU: where a cold start's time goes
 # The same question at full size, measured on an H200 (`scripts/bench_gpu.py`, committed in
 # `benchmarks/bench_gpu.json`): stock loading and eager denoising against the slim FP8 + regional-compile path,
-# each phase of a fresh process to its first image. Imports of diffusers (which pulls in peft, transformers and
-# torch._dynamo) dominate every case; a warm compile cache removes most but not all compile time.
+# each phase of a fresh process to its first image, with the levers: compile artefacts, the FP8 transformer
+# saved already quantized, CUDA initialised on a thread. Imports dominate every case: diffusers, with what it
+# imports itself (transformers, peft, torchao), takes about 10 s, torch with its compiler about 5 s; a warm
+# compile cache still leaves about 4 s of tracing and cache loading in the first image.
 
 # %%
 gpu_cold, phases, measured_on = variants_report.gpu_cold_start()
 fig = plots.phase_bars(gpu_cold, phases, title="fresh process -> first full-size image (seconds)")
 notebook.markdown(f"Measured on {measured_on}.")
+
+# %% [markdown]
+# ### On the GPU: step speed and per image, with a verdict each
+# Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
+# weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the
+# step-cache rows replay the compute/skip pattern chosen on the trained model, so their quality is the one
+# measured there (notebook 02), not a distance on random weights.
+
+# %%
+gpu_steps, steps_measured_on = variants_report.gpu_steps()
+notebook.table(gpu_steps, note=f"Measured on {steps_measured_on}.")
+fig = plots.phase_bars([r for r in gpu_steps if r["s/image"]], ["s/image"], label="variant",
+                       title="seconds per image (28 steps + VAE decode), full-size FLUX Fill on one H200")
 
 # %% [markdown]
 # ## 6. Record the run

@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=gpu_bench.DEFAULT,
                     help=f"comma list from: {', '.join(gpu_bench.RECIPES)} (empty: none)")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start processes")
+    ap.add_argument("--cold-cases", help="only these cold-start cases, ';'-separated (default: all)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run (keep under the call limit)")
     ap.add_argument("--work", default="/tmp/bench_gpu_work", help="local disk for weights and compile artefacts")
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="VARIANT", help="only: where one step's GPU time goes, by kernel kind")
     ap.add_argument("--step-cache", metavar="RESULTS_JSON", help="only: per image with the step cache, replaying the "
                     "pattern `step_cache_pattern` in this results file (recorded on the trained model)")
+    ap.add_argument("--schedule", metavar="RESULTS_JSON", help="the step-cache rows replay `step_cache_pattern` "
+                    "(or `step_cache_pattern_order1` when present) from this results file")
     a = ap.parse_args(argv)
     if a.profile:
         import json
@@ -45,7 +48,17 @@ def main(argv=None) -> int:
         write_results(Path(a.out) / "step_cache.json", "step_cache_gpu", {"stamp": stamp(), **res})
         print(json.dumps(res, indent=1, default=str))
         return 0
-    gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work)
+    schedule = None
+    if a.schedule:
+        import json
+        from pathlib import Path
+
+        res = json.loads(Path(a.schedule).read_text())
+        schedule = res.get("step_cache_pattern_order1", res["step_cache_pattern"])["schedule"]
+        if a.tiny:  # the CPU smoke run has fewer steps: the same pattern's first steps
+            schedule = schedule[: a.steps or 3]
+    cold_cases = [c.strip() for c in a.cold_cases.split(";")] if a.cold_cases else None
+    gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work, schedule, cold_cases)
     return 0
 
 

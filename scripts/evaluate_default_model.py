@@ -1,9 +1,11 @@
-"""Held-out quality of the default model against ground truth, trained against random weights.
+"""Held-out quality of the default model against ground truth, trained against random weights, and its limits.
 
-    python scripts/evaluate_default_model.py            # 8 pairs from seed 999 (never used in training), 20 steps
+    python scripts/evaluate_default_model.py                   # 8 pairs from seed 999 (never trained on), 20 steps
+    python scripts/evaluate_default_model.py --pairs 2 --steps 4   # a quick look
 
-Writes the numbers to benchmarks/results.json (entry ``heldout_quality``) and the grid to docs/heldout_grid.png
-(``tryon_lab.experiments.default_model.evaluate_default``).
+Writes benchmarks/default_model_quality.json: {"trained": {masked_psnr, masked_ssim, logo_match_rate,
+logo_psnr_before, logo_psnr_after, vae_recon_psnr, ...}, "random": {...}, "data": {...}, "stamp": {...}}
+(``tryon_lab.experiments.default_quality.evaluate_default``); the logo LoRA next to the model is used when present.
 """
 
 from __future__ import annotations
@@ -14,18 +16,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tryon_lab.experiments import default_model  # noqa: E402
+from tryon_lab import checkpoint  # noqa: E402
+from tryon_lab.experiments import default_model, default_quality  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=999)
-    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--results", default=str(Path(__file__).resolve().parent.parent / "benchmarks" / "results.json"))
-    p.add_argument("--grid", default=str(Path(__file__).resolve().parent.parent / "docs" / "heldout_grid.png"))
+    p.add_argument("--model", default=str(checkpoint.TRAINED_DIR))
+    p.add_argument("--logo-lora", default=None,
+                   help=f"a logo LoRA folder (default: {default_model.LOGO_LORA_DIR.name} when it exists; 'none': off)")
+    p.add_argument("--results", default=str(default_quality.RESULTS))
+    p.add_argument("--grid", default=None, help="write the trained model's grid here (e.g. docs/heldout_grid.png)")
+    p.add_argument("--data-seconds", type=float, default=3.0, help="time per data-throughput measurement (0: skip)")
     args = p.parse_args(argv)
-    default_model.evaluate_default(args.seed, args.count, args.steps, args.results, args.grid)
+    if args.pairs < 1 or args.steps < 1:
+        p.error(f"--pairs and --steps must be >= 1, got {args.pairs} and {args.steps}")
+    lora = args.logo_lora
+    if lora is None and default_model.LOGO_LORA_DIR.is_dir():
+        lora = default_model.LOGO_LORA_DIR
+    lora = None if str(lora).lower() == "none" else lora
+    default_quality.evaluate_default(args.seed, args.pairs, args.steps, args.results, args.grid, args.model, lora,
+                                     args.data_seconds)
     return 0
 
 

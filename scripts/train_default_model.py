@@ -1,18 +1,27 @@
-"""Train the toy try-on default model, or assemble the committed checkpoint from trained weights.
+"""Train the toy try-on default model in resumable calls, or assemble the committed checkpoint from a state.
 
-    # on a GPU (one call of under 10 minutes): writes trained weights, losses and the curve to --out
-    python scripts/train_default_model.py train --out /tmp/trained --device cuda
-    # here: factory text encoders + trained weights -> checkpoints/toy-tryon, card, embeddings
-    python scripts/train_default_model.py assemble --weights /tmp/trained
-    # a few steps of each stage on the CPU (smoke test)
-    python scripts/train_default_model.py train --out /tmp/quick --device cpu --quick
+    # on a GPU, first call (VAE, then Fill until the budget): state + log into --out
+    python scripts/train_default_model.py train --out OUT --device cuda --time-budget 540 --stages vae,fill
+    # every later call: continue the state the previous call wrote (AdamW state too, if it is still on disk)
+    python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages fill \
+        --optim-dir /tmp/optim
+    # the logo adapter on the trained model (a stage of the same trainer)
+    python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages logo
+    # here: factory text encoders + the state's EMA weights -> checkpoints/toy-tryon (+ the logo LoRA)
+    python scripts/train_default_model.py assemble --state OUT
+    # a few steps of every stage on the CPU (smoke test)
+    python scripts/train_default_model.py train --out /tmp/quick --device cpu --quick --stages vae,fill,logo
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import time
+
+STARTED = time.time()  # --time-budget counts from here: imports and data workers are part of the call
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -25,23 +34,35 @@ from tryon_lab.experiments import default_model  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train both stages and write the weights")
-    t.add_argument("--out", required=True)
+    t = sub.add_parser("train", help="one training call: continue or start, then save the state")
+    t.add_argument("--out", required=True, help="folder for the state (state.json, weights-*.safetensors), log, LoRA")
+    t.add_argument("--resume", help="a state folder a previous call wrote (its --out)")
+    t.add_argument("--stages", default="vae,fill", help="comma-separated, in order: vae, fill, logo")
+    t.add_argument("--time-budget", type=float, help="seconds for the whole call, saving included")
+    t.add_argument("--save-reserve", type=float, default=default_model.SAVE_RESERVE_S,
+                   help="seconds of the budget kept for saving")
+    t.add_argument("--optim-dir", help="write the AdamW state here (and read it back when it matches the state)")
+    t.add_argument("--init-from", help="start from a model folder's weights (stages not listed are kept as they are)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS),
                    help="fp32 prompt embeddings of the factory text encoders (made if missing)")
     t.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    t.add_argument("--set", action="append", default=[], help="override a TrainConfig field, e.g. --set fill_time_s=300")
-    a = sub.add_parser("assemble", help="build checkpoints/toy-tryon from trained weights")
-    a.add_argument("--weights", required=True)
+    t.add_argument("--set", action="append", default=[], help="override a TrainConfig field, e.g. --set fill_lr=3e-4")
+    a = sub.add_parser("assemble", help="build checkpoints/toy-tryon from a training state")
+    a.add_argument("--state", required=True, help="the state folder of the last training call")
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
+    a.add_argument("--logo-out", default=str(default_model.LOGO_LORA_DIR))
     a.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS))
     args = p.parse_args(argv)
     if args.cmd == "train":
+        bad = [kv for kv in args.set if "=" not in kv]
+        if bad:
+            p.error(f"--set takes FIELD=VALUE, got {bad[0]!r}")
         default_model.train_default(args.out, args.device, args.embeddings, args.quick,
-                                    dict(kv.split("=", 1) for kv in args.set))
+                                    dict(kv.split("=", 1) for kv in args.set), args.stages, args.resume,
+                                    args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve)
     else:
-        default_model.assemble_default(args.weights, args.out, args.embeddings)
+        default_model.assemble_default(args.state, args.out, args.embeddings, args.logo_out)
     return 0
 
 

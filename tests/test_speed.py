@@ -167,13 +167,14 @@ def test_compile_artifacts_round_trip_in_fresh_processes(tmp_path):
 
 
 def test_bench_gpu_script_tiny_mode(tmp_path):
-    """The GPU benchmark's own code path on the CPU: tiny model, two variants and the cold-start processes,
-    results written; the cold-start phases add up to the wall time to the first image."""
-    from tryon_lab.experiments.coldstart_gpu import PHASES
+    """The GPU benchmark's own code path on the CPU: tiny model, two variants and every cold-start case in fresh
+    processes, results written; each case's phases add up to its wall time to the first image, the saved FP8
+    weights load in the later cases, and the slim path's imports are counted in the imports phase."""
+    from tryon_lab.experiments.coldstart import GPU_CASES, PHASES
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
     p = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "eager,regional", "--out", str(tmp_path),
-                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=240)
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "bench_gpu.json").read_text())["bench_gpu"]
     eager, regional = res["steps"]["variants"]["eager"], res["steps"]["variants"]["regional"]
@@ -182,8 +183,31 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert regional["latent_rel_l2_vs_eager"] < 1e-5 and eager["ms_per_step"] > 0
     assert "device" in res["stamp"] and (tmp_path / "bench_gpu.md").exists()
     cases = res["cold"]["cases"]
-    assert cases["stock eager"]["status"] == cases["slim fp8 regional, empty cache"]["status"] == "ok"
-    for c in (c for c in cases.values() if c["status"] == "ok"):
-        parts = sum(c[k] for k in PHASES if k in c) + c["other"]
-        assert abs(parts - c["first_image_wall_s"]) < 1e-6 and all(c.get(k, 0.0) >= 0 for k in PHASES)
+    assert set(cases) == set(GPU_CASES) and all(c["status"] == "ok" for c in cases.values()), cases
+    assert res["cold"]["fp8_saved"]["fused_qkv"] is True and "fingerprint" in res["cold"]
+    for c in cases.values():
+        parts = sum(c[k] for k in PHASES) + c["other"]
+        assert abs(parts - c["first_image_wall_s"]) < 1e-6 and all(c[k] >= 0 for k in PHASES)
+        assert c["imports"] > 0.5  # torch and diffusers at least
+    assert cases["slim, empty cache"]["compile"] > 0  # the first call compiles
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
+
+
+def test_gpu_bench_levers_and_peers_on_the_tiny_model():
+    """The new step-speed rows on the CPU: static FP8 scales and the flux-fast peer stay within tolerance of eager;
+    the step-cache rows (ours with first-order extrapolation, and cache-dit) replay the forced schedule and are
+    reported per image, against eager's image time."""
+    pytest.importorskip("cache_dit")
+    from tryon_lab.experiments import fullsize, gpu_bench
+
+    s = fullsize.shape(tiny=True)
+    names = ["eager", "fp8_static_fused_regional", "flux_fast_peer", "fp8_row_fused_regional_teacache1",
+             "fp8_row_fused_regional_cache_dit"]
+    res = gpu_bench.run(names, s, steps=4, quick_steps=3, schedule=[True, False, True, True])["variants"]
+    assert all(r["status"] == "ok" for r in res.values()), {k: r.get("reason") for k, r in res.items()}
+    assert res["fp8_static_fused_regional"]["static_fp8_layers"] > 0
+    for name in ("fp8_static_fused_regional", "flux_fast_peer"):
+        assert 0 < res[name]["latent_rel_l2_vs_eager"] < 0.05, name
+    for name in names[3:]:
+        assert res[name]["computed"] == 3 and res[name]["cache"] and "ms_per_step" not in res[name]
+    assert any("per image" in t for t in gpu_bench.targets({"variants": res}))

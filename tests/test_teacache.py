@@ -262,3 +262,143 @@ def test_a_recorded_schedule_replays_the_same_decisions_and_result(slim):
     with tc.enabled(slim.transformer, tc.TeaCacheConfig(schedule=tuple(other))):
         pipeline.tryon(slim, req, _settings(8))
         assert _decisions(slim.transformer) == other  # the schedule, not the threshold, decides
+
+
+def _stack_io(model, inputs, cfg, steps):
+    """Per transformer call: the block-stack input x (the last ``x_embedder`` output before ``norm_out``), what
+    ``norm_out`` got (the stack output, or on a skipped step x + the reused residual) and its conditioning; and
+    the outputs and decisions."""
+    last_x, calls = [], []
+    h1 = model.x_embedder.register_forward_hook(lambda m, a, o: last_x.append(o))
+    h2 = model.norm_out.register_forward_pre_hook(lambda m, a: calls.append((last_x[-1], a[0], a[1])))
+    try:
+        with tc.enabled(model, cfg):
+            outs = _trajectory(model, inputs, steps=steps)
+            decisions = _decisions(model)
+    finally:
+        h1.remove()
+        h2.remove()
+    return calls, outs, decisions
+
+
+def test_order_one_extrapolates_the_skipped_residual_on_a_forced_schedule(transformer):
+    schedule = (True, True, False, False, True, False, True)
+    calls, outs, decisions = _stack_io(transformer, _inputs(transformer.config),
+                                       tc.TeaCacheConfig(schedule=schedule, order=1), 7)
+    assert decisions == list(schedule) and len(calls) == 7
+    x = [c[0] for c in calls]
+    r = {k: calls[k][1] - x[k] for k in (0, 1, 4)}  # residuals of the computed steps
+    expected = {2: x[2] + (r[1] + (r[1] - r[0]) / 1 * 1), 3: x[3] + (r[1] + (r[1] - r[0]) / 1 * 2),
+                5: x[5] + (r[4] + (r[4] - r[1]) / 3 * 1)}
+    for k, want in expected.items():
+        torch.testing.assert_close(calls[k][1], want, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            direct = transformer.proj_out(transformer.norm_out(want, calls[k][2]))
+        torch.testing.assert_close(outs[k], direct, rtol=0, atol=1e-6)
+    assert not torch.allclose(calls[3][1], x[3] + r[1], atol=1e-4)  # it moved away from plain reuse
+
+
+def test_order_zero_reuses_and_order_one_needs_two_computed_steps(transformer):
+    schedule = (True, False, True, False, True, True)
+    for order in (0, 1):
+        calls, _, _ = _stack_io(transformer, _inputs(transformer.config),
+                                tc.TeaCacheConfig(schedule=schedule, order=order), 6)
+        x = [c[0] for c in calls]
+        r0, r2 = calls[0][1] - x[0], calls[2][1] - x[2]
+        assert torch.equal(calls[1][1], x[1] + r0)  # one computed step: no slope yet, plain reuse either way
+        if order == 0:
+            assert torch.equal(calls[3][1], x[3] + r2)  # today's rule, bit for bit
+        else:
+            torch.testing.assert_close(calls[3][1], x[3] + (r2 + (r2 - r0) / 2), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="order"):
+        tc.TeaCacheConfig(order=2)
+
+
+def test_order_one_state_resets_between_trajectories(transformer, slim):
+    inputs = _inputs(transformer.config)
+    with tc.enabled(transformer, tc.TeaCacheConfig(1e6, num_inference_steps=6, order=1)):
+        a, b = _trajectory(transformer, inputs), _trajectory(transformer, inputs)
+        assert _decisions(transformer) == [True, False, False, False, False, True]
+    assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    cfg = tc.TeaCacheConfig(0.5, num_inference_steps=8, order=1)
+    with tc.enabled(slim.transformer, cfg):
+        first = pipeline.tryon(slim, _req(3), _settings(8))
+        pattern = _decisions(slim.transformer)
+        second = pipeline.tryon(slim, _req(3), _settings(8))
+    assert 2 <= sum(pattern) < len(pattern) and torch.equal(first.latents, second.latents)
+    with tc.enabled(slim.transformer, tc.TeaCacheConfig(schedule=tuple(pattern), order=1)):
+        replayed = pipeline.tryon(slim, _req(3), _settings(8))
+    assert torch.equal(replayed.latents, first.latents)  # the GPU replay of an order-1 pattern
+
+
+# ------------------------------------------------------------------------------ peers, equal passes, steps vs quality
+def _rows(method, pts):
+    return [{"method": method, "computed": c, "psnr": v} for c, v in pts]
+
+
+def test_psnr_at_equal_passes_and_who_leads():
+    from tryon_lab.experiments import teacache_report as tr
+
+    rows = _rows("full", [(12, math.inf)]) + _rows("a", [(6, 40.0), (3, 30.0), (4, 31.0), (4, 33.0)])
+    rows += _rows("b", [(6, 44.0), (4, 35.0), (12, math.inf)])
+    assert tr.psnr_at(rows, "a", 6) == 40.0 and tr.psnr_at(rows, "a", 5) == pytest.approx(36.5)  # 4 -> best, 33
+    assert tr.psnr_at(rows, "a", 2) is None and tr.psnr_at(rows, "b", 3) is None and tr.psnr_at(rows, "c", 4) is None
+    lead = tr.lead_table({12: rows})
+    assert [r["passes"] for r in lead] == ["6 (2x fewer)", "4 (3x fewer)", "3 (4x fewer)"]
+    assert (lead[0]["leads"], lead[0]["by dB"]) == ("b", 4.0) and (lead[1]["leads"], lead[1]["by dB"]) == ("b", 2.0)
+    assert (lead[2]["leads"], lead[2]["b"], lead[2]["by dB"]) == ("a", "", "") and "full" not in lead[0]
+    fig = tr.plot_passes({12: rows, 28: _rows("b", [(14, 40.0), (7, 33.0)])})
+    assert len(fig.axes) == 2 and [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b"]
+
+
+def test_peer_left_out_with_the_reason_when_cache_dit_is_missing(monkeypatch):
+    import importlib.util
+
+    from tryon_lab.experiments import cache_dit_peer
+    from tryon_lab.experiments import teacache_report as tr
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cache_dit" else real(name, *a))
+    peers, note = tr.peers([0.1])
+    assert peers == [] and "not installed" in note and "cache-dit==1.5.3" in note
+    assert tr.peers([0.1], include=False)[0] == []
+    with pytest.raises(RuntimeError, match="not installed"):
+        cache_dit_peer.run(None, [], _settings(2))
+    with pytest.raises(ValueError, match="thresholds"):
+        cache_dit_peer.PeerConfig(thresholds=(-1.0,))
+
+
+@pytest.mark.slow
+def test_cache_dit_peer_runs_in_its_own_process_and_is_scored_like_the_rest(slim):
+    pytest.importorskip("cache_dit")
+    from tryon_lab.experiments import cache_dit_peer
+
+    peer = cache_dit_peer.runner(cache_dit_peer.PeerConfig(thresholds=(0.0, 1e6)))
+    rows = tf.sweep(slim, [_req(5)], [], _settings(5), [1.0, 0.0], include_diffusers=False, targets=[None],
+                    orders=(), peers=[peer])
+    assert [r["method"] for r in rows] == ["full", cache_dit_peer.METHOD, cache_dit_peer.METHOD]
+    exact, skipping = rows[1:]
+    assert exact["computed"] == 5 and math.isinf(exact["psnr"])  # the child reproduces full compute bit for bit
+    assert skipping["computed"] < 5 and skipping["psnr"] < 200 and skipping["setting"].endswith("threshold=1000000.0")
+
+
+def test_steps_quality_lists_failing_schedulers_and_adds_the_step_cache(slim):
+    import matplotlib
+
+    from tryon_lab.experiments import steps_quality as sq
+
+    matplotlib.use("Agg")
+    req = _req(6)
+    rows, failed = sq.steps_quality(slim, [req], [req.person], _settings(1), steps=(1, 2),
+                                    schedulers=("euler", "heun", "unipc"), reference_steps=2,
+                                    caches={2: tc.TeaCacheConfig(1e6, order=1, always_compute_last=0)})
+    assert [(r["scheduler"], r["steps"], r["computed"]) for r in rows] == [
+        ("euler", 1, 1), ("euler", 2, 2), ("euler + teacache", 2, 1)]
+    assert math.isinf(rows[1]["psnr"]) and rows[0]["psnr"] < 200 and "gt_psnr" in rows[0]
+    assert {f["scheduler"]: f["reason"].split(":")[0] for f in failed} == {"heun": "ValueError",
+                                                                           "unipc": "AttributeError"}
+    assert "sigmas" in failed[0]["reason"] and "`heun`" in sq.failed_note(failed)
+    assert type(slim.fill.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"  # put back after each
+    assert sq.plot(rows, 2).axes
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        sq.steps_quality(slim, [req], [None], _settings(1), steps=(2,), schedulers=("nope",), reference_steps=2)

@@ -16,17 +16,21 @@ one warm-pipeline cache keyed by model and options); nothing else composes load 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import compiling, quant
-from .checkpoint import check_model_dir
+from .checkpoint import FILL_SUBDIR, check_model_dir
 from .loading import SlimPipeline, load_slim, resolve_device_dtype
-from .lora import load_lora, prepare_hotswap
-from .parallel import ContextParallel
-from .teacache import TeaCacheConfig, apply_teacache
+from .timers import sync
+
+if TYPE_CHECKING:  # imported where used: teacache pulls in diffusers' hooks package (and peft) at import
+    from .parallel import ContextParallel
+    from .teacache import TeaCacheConfig
 
 
 class OptionsError(ValueError):
@@ -38,6 +42,7 @@ class PipelineOptions:
     device: str = "auto"  # "auto": CUDA when there is a GPU, else CPU
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or "bfloat16" / "float16" / "float32"
     fp8: str = "none"  # quant.QUANT_MODES
+    fp8_weights: str | None = None  # a folder quant.save_fp8_transformer wrote (save_fp8_weights): loaded, not quantized
     fuse_qkv: bool = False  # one QKV matmul per attention (diffusers' fuse_qkv_projections)
     compile: str = "none"  # compiling.COMPILE_MODES: "regional" (repeated blocks) or "full"
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
@@ -86,6 +91,13 @@ def check_options(options: PipelineOptions) -> None:
                                "compile='none' with offloading, or a memory mode without offload.")
         if mode.offload != "none" and o.context_parallel is not None:
             raise OptionsError("context parallelism with CPU offload is not supported; pick one.")
+    if o.fp8_weights is not None:
+        if o.fp8 == "none":
+            raise OptionsError(f"fp8_weights={o.fp8_weights!r} holds FP8 weights; set fp8 to the mode it was saved "
+                               "with (quant.read_fp8_info(folder)[0]['mode']).")
+        if o.memory is not None or o.loras or o.hotswap_rank is not None:
+            raise OptionsError("fp8_weights loads an FP8 transformer as saved; memory modes, LoRA adapters and "
+                               "hotswap are applied before FP8, so build those with fp8_weights=None.")
     if o.teacache is not None and o.compile == "full":
         raise OptionsError("TeaCache decides per step in Python, which whole-model compile cannot trace; use "
                            "compile='regional' with TeaCache.")
@@ -105,16 +117,27 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     o = options
     transformer = pipe.transformer
     transformer.set_attention_backend(o.attention)
-    if o.hotswap_rank is not None:
-        prepare_hotswap(pipe.fill, o.hotswap_rank, pipe.lora)
-    for name, path in o.loras:
-        load_lora(pipe.fill, path, name, state=pipe.lora)
-    if o.fuse_qkv:
+    if o.hotswap_rank is not None or o.loras:
+        from .lora import load_lora, prepare_hotswap
+
+        if o.hotswap_rank is not None:
+            prepare_hotswap(pipe.fill, o.hotswap_rank, pipe.lora)
+        for name, path in o.loras:
+            load_lora(pipe.fill, path, name, state=pipe.lora)
+    if o.fuse_qkv and not quant.fused_qkv(transformer):  # a saved FP8 folder may come fused already
         transformer.fuse_qkv_projections()
+    seconds = pipe.build_report.setdefault("seconds", {})  # the cold-start phases of this step
+    start = time.perf_counter()
     if o.memory is not None:
         apply_mode(pipe, MemoryMode.parse(o.memory), o.device)
+    elif o.fp8_weights is not None:  # loaded already quantized
+        pipe.build_report["quant"] = {"quant": o.fp8, "fp8_weights": o.fp8_weights,
+                                      "weight_bytes": quant.weight_bytes(transformer),
+                                      "fp8_layers": sum(quant.fp8_filter()(m, n) for n, m in transformer.named_modules())}
     else:
         pipe.build_report["quant"] = quant.quantize_transformer(transformer, o.fp8)
+    sync(o.device)
+    seconds["quantize"] = time.perf_counter() - start
     if o.context_parallel is not None:
         from .parallel import enable_context_parallel
 
@@ -122,10 +145,14 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         if not o.context_parallel.anything:  # an even split: pad the text with T5 padding tokens
             pipe.text_multiple = o.context_parallel.world_size
     if o.compile != "none" and o.compile_artifacts:
+        start = time.perf_counter()
         pipe.build_report["artifacts"] = compiling.load_compile_artifacts(o.compile_artifacts)
+        seconds["artifacts"] = time.perf_counter() - start
     compiling.compile_transformer(transformer, o.compile, o.compile_backend,
                                   **({"mode": o.compile_mode} if o.compile_mode else {}))
     if o.teacache is not None:
+        from .teacache import apply_teacache
+
         apply_teacache(transformer, o.teacache)
     pipe.hot_path, pipe.options = o.hot_path, o
     return pipe
@@ -152,9 +179,33 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     o = o.resolved()
     check_options(o)
     offload = o.memory is not None and "offload" in o.memory
+    if o.fp8_weights is not None:  # a folder of another mode, dtype, model or QKV fusing fails before any load
+        quant.check_fp8_folder(o.fp8_weights, model_dir / FILL_SUBDIR / "transformer", o.fp8, o.torch_dtype,
+                               o.fuse_qkv)
     pipe = load_slim(model_dir, o.torch_dtype, "cpu" if offload else o.device,
-                     Path(o.embeddings_file) if o.embeddings_file else None)
+                     Path(o.embeddings_file) if o.embeddings_file else None,
+                     (o.fp8_weights, o.fp8) if o.fp8_weights else None)
     return apply_options(pipe, o)
+
+
+def save_fp8_weights(model_dir: str | Path, folder: str | Path, fp8: str, device: str = "auto",
+                     dtype: str = "auto", fuse_qkv: bool = False) -> dict:
+    """Quantize the model's transformer exactly as ``build_pipeline`` does (fused QKV first, if asked) and save
+    it for ``fp8_weights``.
+
+    Loading the folder later reads the FP8 bytes straight onto the device and skips the bf16 read and the
+    quantization; make it once per model, mode, dtype and fusing, where the mode can run (dynamic FP8: a GPU).
+    """
+    o = PipelineOptions(device=device, dtype=dtype, fp8=fp8, fuse_qkv=fuse_qkv).resolved()
+    check_options(o)
+    if fp8 == "none":
+        raise OptionsError("save_fp8_weights needs an FP8 mode; choose one of " + ", ".join(quant.QUANT_MODES[1:]))
+    model_dir = check_model_dir(model_dir)
+    pipe = load_slim(model_dir, o.torch_dtype, o.device)
+    if fuse_qkv:
+        pipe.transformer.fuse_qkv_projections()
+    quant.quantize_transformer(pipe.transformer, fp8)
+    return quant.save_fp8_transformer(pipe.transformer, folder, source=model_dir / FILL_SUBDIR / "transformer")
 
 
 _WARM: dict[tuple[str, str], SlimPipeline] = {}  # the one warm-pipeline cache: (model folder, options) -> pipeline

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import quant
 from .checkpoint import (
     FILL_SUBDIR,
     PICKLE_SUFFIXES,
@@ -190,17 +191,13 @@ def n_params(module) -> int:
 
 
 def n_bytes(module) -> int:
-    if not isinstance(module, torch.nn.Module):
-        return 0
-    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
-        b.numel() * b.element_size() for b in module.buffers())
+    return quant.weight_bytes(module) if isinstance(module, torch.nn.Module) else 0  # FP8 at its real size
 
 
-def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, slim: bool):
-    """Load one component; returns (object, report row). Slim: safetensors only, straight to device, SDPA."""
-    sub, lib, _ = COMPONENTS[name]
-    folder = model_dir / sub / name
-    cls = _cls(name)
+def load_kwargs(name: str, dtype: torch.dtype, device: str, slim: bool) -> dict:
+    """``from_pretrained`` arguments of one component. Slim on CUDA: ``device_map`` places each tensor of the
+    memory-mapped shards on the GPU as it is read (never the whole model in host memory, no ``.to`` after)."""
+    lib = COMPONENTS[name][1]
     kwargs: dict = {"local_files_only": True}
     if name in WEIGHTED:
         kwargs["torch_dtype"] = dtype
@@ -210,8 +207,26 @@ def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, 
                 kwargs["attn_implementation"] = "sdpa"
             if torch.device(device).type == "cuda":
                 kwargs["device_map"] = device
+    return kwargs
+
+
+def load_fp8_component(folder: str | Path, mode: str, model_dir: Path, dtype: torch.dtype, device: str):
+    """The transformer ``quant.save_fp8_transformer`` wrote, read onto ``device``; returns (object, report row)."""
     with measure(device) as m:
-        obj = cls.from_pretrained(folder, **kwargs)
+        obj = quant.load_fp8_transformer(folder, model_dir / FILL_SUBDIR / "transformer", mode, dtype, device)
+        obj.set_attention_backend("native")
+    row = {"component": "transformer (saved FP8)", "params": n_params(obj), "bytes": n_bytes(obj),
+           "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"]}
+    return obj, row
+
+
+def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, slim: bool):
+    """Load one component; returns (object, report row). Slim: safetensors only, straight to device, SDPA."""
+    sub, _, _ = COMPONENTS[name]
+    folder = model_dir / sub / name
+    cls = _cls(name)
+    with measure(device) as m:
+        obj = cls.from_pretrained(folder, **load_kwargs(name, dtype, device, slim))
         if isinstance(obj, torch.nn.Module):
             obj.eval().requires_grad_(False)
             if slim and name == "transformer":
@@ -271,14 +286,19 @@ class SlimPipeline:
 
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-              embeddings_file: str | Path | None = None) -> SlimPipeline:
+              embeddings_file: str | Path | None = None, fp8_weights: tuple[str | Path, str] | None = None,
+              ) -> SlimPipeline:
     """The slim pipeline: transformer + VAE + scheduler + Redux image encoder/embedder, nothing else.
 
+    ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
+    loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype.
     ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing. Everything that
     can be checked without loading weights is checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)
+    if fp8_weights is not None:  # before anything loads: a mismatched folder fails at once
+        quant.check_fp8_folder(fp8_weights[0], model_dir / FILL_SUBDIR / "transformer", fp8_weights[1], dtype)
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype)
     with measure(device) as m:
@@ -290,7 +310,10 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
 
     parts, report = {}, []
     for name in SLIM_COMPONENTS:
-        parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
+        if name == "transformer" and fp8_weights is not None:
+            parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device)
+        else:
+            parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
         report.append(row)
     report.append({"component": "cached text embeddings", "params": 0,
                    "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),

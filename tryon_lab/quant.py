@@ -3,11 +3,18 @@
 Only the ``nn.Linear`` layers inside the transformer blocks become FP8 (``quantize_``'s ``filter_fn``);
 embedders, norms and the output head stay in the model dtype (they are small, and precision matters most
 there). LoRA adapter Linears are left alone.
+
+An FP8 transformer can be saved already quantized (``save_fp8_transformer``: safetensors, torchao's own
+flattening of its tensor subclasses, never pickle) and loaded back without the bf16 weights or any
+quantization work (``load_fp8_transformer``; ``PipelineOptions.fp8_weights`` in ``configure``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+from pathlib import Path
 
 import torch
 
@@ -18,8 +25,16 @@ BLOCKS = ("transformer_blocks.*", "single_transformer_blocks.*")  # only Linears
 DEFAULT_KEEP = ("x_embedder", "context_embedder", "time_text_embed.*", "norm_out.*", "proj_out", "*norm*")
 
 
+FP8_FORMAT = "tryon_lab.fp8/1"
+FP8_FILE = "fp8_transformer.safetensors"  # one file beside config.json: read in one pass, straight to the device
+
+
 class SpeedConfigError(ValueError):
     """An unknown mode, or a mode this device cannot run; the message names the alternatives."""
+
+
+class FP8WeightsError(ValueError):
+    """A saved FP8 folder that does not fit the request (mode, model, dtype, layout); the message says what to do."""
 
 
 def check_mode(mode: str, allowed: tuple[str, ...], what: str) -> None:
@@ -75,6 +90,23 @@ def fp8_filter(keep: tuple[str, ...] = DEFAULT_KEEP):
     return fn
 
 
+def fp8_config(mode: str, inductor_tuning: bool = False):
+    """The torchao config of an FP8 mode (not ``none``)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        PerTensor,
+    )
+
+    check_mode(mode, QUANT_MODES[1:], "FP8")
+    tune = dict(set_inductor_config=inductor_tuning)
+    if mode == "fp8_weight_only":
+        return Float8WeightOnlyConfig(**tune)
+    granularity = PerRow() if mode == "fp8_dynamic_row" else PerTensor()
+    return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, **tune)
+
+
 def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep: tuple[str, ...] = DEFAULT_KEEP,
                          inductor_tuning: bool = False, device: str | torch.device | None = None) -> dict:
     """Quantize the block Linears in place with torchao; returns weight bytes before/after and the layer count.
@@ -91,21 +123,155 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep:
     fn = fp8_filter(keep)
     layers = [n for n, m in transformer.named_modules() if fn(m, n)]
     if mode != "none":
-        from torchao.quantization import (
-            Float8DynamicActivationFloat8WeightConfig,
-            Float8WeightOnlyConfig,
-            PerRow,
-            PerTensor,
-            quantize_,
-        )
+        from torchao.quantization import quantize_
 
         if mode.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(device or _device_of(transformer))):
             raise SpeedConfigError(f"{mode}: {problem}")
-        tune = dict(set_inductor_config=inductor_tuning)
-        config = {"fp8_weight_only": lambda: Float8WeightOnlyConfig(**tune),
-                  "fp8_dynamic_row": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), **tune),
-                  "fp8_dynamic_tensor": lambda: Float8DynamicActivationFloat8WeightConfig(granularity=PerTensor(), **tune),
-                  }[mode]()
-        quantize_(transformer, config, filter_fn=fn, device=device)
+        quantize_(transformer, fp8_config(mode, inductor_tuning), filter_fn=fn, device=device)
     return {"quant": mode, "weight_bytes_before": before, "weight_bytes": weight_bytes(transformer),
             "fp8_layers": len(layers) if mode != "none" else 0}
+
+
+# ----------------------------------------------------------------------------- FP8 saved already quantized
+def weights_signature(folder: str | Path) -> str:
+    """Identity of a diffusers weights folder from its config.json, every safetensors header (names, dtypes,
+    shapes, offsets) and every shard's size: kilobytes read, never the weights, so a cold start checks it at once.
+    It tells another model or size apart, not a retrained copy with the very same layout."""
+    folder = Path(folder)
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for shard in sorted(folder.glob("*.safetensors")):
+        with open(shard, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(f.read(n))
+        h.update(f"{shard.name}:{shard.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def _fp8_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torchao.quantization import Float8Tensor
+
+    return {n: p for n, p in transformer.named_parameters() if isinstance(p, Float8Tensor)}
+
+
+def _mode_of(weight) -> str:
+    """The QUANT_MODES name of one torchao Float8Tensor weight (weight-only, or dynamic per row / per tensor)."""
+    if weight.act_quant_kwargs is None:
+        return "fp8_weight_only"
+    return "fp8_dynamic_row" if list(weight.block_size) == [1, weight.shape[-1]] else "fp8_dynamic_tensor"
+
+
+def fused_qkv(transformer: torch.nn.Module) -> bool:
+    """Whether diffusers' ``fuse_qkv_projections`` was applied (one QKV Linear per attention)."""
+    return any(getattr(m, "fused_projections", False) for m in transformer.modules())
+
+
+def save_fp8_transformer(transformer: torch.nn.Module, folder: str | Path, source: str | Path | None = None,
+                         keep: tuple[str, ...] = DEFAULT_KEEP) -> dict:
+    """Write a transformer quantized by ``quantize_transformer`` to ``folder``: config.json + one safetensors file.
+
+    torchao's ``flatten_tensor_state_dict`` stores each FP8 weight as its qdata + scale tensors with the subclass
+    attributes as JSON metadata; beside them the mode, ``keep``, dtype and ``source``'s ``weights_signature``
+    (default: the folder the transformer was loaded from), so loading refuses another mode or model.
+    """
+    from safetensors.torch import save_file
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    fp8 = _fp8_weights(transformer)
+    modes = {_mode_of(w) for w in fp8.values()}
+    expected = sum(fp8_filter(keep)(m, n) for n, m in transformer.named_modules())
+    if len(modes) != 1 or len(fp8) != expected:
+        raise FP8WeightsError(f"the transformer holds {len(fp8)} FP8 weights of modes {sorted(modes)}; FP8 with "
+                              f"keep={keep} makes {expected} of one mode. Quantize it with "
+                              "quant.quantize_transformer(transformer, mode, keep) first, then save.")
+    if getattr(transformer, "peft_config", None):
+        raise FP8WeightsError("the transformer holds LoRA adapters; save the FP8 transformer without them (adapters "
+                              "are loaded before FP8 from their own files, never stored in the FP8 folder).")
+    source = Path(source or dict(transformer.config).get("_name_or_path") or "")
+    if not (source / "config.json").is_file():
+        raise FP8WeightsError(f"no config.json in source={str(source)!r}: pass source= the bf16 transformer folder "
+                              "this transformer was loaded from (it identifies the model at load time).")
+    tensors, metadata = flatten_tensor_state_dict(transformer.state_dict())
+    dtype = next(iter(fp8.values())).dtype
+    metadata["tryon_lab"] = json.dumps({
+        "format": FP8_FORMAT, "mode": modes.pop(), "keep": list(keep), "dtype": str(dtype).removeprefix("torch."),
+        "fp8_layers": len(fp8), "fused_qkv": fused_qkv(transformer), "source": str(source),
+        "source_signature": weights_signature(source)})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    transformer.save_config(folder)
+    tmp = folder / f".{FP8_FILE}.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.replace(folder / FP8_FILE)
+    return {"folder": str(folder), "bytes": (folder / FP8_FILE).stat().st_size, **json.loads(metadata["tryon_lab"])}
+
+
+def read_fp8_info(folder: str | Path) -> tuple[dict, dict]:
+    """(what ``save_fp8_transformer`` recorded, torchao's tensor metadata), from the file header only."""
+    from safetensors import safe_open
+
+    path = Path(folder) / FP8_FILE
+    if not path.is_file():
+        raise FP8WeightsError(f"no {FP8_FILE} in {folder}: fp8_weights must be a folder written by "
+                              "quant.save_fp8_transformer (scripts/save_fp8.py makes one from a model folder).")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        info = json.loads(metadata["tryon_lab"])
+        assert info["format"] == FP8_FORMAT
+    except (KeyError, ValueError, AssertionError):
+        raise FP8WeightsError(f"{path} was not written by quant.save_fp8_transformer (format {FP8_FORMAT}); save "
+                              "it again with that function.") from None
+    return info, metadata
+
+
+def check_fp8_folder(folder: str | Path, source: str | Path, mode: str, dtype: torch.dtype,
+                     fuse_qkv: bool | None = None) -> dict:
+    """Refuse a saved FP8 folder of another mode, dtype, model or QKV fusing (``FP8WeightsError`` saying what to
+    do); ``fuse_qkv=None`` takes the folder's."""
+    info, _ = read_fp8_info(folder)
+    if fuse_qkv is not None and bool(info.get("fused_qkv")) != fuse_qkv:
+        raise FP8WeightsError(f"{folder} was saved {'with' if info.get('fused_qkv') else 'without'} fused QKV "
+                              f"projections but fuse_qkv={fuse_qkv} was asked for; ask for "
+                              f"fuse_qkv={bool(info.get('fused_qkv'))}, or save it again from a transformer "
+                              f"{'with' if fuse_qkv else 'without'} fused QKV.")
+    redo = (f"Save it again from this model: quantize_transformer(transformer, {mode!r}) then "
+            f"save_fp8_transformer(transformer, {str(folder)!r}), or point fp8_weights at the matching folder.")
+    if info["mode"] != mode:
+        raise FP8WeightsError(f"{folder} holds {info['mode']} weights but FP8 mode {mode!r} was asked for; ask for "
+                              f"fp8={info['mode']!r}, or: {redo}")
+    if info["dtype"] != str(dtype).removeprefix("torch."):
+        raise FP8WeightsError(f"{folder} was saved from a {info['dtype']} model but dtype {dtype} was asked for; "
+                              f"use dtype={info['dtype']!r}, or: {redo}")
+    if info["source_signature"] != weights_signature(source):
+        raise FP8WeightsError(f"{folder} was saved from another model ({info['source']}), not from {source}. {redo}")
+    return info
+
+
+def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtype: torch.dtype,
+                         device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The transformer saved by ``save_fp8_transformer``, read straight onto ``device`` with no quantization work.
+
+    The model is built on the meta device (no weight init) and takes the loaded tensors as they are
+    (``load_state_dict(assign=True)``), so its FP8 weights are the saved qdata and scales, bit for bit.
+    """
+    import importlib
+
+    from safetensors.torch import load_file
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    info = check_fp8_folder(folder, source, mode, dtype)
+    _, metadata = read_fp8_info(folder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(config)
+        if info.get("fused_qkv"):  # the same modules as the saved model: fused QKV Linears beside the originals
+            model.fuse_qkv_projections()
+    tensors = load_file(str(Path(folder) / FP8_FILE), device=str(device))
+    if torch.device(device).type == "cpu":  # own aligned copies, not views of the memory map: CPU kernels pick
+        tensors = {k: v.clone() for k, v in tensors.items()}  # their code path by alignment (and round differently)
+    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    if leftover:
+        raise FP8WeightsError(f"{folder}: tensors {sorted(leftover)[:3]} do not belong to any weight; save it again.")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -12,6 +12,9 @@ on the transformer itself and a skipped step never calls the blocks. No hook tou
 wrappers are called through the modules as usual. A second, record-only hook on ``norm_out`` reads the stack
 output. Whole-model ``torch.compile`` is not supported (the decision is Python control flow).
 
+``order=1`` extrapolates the skipped residual to first order, as TaylorSeer (Liu et al. 2025, arXiv 2503.06923)
+does: residual + slope x steps since the last computed step, the slope from the last two computed residuals.
+
 A batch takes one decision (the change is averaged over the batch): run requests one by one for per-image skips.
 This module is the hook and its coefficient files only; calibration, coefficient fitting, the sweep against
 diffusers' caches and their plots are experiments (``tryon_lab.experiments.teacache_fit``).
@@ -60,6 +63,7 @@ class TeaCacheConfig:
     input_range: tuple[float, float] | None = None
     record: bool = False
     schedule: tuple[bool, ...] | None = None  # replay: compute exactly at the True steps (timing a recorded pattern)
+    order: int = 0  # 0: reuse the last residual; 1: extrapolate it along the last two computed ones (TaylorSeer)
 
     def __post_init__(self):
         t = self.rel_l1_thresh
@@ -79,6 +83,8 @@ class TeaCacheConfig:
             raise ValueError(f"TeaCacheConfig: input_range must be (low, high) with low <= high, got {self.input_range!r}.")
         if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"TeaCacheConfig: num_inference_steps must be >= 1, got {self.num_inference_steps}.")
+        if self.order not in (0, 1):
+            raise ValueError(f"TeaCacheConfig: order must be 0 (reuse the residual) or 1 (extrapolate it), got {self.order!r}.")
 
 
 class TeaCacheState(BaseState):
@@ -93,6 +99,8 @@ class TeaCacheState(BaseState):
         self.prev_modulated: torch.Tensor | None = None
         self.prev_output: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None
+        self.residual_step = 0  # the step the residual was computed at
+        self.slope: torch.Tensor | None = None  # order 1: residual change per step between the last two computes
         self.accumulated = 0.0
         self.consecutive_skips = 0
 
@@ -146,11 +154,17 @@ class TeaCacheHook(ModelHook):
         compute = self._should_compute(state, rel)
         if compute:
             output = self.fn_ref.original_forward(*args, **kwargs)
-            state.residual, self.stack.last_input = self.stack.last_input - x, None
+            residual, self.stack.last_input = self.stack.last_input - x, None
+            if self.config.order and state.residual is not None:
+                state.slope = (residual - state.residual) / (state.step - state.residual_step)
+            state.residual, state.residual_step = residual, state.step
             self.computed += 1
         else:
+            residual = state.residual
+            if state.slope is not None:  # order 1 after two computed steps; before that, plain reuse
+                residual = residual + state.slope * (state.step - state.residual_step)
             with _lora_scale(module, a.get("joint_attention_kwargs")):
-                sample = module.proj_out(module.norm_out(x + state.residual, temb))
+                sample = module.proj_out(module.norm_out(x + residual, temb))
             output = (sample,) if not a.get("return_dict", True) else _model_output(sample)
             self.skipped += 1
         log = {"step": state.step, "timestep": timestep, "input_rel_l1": rel, "accumulated": state.accumulated,

@@ -1,13 +1,18 @@
-"""The toy try-on default model: train it, assemble the committed checkpoint, score it on held-out pairs.
+"""The toy try-on default model: train it in resumable calls, assemble the committed checkpoint.
 
-    train_default     both training stages (``training.train``), weights + record + loss curve into a folder
-    assemble_default  factory text encoders + trained weights -> ``checkpoints/toy-tryon``, card, embeddings
-    evaluate_default  masked PSNR / SSIM against ground truth, trained against random weights, and the grid
+    train_default     one training call (``train_run.train_call``): resume, stages, time budget; the state,
+                      its log and (after the logo stage) the logo LoRA into a folder
+    assemble_default  factory text encoders + the state's shipped weights -> ``checkpoints/toy-tryon``, card,
+                      embeddings, loss curve; the logo adapter -> ``checkpoints/toy-tryon-logo-lora``
+
+Held-out quality (masked PSNR / SSIM, logo matching and the logo pass, the VAE's ceiling, data throughput)
+is ``default_quality``.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -15,30 +20,29 @@ import numpy as np
 import torch
 
 from .. import checkpoint, embeddings, provenance
-from ..configure import build_pipeline
-from ..metrics import psnr, ssim
-from ..pipeline import TryOnRequest, TryOnSettings, tryon
-from ..synthetic import make_sample
-from . import training
+from . import train_run, train_state, training
 
 TRAINING_EMBEDDINGS = provenance.REPO_ROOT / "embeddings" / "training-text-float32.safetensors"
+LOGO_LORA_DIR = provenance.REPO_ROOT / "checkpoints" / "toy-tryon-logo-lora"
+SAVE_RESERVE_S = 25.0  # of --time-budget, kept for closing the data workers and writing the state
 
 
 def plot_losses(record: dict, path: Path | None = None):
-    """Loss curves of both stages (smoothed), saved when ``path`` is given."""
+    """Loss curves of every stage that has steps (smoothed), saved when ``path`` is given."""
     import matplotlib
 
     matplotlib.use("Agg") if path else None
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key, title in ((axes[0], "vae_losses", "VAE reconstruction"), (axes[1], "fill_losses", "Fill flow matching")):
-        y = np.asarray(record[key])
+    stages = [(s, r["losses"]) for s, r in record["stages"].items() if r["losses"]]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
+    for ax, (stage, losses) in zip(axes[0], stages, strict=False):
+        y = np.asarray(losses)
         k = max(1, len(y) // 100)
         ax.plot(y, alpha=0.3, lw=0.5)
         ax.plot(np.convolve(y, np.ones(k) / k, mode="valid"), lw=1.5)
         ax.set_yscale("log")
-        ax.set_title(f"{title} ({len(y)} steps)")
+        ax.set_title(f"{stage} ({len(y)} steps)")
         ax.set_xlabel("step")
     fig.tight_layout()
     if path:
@@ -47,120 +51,161 @@ def plot_losses(record: dict, path: Path | None = None):
 
 
 def write_card(out_root: Path, record: dict, extra: dict) -> Path:
-    """The card: exactly how the weights were trained (data seed, steps, batch, time, device, commit)."""
-    card = {k: v for k, v in record.items() if not k.endswith("_losses")}
-    card["final_vae_loss"] = float(np.mean(record["vae_losses"][-50:]))
-    card["final_fill_loss"] = float(np.mean(record["fill_losses"][-50:]))
+    """The card: exactly how the weights were trained (data seed, steps, batch, time per call, device, commit)."""
+    card = {k: v for k, v in record.items() if k != "stages"}
+    card["stages"] = {s: {k: v for k, v in r.items() if k != "losses"} | {
+        "final_loss": float(np.mean(r["losses"][-50:])) if r["losses"] else None} for s, r in record["stages"].items()}
     card.update(extra)
     path = out_root / "tryon_lab_card.json"
     path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return path
 
 
-def train_default(out: str | Path, device: str, embeddings_file: str | Path = TRAINING_EMBEDDINGS, quick: bool = False,
-                  overrides: dict[str, str] | None = None) -> dict:
-    """Train both stages and write the weights, ``record.json``, ``train_log.txt`` and the loss curve to ``out``.
+def load_text(embeddings_file: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 prompt embeddings of the factory text encoders (made first if the file is missing)."""
+    from safetensors.torch import load_file
 
-    ``embeddings_file``: fp32 prompt embeddings of the factory text encoders (made if missing); ``quick``: a few
-    steps of each stage (a smoke test of the whole path on a CPU); ``overrides``: ``TrainConfig`` fields as text.
-    """
-    small = checkpoint.SmallModelConfig()
-    cfg = training.TrainConfig()
-    if quick:
-        cfg.vae_steps, cfg.fill_steps, cfg.vae_batch, cfg.fill_batch, cfg.workers, cfg.log_every = 3, 3, 2, 2, 0, 1
-    for k, v in (overrides or {}).items():
-        setattr(cfg, k, type(getattr(cfg, k))(v))
     emb_file = Path(embeddings_file)
     if not emb_file.exists():
         print(f"{emb_file} missing: encoding the prompt with the factory checkpoint's text encoders")
-        embeddings.build_embeddings(checkpoint.random_checkpoint(small), torch.float32, path=emb_file)
-    from safetensors.torch import load_file
-
+        embeddings.build_embeddings(checkpoint.random_checkpoint(checkpoint.SmallModelConfig()), torch.float32,
+                                    path=emb_file)
     text = load_file(str(emb_file))
-    text = (text["prompt_embeds"].float(), text["pooled_prompt_embeds"].float())
+    return text["prompt_embeds"].float(), text["pooled_prompt_embeds"].float()
+
+
+def train_config(resume: Path | None, quick: bool, overrides: dict[str, str] | None) -> training.TrainConfig:
+    """The resumed run's config (or the defaults), then ``quick`` sizes, then ``overrides`` (fields as text)."""
+    cfg = training.TrainConfig()
+    if resume is not None:
+        cfg = training.TrainConfig(**_record(resume)["config"])
+    if quick:
+        cfg.vae_steps, cfg.fill_steps, cfg.logo_steps = 3, 3, 3
+        cfg.vae_batch, cfg.fill_batch, cfg.logo_batch, cfg.workers, cfg.log_every = 2, 2, 2, 0, 1
+    for k, v in (overrides or {}).items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"--set {k}={v}: TrainConfig has no field {k!r}; fields: "
+                             f"{', '.join(training.TrainConfig.__dataclass_fields__)}.")
+        setattr(cfg, k, type(getattr(cfg, k))(v))
+    return cfg
+
+
+def _record(folder: Path) -> dict:
+    path = Path(folder) / train_state.STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {train_state.STATE_FILE} in {folder}: --resume needs the folder a previous "
+                                "`train` wrote (its --out).")
+    return json.loads(path.read_text())
+
+
+def train_default(out: str | Path, device: str, embeddings_file: str | Path = TRAINING_EMBEDDINGS, quick: bool = False,
+                  overrides: dict[str, str] | None = None, stages: str = "vae,fill", resume: str | Path | None = None,
+                  time_budget: float | None = None, optim_dir: str | Path | None = None,
+                  init_from: str | Path | None = None, started: float | None = None,
+                  save_reserve: float = SAVE_RESERVE_S) -> dict:
+    """One training call: the state, ``train_log.txt`` (this call's lines after the earlier calls') and, once
+    the logo stage has run, ``logo_lora/`` into ``out``.
+
+    ``time_budget``: seconds for the whole call from ``started`` (default: now), of which ``save_reserve`` is
+    kept for saving; ``optim_dir``: where the AdamW state is written and, if it matches, read back.
+    """
+    started = time.time() if started is None else started
+    resume = Path(resume) if resume else None
+    cfg = train_config(resume, quick, overrides)
+    small = checkpoint.SmallModelConfig()
+    if resume is not None:
+        small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in _record(resume)["model"].items()})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = (resume / "train_log.txt").read_text() if resume and (resume / "train_log.txt").exists() else ""
+    deadline = started + time_budget - save_reserve if time_budget else None
     with open(out / "train_log.txt", "w") as log_file:
-        def log(msg):
+        log_file.write(earlier)
+
+        def log(msg: str) -> None:
             print(msg, flush=True)
             log_file.write(msg + "\n")
             log_file.flush()
 
-        start = time.time()
-        models, record = training.train(cfg, small, text, device, log)
-        record.update(wall_seconds=time.time() - start, stamp=provenance.stamp(device), embeddings_file=emb_file.name)
-        training.save_trained_weights(models, out)
-        (out / "record.json").write_text(json.dumps(record, default=str))
-        plot_losses(record, out / "loss_curve.png")
-        log(f"done in {record['wall_seconds']:.0f}s: vae {record['vae_steps_done']} steps, "
-            f"fill {record['fill_steps_done']} steps")
+        log(f"call from {resume or 'scratch'}: stages {stages}, budget {time_budget or 'none'} s, device {device}")
+        record = train_run.train_call(out, cfg, small, load_text(embeddings_file), device,
+                                      [s.strip() for s in stages.split(",") if s.strip()], resume,
+                                      Path(optim_dir) if optim_dir else None, deadline,
+                                      Path(init_from) if init_from else None, log)
+        record["calls"][-1]["stamp"] = provenance.stamp(device)
+        (out / train_state.STATE_FILE).write_text(json.dumps(record, default=str))
+        log("; ".join(f"{s} {r['step']}/{r['total']}{' done' if r['done'] else ''}"
+                      for s, r in record["stages"].items()) + f" ({time.time() - started:.0f}s in this call)")
     return record
 
 
-def assemble_default(weights: str | Path, out: str | Path = checkpoint.TRAINED_DIR,
-                     embeddings_file: str | Path = TRAINING_EMBEDDINGS) -> Path:
-    """Factory text encoders + trained weights -> a checkpoint at ``out`` with its card, loss curve and the
-    float32 / bfloat16 embedding caches; refuses text encoders that do not reproduce the training embeddings."""
-    weights, out = Path(weights), Path(out)
-    record = json.loads((weights / "record.json").read_text())
+def shipped_weights(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(record, ``part.key`` weights as they ship): a stage in progress gives its EMA, a finished one its frozen."""
+    record, ema, _, frozen = train_state.load_state(state_dir)
+    return record, {**frozen, **ema}
+
+
+def assemble_checkpoint(weights: dict[str, torch.Tensor], record: dict, out_root: Path,
+                        base_dir: Path | None = None) -> Path:
+    """Build the committed checkpoint: factory models (same text encoders) + trained weights, in bf16.
+
+    ``base_dir``: the random checkpoint whose text encoders made the embeddings used in training.
+    """
+    small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in record["model"].items()})
+    models = checkpoint.build_models(small)
+    if base_dir is not None:  # reuse the exact text encoders the training embeddings came from
+        from transformers import CLIPTextModel, T5EncoderModel
+
+        models["text_encoder"] = CLIPTextModel.from_pretrained(base_dir / checkpoint.FILL_SUBDIR / "text_encoder")
+        models["text_encoder_2"] = T5EncoderModel.from_pretrained(base_dir / checkpoint.FILL_SUBDIR / "text_encoder_2")
+    for part in training.TRAINED_PARTS:
+        state = {k[len(part) + 1:]: v.float() for k, v in weights.items() if k.startswith(part + ".")}
+        if not state:
+            raise ValueError(f"the state has no weights for {part}: train stage "
+                             f"{'vae' if part == 'vae' else 'fill'} first (or start it with --init-from).")
+        models[part].load_state_dict(state, strict=True)
+    models["vae"].register_to_config(shift_factor=round(record["vae_shift_factor"], 6),
+                                     scaling_factor=round(record["vae_scaling_factor"], 6))
+    for part in training.TRAINED_PARTS:  # trained weights ship in bf16; the tiny text encoders stay fp32 so that
+        models[part].to(torch.bfloat16)  # the committed fp32 embeddings are exactly what training saw
+    checkpoint.save_checkpoint(models, small, out_root)
+    return out_root
+
+
+def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
+    """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
+    from safetensors.torch import load_file
+
+    from ..embeddings import encode_prompt
+
+    prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
+    ref = load_file(str(training_embeddings))
+    if not (torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"])):
+        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {training_embeddings}: the trained "
+                           "transformer would see other conditioning than in training. Assemble from the same factory "
+                           "checkpoint the training embeddings came from.")
+
+
+def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED_DIR,
+                     embeddings_file: str | Path = TRAINING_EMBEDDINGS, logo_out: str | Path = LOGO_LORA_DIR) -> Path:
+    """A training state -> a checkpoint at ``out`` with its card, loss curve and the float32 / bfloat16 embedding
+    caches (text encoders that do not reproduce the training embeddings are refused); its logo LoRA -> ``logo_out``."""
+    state_dir, out = Path(state_dir), Path(out)
+    record, weights = shipped_weights(state_dir)
     base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
-    training.assemble_checkpoint(weights, record, out, base_dir=base)
-    training.check_text_embeddings(out, Path(embeddings_file))
+    assemble_checkpoint(weights, record, out, base_dir=base)
+    check_text_embeddings(out, Path(embeddings_file))
     for dtype in (torch.float32, torch.bfloat16):
         embeddings.build_embeddings(out, dtype, path=embeddings.embeddings_path(out, dtype))
     plot_losses(record, out / "loss_curve.png")
-    extra = {"fingerprint": provenance.fingerprint(out), "weights_from": str(weights.name),
+    extra = {"fingerprint": provenance.fingerprint(out), "weights_from": state_dir.name,
              "assembled": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if (state_dir / "logo_lora").is_dir():
+        shutil.copytree(state_dir / "logo_lora", logo_out, dirs_exist_ok=True)
+        extra["logo_lora"] = str(Path(logo_out).relative_to(provenance.REPO_ROOT)) \
+            if Path(logo_out).resolve().is_relative_to(provenance.REPO_ROOT) else str(logo_out)
     write_card(out, record, extra)
     print(f"checkpoint at {out}, fingerprint {extra['fingerprint'][:16]}")
     return out
-
-
-def evaluate_heldout(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20, dtype=torch.float32,
-                     device: str = "cpu", progress: bool = False) -> tuple[dict, list]:
-    """Masked-region PSNR / SSIM of try-ons against ground truth on pairs from a seed never used in training.
-
-    Returns (summary, rows) where each row holds the images (garment, person, try-on, target) for a grid.
-    """
-    pipe = build_pipeline(model_dir, device=device, dtype=str(dtype).removeprefix("torch."))
-    rows = []
-    for i in range(count):
-        s = make_sample(seed, i)
-        out = tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=i), TryOnSettings(steps=steps, progress=progress))
-        m = np.asarray(s.mask) > 127
-        rows.append({"index": i, "psnr_masked": psnr(out.images[0], s.target, mask=m),
-                     "ssim_masked": ssim(out.images[0], s.target, mask=m),
-                     "images": [s.garment, s.person, out.images[0], s.target]})
-    summary = {"seed": seed, "count": count, "steps": steps,
-               "psnr_masked_mean": float(np.mean([r["psnr_masked"] for r in rows])),
-               "ssim_masked_mean": float(np.mean([r["ssim_masked"] for r in rows]))}
-    return summary, rows
-
-
-def grid_image(rows: list):
-    """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
-    from PIL import Image
-
-    w, h = rows[0]["images"][0].size
-    grid = Image.new("RGB", (4 * w, len(rows) * h), (255, 255, 255))
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row["images"]):
-            grid.paste(img.convert("RGB"), (c * w, r * h))
-    return grid
-
-
-def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20,
-                     results: str | Path = provenance.REPO_ROOT / "benchmarks" / "results.json",
-                     grid: str | Path | None = provenance.REPO_ROOT / "docs" / "heldout_grid.png") -> dict:
-    """The trained default model and the random-weights one on the same held-out pairs; writes entry
-    ``heldout_quality`` to ``results`` and the trained model's grid to ``grid``."""
-    res = {"stamp": provenance.stamp("cpu")}
-    for name, model_dir in (("trained", checkpoint.TRAINED_DIR), ("random", checkpoint.random_checkpoint())):
-        summary, rows = evaluate_heldout(model_dir, seed, count, steps)
-        summary["model"] = checkpoint.describe_model(model_dir)
-        res[name] = summary
-        print(f"{name}: masked PSNR {summary['psnr_masked_mean']:.2f} dB, masked SSIM {summary['ssim_masked_mean']:.3f}")
-        if name == "trained" and grid:
-            grid_image(rows).save(grid)
-    provenance.write_results(results, "heldout_quality", res)
-    return res

@@ -37,6 +37,8 @@ class Recipe:
     quick: bool = False  # one short image: per-step numbers only
     stock: bool = False  # text encoders resident too (the stock pipeline's memory)
     inductor: dict = field(default_factory=dict)  # torch._inductor.config overrides for this variant
+    extra: str | None = None  # a lever that is not an option (``peers_gpu``): "static_fp8" or "flux_fast_vae"
+    cache: str | None = None  # per image with a step cache replaying the run's schedule: "teacache1" or "cache_dit"
 
 
 FP8_FUSED = dict(fp8="fp8_dynamic_row", fuse_qkv=True)
@@ -55,6 +57,17 @@ RECIPES = {
                                                             **FP8_FUSED), 180),
     "fp8_row_fused_regional_tuned": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 200,
                                            inductor=FLUX_FAST_INDUCTOR),
+    # static per-tensor activation scales, calibrated once (no amax pass per call)
+    "fp8_static_fused_regional": Recipe(PipelineOptions(compile="regional", fuse_qkv=True), 70, extra="static_fp8"),
+    # the published flux-fast recipe from stock libraries: whole-model max-autotune with its inductor flags and
+    # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
+    "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", **FP8_FUSED), 330,
+                             inductor=FLUX_FAST_INDUCTOR, extra="flux_fast_vae"),
+    # per image with the step cache, replaying the schedule recorded on the trained model
+    "fp8_row_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 50, cache="teacache1"),
+    "fp8_static_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", fuse_qkv=True), 50,
+                                                  extra="static_fp8", cache="teacache1"),
+    "fp8_row_fused_regional_cache_dit": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 50, cache="cache_dit"),
 }
 MODEL = "FLUX.1 Fill shapes from the published configs, random weights: timings are real, outputs are not"
 DEFAULT = "eager,fp8_row_fused_regional,fp8_row_fused_full_cudagraphs,fp8_row_fused_regional_tuned"
@@ -62,8 +75,9 @@ DEFAULT = "eager,fp8_row_fused_regional,fp8_row_fused_full_cudagraphs,fp8_row_fu
 
 def for_shape(options: PipelineOptions, s: fullsize.Shape) -> PipelineOptions:
     """A recipe's options on this shape's device and dtype (the CPU smoke run compiles with aot_eager: no C++)."""
-    return replace(options, device=s.device, dtype=s.dtype,
-                   compile_backend="inductor" if s.device == "cuda" else "aot_eager")
+    cpu = s.device != "cuda"
+    fp8 = "fp8_weight_only" if cpu and options.fp8.startswith("fp8_dynamic") else options.fp8  # no FP8 matmuls
+    return replace(options, device=s.device, dtype=s.dtype, fp8=fp8, compile_backend="aot_eager" if cpu else "inductor")
 
 
 def free() -> None:
@@ -113,8 +127,36 @@ def matmul_ceiling(s: fullsize.Shape) -> dict:
     return {"n": n, "seconds": sec, "tflops": 2 * n**3 / sec / 1e12}
 
 
+def configure(pipe, r: Recipe, opts: PipelineOptions, s: fullsize.Shape, x: dict, schedule: list[bool] | None) -> dict:
+    """``apply_options`` plus the recipe's lever or step cache that is not an option; returns what they report."""
+    from . import peers_gpu
+
+    report: dict = {}
+    if r.extra == "static_fp8":  # observers need the uncompiled model; compile after converting
+        apply_options(pipe, replace(opts, compile="none"))
+        report = peers_gpu.static_fp8(pipe, lambda: run_image(pipe.fill, s, x, 2))
+        from ..compiling import compile_transformer
+
+        compile_transformer(pipe.transformer, opts.compile, opts.compile_backend)
+    else:
+        apply_options(pipe, opts)
+    if r.extra == "flux_fast_vae":
+        report = peers_gpu.flux_fast_vae(pipe, gpu=s.device == "cuda")
+    if r.cache and schedule is None:
+        raise ValueError("a step-cache row needs a schedule (bench_gpu.py --schedule RESULTS_JSON)")
+    if r.cache == "teacache1":
+        from ..teacache import TeaCacheConfig, apply_teacache
+
+        apply_teacache(pipe.transformer, TeaCacheConfig(schedule=tuple(schedule), num_inference_steps=len(schedule),
+                                                        order=1))
+        return {**report, "computed": int(sum(schedule))}
+    if r.cache == "cache_dit":
+        return {**report, **peers_gpu.cache_dit(pipe, schedule, len(schedule))}
+    return report
+
+
 def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, quick_steps: int,
-               reference: torch.Tensor | None) -> tuple[dict, torch.Tensor | None]:
+               reference: torch.Tensor | None, schedule: list[bool] | None = None) -> tuple[dict, torch.Tensor | None]:
     """Build, apply the variant's options, time a first and a steady image; returns the row and the latents."""
     free()
     t0 = time.perf_counter()
@@ -129,7 +171,7 @@ def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, qui
     try:
         for k, v in r.inductor.items():
             setattr(inductor_config, k, v)
-        apply_options(pipe, opts)
+        row.update(configure(pipe, r, opts, s, x, schedule))
         row["build_s"] = time.perf_counter() - t0
         compiled = opts.compile != "none"
         n = quick_steps if r.quick else steps
@@ -142,26 +184,29 @@ def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, qui
                 timed = run_image(pipe.fill, s, x, n)
             row.update(image_s=timed["seconds"], recompiles_steady=g2["graphs"],
                        compile_s=max(0.0, first["seconds"] - timed["seconds"]) if compiled else 0.0)
-            if reference is not None:
+            if reference is not None and not r.cache:  # a cache's error means something on trained weights only
                 row["latent_rel_l2_vs_eager"] = rel_l2(timed["latents"], reference)
     finally:
         for k, v in saved.items():
             setattr(inductor_config, k, v)
     per_step = (timed["per_step"][2:] if r.quick else []) or timed["per_step"]  # quick: drop warm-up steps
-    row["ms_per_step"] = 1e3 * statistics.median(per_step)
-    row["tflops"] = s.flops_per_step() / (row["ms_per_step"] / 1e3) / 1e12
+    if r.cache:  # skipped steps make a per-step median meaningless: the row is per image
+        row["cache"] = r.cache
+    else:
+        row["ms_per_step"] = 1e3 * statistics.median(per_step)
+        row["tflops"] = s.flops_per_step() / (row["ms_per_step"] / 1e3) / 1e12
     row["peak_bytes"] = peak_memory_bytes(s.device)
     latents = timed["latents"] if not r.quick else None
     del pipe, encoders
     return row, latents
 
 
+@torch.no_grad()  # inference only; restores the caller's grad mode on return
 def run(names: list[str], s: fullsize.Shape, steps: int = 28, quick_steps: int = 8, budget_s: float = 540,
-        on_row=None) -> dict:
+        on_row=None, schedule: list[bool] | None = None) -> dict:
     """Every named variant in this process, most telling first; a variant that would not fit ``budget_s`` is
     skipped with the reason. ``on_row(results)`` is called after each variant (write results as you go)."""
     start = time.perf_counter()
-    torch.set_grad_enabled(False)
     res: dict = {"shape": f"{s.describe()}, {steps} steps", "model": MODEL, "matmul": matmul_ceiling(s),
                  "variants": {}}
     x = fullsize.diptych_inputs(s)
@@ -177,7 +222,7 @@ def run(names: list[str], s: fullsize.Shape, steps: int = 28, quick_steps: int =
             continue
         print(f"{name} ({time.perf_counter() - start:.0f} s elapsed, ~{est:.0f} s)...", flush=True)
         try:
-            row, latents = run_recipe(name, RECIPES[name], s, x, steps, quick_steps, reference)
+            row, latents = run_recipe(name, RECIPES[name], s, x, steps, quick_steps, reference, schedule)
             if name == "eager":
                 reference = latents
         except Exception as e:  # one broken variant must not lose the others' numbers
@@ -197,9 +242,12 @@ def table(res: dict) -> list[dict]:
     v = res["variants"]
     eager = v.get("eager", {}).get("ms_per_step")
     ceiling = res.get("matmul", {}).get("tflops")
+    eager_image = v.get("eager", {}).get("image_s")
     return [{"variant": r["variant"], "status": r["status"], "ms/step": r.get("ms_per_step", ""),
              "vs eager": eager / r["ms_per_step"] if eager and r.get("ms_per_step") else "",
-             "s/image": r.get("image_s", ""), "first call s": r.get("first_image_s", ""),
+             "s/image": r.get("image_s", ""),
+             "image vs eager": eager_image / r["image_s"] if eager_image and r.get("image_s") else "",
+             "first call s": r.get("first_image_s", ""),
              "compile s": r.get("compile_s", ""), "% of bf16 matmul": 100 * r["tflops"] / ceiling
              if ceiling and "tflops" in r else "", "peak GiB": r["peak_bytes"] / 2**30 if "peak_bytes" in r else "",
              "recompiles": r.get("recompiles_steady", ""), "rel-L2 vs eager": r.get("latent_rel_l2_vs_eager", ""),
@@ -214,18 +262,26 @@ def targets(res: dict, ms_target: float = 75.0) -> list[str]:
     e = v["eager"]["ms_per_step"]
     best = min(ok, key=lambda r: r["ms_per_step"])
     met = best["ms_per_step"] <= ms_target and e / best["ms_per_step"] >= 2.15
-    return [f"per step: best {best['variant']} {best['ms_per_step']:.1f} ms vs eager {e:.1f} ms = "
+    out = []
+    cached = [r for r in v.values() if r.get("status") == "ok" and r.get("cache") and "image_s" in r]
+    if cached and "image_s" in v["eager"]:
+        ei = v["eager"]["image_s"]
+        out += [f"per image: {r['variant']} ({r.get('computed', '?')} of {r.get('steps', '?')} steps computed) "
+                f"{r['image_s']:.3f} s vs eager {ei:.2f} s = {ei / r['image_s']:.2f}x (target >= 4x: "
+                f"{'met' if ei / r['image_s'] >= 4 else 'NOT met'})" for r in cached]
+    return out + [f"per step: best {best['variant']} {best['ms_per_step']:.1f} ms vs eager {e:.1f} ms = "
             f"{e / best['ms_per_step']:.2f}x (target <= {ms_target:.0f} ms and >= 2.15x: {'met' if met else 'NOT met'}); "
             f"rel-L2 vs eager {best.get('latent_rel_l2_vs_eager', float('nan')):.4f} (target <= 0.02)"]
 
 
 def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, tiny: bool = False,
-              steps: int | None = None, budget_s: float = 540, work: str | Path = "/tmp/bench_gpu_work") -> dict:
+              steps: int | None = None, budget_s: float = 540, work: str | Path = "/tmp/bench_gpu_work",
+              schedule: list[bool] | None = None, cold_cases: list[str] | None = None) -> dict:
     """Step-speed variants and/or the cold-start cases, written to ``out_dir/bench_gpu.json`` and ``.md``
     (stamped with device, commit and date) after every variant, so a run stopped early keeps its numbers."""
     from ..plots import markdown_table
     from ..provenance import stamp, write_results
-    from . import coldstart_gpu
+    from . import coldstart
 
     s = fullsize.shape(tiny=tiny)
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -242,8 +298,8 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
                    markdown_table(table(r["steps"])), *[f"- {t}" for t in targets(r["steps"])], ""]
         if r.get("cold"):
             md += ["## Cold start (fresh process -> first image, seconds)", "",
-                   markdown_table(coldstart_gpu.phase_rows(r["cold"])),
-                   *[f"- {t}" for t in coldstart_gpu.targets(r["cold"])], ""]
+                   markdown_table(coldstart.phase_rows(r["cold"]["cases"])),
+                   *[f"- {t}" for t in coldstart.targets(r["cold"]["cases"])], ""]
         clean = json.loads(json.dumps(r, default=str))
         write_results(out / "bench_gpu.json", "bench_gpu", clean, "\n".join(md) + "\n")
 
@@ -251,11 +307,12 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
     names = [n.strip() for n in variants.split(",") if n.strip()]
     if names:
         res["steps"] = run(names, s, steps, 3 if tiny else 8, budget_s if not cold else budget_s * 0.5,
-                           on_row=lambda r: write({**res, "steps": r}))
+                           on_row=lambda r: write({**res, "steps": r}), schedule=schedule)
         write(res)
     if cold:
         left = budget_s - (time.perf_counter() - start)
-        res["cold"] = coldstart_gpu.run(s, Path(work), steps, budget_s=left)
+        res["cold"] = coldstart.gpu_run(s, Path(work), steps, budget_s=left,
+                                        on_case=lambda c: write({**res, "cold": c}), names=cold_cases)
         write(res)
     return res
 
@@ -302,6 +359,7 @@ def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps
     return [{**r, "top": r["top"][0]} for r in rows]
 
 
+@torch.no_grad()  # inference only; restores the caller's grad mode on return
 def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28, repeats: int = 2) -> dict:
     """Per image (``steps`` steps + VAE decode), in one process: stock bf16 eager, the best variant, and the best
     variant with the step cache replaying ``schedule`` (a pattern TeaCache chose on the trained model)."""
@@ -311,7 +369,6 @@ def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28,
         raise ValueError(f"the schedule has {len(schedule)} steps, the run {steps}: record it at {steps} steps.")
     s = fullsize.shape(tiny=tiny)
     x = fullsize.diptych_inputs(s)
-    torch.set_grad_enabled(False)
     out: dict = {"shape": f"{s.describe()}, {steps} steps", "model": MODEL, "schedule": list(schedule),
                  "computed": int(sum(schedule))}
     for name, recipe, cache in (("stock eager", "eager", False), ("best variant", "fp8_row_fused_regional", False),
@@ -319,8 +376,6 @@ def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28,
         free()
         pipe = fullsize.slim_pipeline(s)
         opts = for_shape(RECIPES[recipe].options, s)
-        if s.device != "cuda" and opts.fp8.startswith("fp8_dynamic"):  # the CPU smoke run: no FP8 matmuls
-            opts = replace(opts, fp8="fp8_weight_only")
         apply_options(pipe, opts)
         if cache:
             apply_teacache(pipe.transformer, TeaCacheConfig(schedule=tuple(schedule), num_inference_steps=steps))

@@ -211,10 +211,10 @@ def part_cap(b: Bench, device: str, gb: float) -> dict:
                                     **strip_result(r), "completed": True}}}
 
 
+@torch.no_grad()  # inference only; restores the caller's grad mode on return
 def run_part(part: str, b: Bench) -> dict:
     """One part in this process; an error is recorded (in the part's place), never raised."""
     device = "cuda" if torch.cuda.is_available() and not b.tiny else "cpu"
-    torch.set_grad_enabled(False)
     try:
         if part == "budget":
             return part_budget(b, device)

@@ -89,6 +89,7 @@ def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | 
 VARIANTS = {"eager": {}, "fp8": {"fp8": "fp8_dynamic_row", "fuse_qkv": True, "compile": "regional"}}
 
 
+@torch.no_grad()  # inference only; restores the caller's grad mode on return
 def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
           work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
           config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2) -> dict:
@@ -100,7 +101,6 @@ def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repea
     import torch.distributed as dist
 
     rank, world, device = init_distributed()
-    torch.set_grad_enabled(False)
     steps = steps or (3 if tiny else 28)
     sizes = ["tiny"] if tiny else list(sizes)
     s0 = shape_for(sizes[0], tiny, config)

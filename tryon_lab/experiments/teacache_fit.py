@@ -2,8 +2,9 @@
 
     calibrate        full-compute trajectories (per step: change of block 0's modulated input and of the output)
     fit_coefficients numpy.polyfit of output change on input change, the degree chosen on held-out requests
-    sweep            TeaCache thresholds, the published FLUX polynomial, First Block Cache, MagCache and
-                     TaylorSeer on the same requests, each against full compute (and the ground truth)
+    sweep            TeaCache thresholds (order 0 and 1), the published FLUX polynomial, First Block Cache,
+                     MagCache, TaylorSeer and peers run elsewhere (cache-dit, ``cache_dit_peer``) on the same
+                     requests, each against full compute (and the ground truth)
 
 The hook itself and the coefficient files are ``tryon_lab.teacache``.
 """
@@ -135,7 +136,7 @@ def degree_table(fit: Fit) -> list[dict]:
 DIFFUSERS_SETTINGS = {"first_block_cache": [0.2, 0.45, 0.7], "mag_cache": [0.06, 0.24], "taylorseer": [2, 4]}
 
 
-def _run(pipe, requests, settings, context=nullcontext) -> tuple[list, list[int]]:
+def run_counted(pipe, requests, settings, context=nullcontext) -> tuple[list, list[int]]:
     """One call per request (TeaCache decides per batch); counts the last block's attention calls per image."""
     count = [0]
     handle = pipe.transformer.single_transformer_blocks[-1].attn.norm_q.register_forward_pre_hook(
@@ -152,7 +153,8 @@ def _run(pipe, requests, settings, context=nullcontext) -> tuple[list, list[int]
     return results, passes
 
 
-def _row(method, setting, value, results, passes, ref, requests, targets) -> dict:
+def score_row(method, setting, value, results, passes, ref, requests, targets) -> dict:
+    """One sweep row: passes, fastest times, PSNR/SSIM/latent rel. L2 vs ``ref`` (if any), masked PSNR vs targets."""
     imgs = [r.images[0] for r in results]
     row = {"method": method, "setting": setting, "value": value, "computed": float(np.mean(passes)),  # fastest image:
            "s_per_image": min(r.timings["total"] for r in results),  # on a shared machine the minimum is the
@@ -182,7 +184,7 @@ def mag_ratios(pipe, request, settings) -> list[float]:
     pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=settings.steps))
     try:
         with contextlib.redirect_stdout(buf):
-            _run(pipe, [request], settings)
+            run_counted(pipe, [request], settings)
     finally:
         pipe.transformer.disable_cache()
     lists = [ln for ln in buf.getvalue().splitlines() if ln.startswith("[")]
@@ -207,33 +209,40 @@ def diffusers_configs(pipe, requests, settings, params: dict | None = None) -> l
 
 
 def sweep(pipe, requests, thresholds, settings, coefficients, include_diffusers: bool = True, targets=None,
-          published_thresholds=(), diffusers_params: dict | None = None, **teacache_kwargs) -> list[dict]:
+          published_thresholds=(), diffusers_params: dict | None = None, orders=(0,), peers=(),
+          **teacache_kwargs) -> list[dict]:
     """Every method and setting on the same requests, each against full compute (and the ground truth, if any).
 
+    ``orders``: TeaCache's residual extrapolation orders to sweep (order 1 rows are ``teacache_order1``).
+    ``peers``: callables ``(pipe, requests, settings) -> [(method, setting, value, results, passes)]`` for methods
+    that run elsewhere (``cache_dit_peer.runner()``: a child process), scored here like every other row.
     Rows: method, setting, value, computed (block-stack passes per image), s_per_image, denoise_s (fastest
-    image), speedup (full-compute denoise time / this one), ideal_speedup (steps / computed), psnr, ssim (images vs full compute), latent_rel_l2, gt_psnr (masked,
-    vs ``targets`` or ``request.target``), images.
+    image), speedup (full-compute denoise time / this one), ideal_speedup (steps / computed), psnr, ssim (images
+    vs full compute), latent_rel_l2, gt_psnr (masked, vs ``targets`` or ``request.target``), images.
     """
     requests = list(requests)
     targets = list(targets) if targets is not None else [getattr(r, "target", None) for r in requests]
     settings = replace(settings, progress=False)
-    _run(pipe, requests, replace(settings, steps=1))  # warm-up: one-time costs and the Redux cache stay out of the rows
-    ref, passes = _run(pipe, requests, settings)
-    rows = [_row("full", "full compute", 0.0, ref, passes, ref, requests, targets)]
-    runs = [("teacache", coefficients, t) for t in thresholds]
-    runs += [("teacache_published", PUBLISHED_FLUX_COEFFICIENTS, t) for t in published_thresholds]
-    for method, coeffs, t in runs:
-        cfg = TeaCacheConfig(t, list(coeffs), num_inference_steps=settings.steps, **teacache_kwargs)
+    run_counted(pipe, requests, replace(settings, steps=1))  # warm-up: one-time costs and the Redux cache stay out of the rows
+    ref, passes = run_counted(pipe, requests, settings)
+    rows = [score_row("full", "full compute", 0.0, ref, passes, ref, requests, targets)]
+    runs = [("teacache" + (f"_order{o}" if o else ""), coefficients, t, o) for o in orders for t in thresholds]
+    runs += [("teacache_published", PUBLISHED_FLUX_COEFFICIENTS, t, 0) for t in published_thresholds]
+    for method, coeffs, t, order in runs:
+        cfg = TeaCacheConfig(t, list(coeffs), num_inference_steps=settings.steps, order=order, **teacache_kwargs)
         with enabled(pipe.transformer, cfg):
-            res, passes = _run(pipe, requests, settings)
-        rows.append(_row(method, f"rel_l1_thresh={t}", float(t), res, passes, ref, requests, targets))
+            res, passes = run_counted(pipe, requests, settings)
+        rows.append(score_row(method, f"rel_l1_thresh={t}", float(t), res, passes, ref, requests, targets))
     for method, setting, value, cfg in diffusers_configs(pipe, requests, settings, diffusers_params) if include_diffusers else []:
         pipe.transformer.enable_cache(cfg)
         try:
-            res, passes = _run(pipe, requests, settings, lambda: pipe.transformer.cache_context("cond"))
+            res, passes = run_counted(pipe, requests, settings, lambda: pipe.transformer.cache_context("cond"))
         finally:
             pipe.transformer.disable_cache()
-        rows.append(_row(method, setting, float(value), res, passes, ref, requests, targets))
+        rows.append(score_row(method, setting, float(value), res, passes, ref, requests, targets))
+    for peer in peers:
+        rows += [score_row(method, setting, float(value), res, passes, ref, requests, targets)
+                 for method, setting, value, res, passes in peer(pipe, requests, settings)]
     for row in rows:
         row["speedup"] = rows[0]["denoise_s"] / row["denoise_s"]
         row["ideal_speedup"], row["steps"] = settings.steps / max(row["computed"], 1e-9), settings.steps

@@ -1,55 +1,73 @@
 """Training the toy try-on model that ships as the default checkpoint (read top to bottom, like nanoGPT).
 
-Two stages on procedural pairs (``synthetic.py``):
-1. the ``AutoencoderKL`` (L1 + MSE reconstruction + a small KL), then its latent shift/scale
-   measured on data and written into its config, as FLUX's VAE carries them;
-2. the FLUX Fill transformer together with the Redux path (SigLIP encoder + ``ReduxImageEncoder``),
-   by rectified-flow (flow-matching) loss on the Fill task exactly as the pipeline runs it: the
-   in-context diptych garment | target, the masked diptych and the mask packed by the stock
-   ``FluxFillPipeline.prepare_mask_latents``, and conditioning = cached text embeddings followed by
-   Redux tokens of the garment.
+Three stages on procedural pairs (``synthetic.py``), each resumable and cut into time-limited calls:
+1. ``vae``: the ``AutoencoderKL`` (L1 + MSE reconstruction, optionally weighted up inside logo boxes, + a small
+   KL), then its latent shift/scale measured on data and written into its config, as FLUX's VAE carries them;
+2. ``fill``: the FLUX Fill transformer together with the Redux path (SigLIP encoder + ``ReduxImageEncoder``),
+   by rectified-flow (flow-matching) loss on the Fill task exactly as the pipeline runs it: the in-context
+   diptych garment | target, the masked diptych and the mask packed by the stock
+   ``FluxFillPipeline.prepare_mask_latents``, and conditioning = cached text embeddings followed by Redux
+   tokens of the garment; optionally the tokens over the target's logos weigh more;
+3. ``logo``: a LoRA on the frozen Fill transformer, same loss, on the logo pass's own diptychs
+   (``train_data.make_logo_crops``); saved in the diffusers LoRA format ``lora.load_lora`` reads.
 
-The text encoders are not trained: the fixed prompt's embeddings are an input (the same file the
-slim pipeline loads), so the trained transformer and the committed embeddings agree exactly.
-The recipes around it (train and save, assemble the checkpoint, held-out quality) are ``default_model``.
+Every stage keeps an EMA (shipped) and draws its noise from a generator seeded by its step, so a run cut into
+calls and resumed with its optimiser state gives the weights of one uninterrupted run. A finished stage's parts
+are frozen at their EMA rounded to bf16: what ships is exactly what the later stages trained against.
+The text encoders are not trained: the fixed prompt's embeddings are an input. The recipes around this
+(train, assemble, evaluate) are ``default_model`` and ``default_quality``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..checkpoint import SmallModelConfig, build_models, save_checkpoint
-
 # Attention kernels for training: flash / memory-efficient (and math on a CPU). cuDNN attention's
 # backward failed on the H100 here (CUBLAS_STATUS_EXECUTION_FAILED at the first Fill step).
 _SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+STAGES = ("vae", "fill", "logo")
+STAGE_PARTS = {"vae": ("vae",), "fill": ("transformer", "image_encoder", "image_embedder"), "logo": ("logo",)}
+TRAINED_PARTS = ("transformer", "vae", "image_encoder", "image_embedder")
+LOGO_ADAPTER = "logo"
 
 
 @dataclass
 class TrainConfig:
-    data_seed: int = 1234  # procedural pairs: training draws indices from this seed
+    data_seed: int = 1234  # procedural pairs: stage k draws indices from seed data_seed + k
     model_seed: int = 0  # initial weights (checkpoint factory)
+    height: int = 192  # procedural image size
+    width: int = 128
     vae_steps: int = 4000
     vae_batch: int = 32  # pairs per step; each gives 3 images (garment, person, target)
     vae_lr: float = 3e-4
+    vae_warmup: int = 100
     vae_kl_weight: float = 1e-6
-    vae_time_s: float = 120.0  # stop early when the time budget is spent (fits one device call)
+    vae_logo_weight: float = 0.0  # extra pixel-loss weight inside logo boxes (garment and target)
     fill_steps: int = 20000
     fill_batch: int = 64
     fill_lr: float = 4e-4
     fill_warmup: int = 200
-    fill_time_s: float = 330.0
+    fill_logo_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside a target logo box
+    logo_steps: int = 3000
+    logo_batch: int = 64  # logo diptychs per step
+    logo_lr: float = 1e-3
+    logo_warmup: int = 100
+    logo_rank: int = 16
+    logo_size: int = 64  # the logo pass's crop size (``logos.logo_pass(size=...)``)
     guidance_min: float = 10.0  # guidance embedding sees a range around FLUX Fill's usual 30
     guidance_max: float = 40.0
+    ema_decay: float = 0.999
+    rewarm_steps: int = 100  # LR ramp after resuming without the optimiser state (fresh AdamW moments)
     workers: int = 12  # processes generating pairs
+    pool_pairs: int = 0  # > 0: generate this many pairs once per call and reuse them across epochs
+    call_steps: int = 0  # > 0: stop the call after this many optimiser steps (all stages together)
     log_every: int = 50
 
 
@@ -59,58 +77,58 @@ def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:
     return t / 127.5 - 1.0
 
 
-def _lr(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def _mask(arr: np.ndarray, device) -> torch.Tensor:
+    return torch.from_numpy(arr).to(device).float()[:, None]
 
 
-def _step(opt, loss: torch.Tensor, params, losses: list[float], step: int, log_every: int, what: str,
-          start: float, log) -> None:
-    """One optimiser step with gradient clipping at 1.0; the loss is kept and logged every ``log_every`` steps."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    losses.append(loss.item())
-    if step % log_every == 0:
-        log(f"{what} loss {np.mean(losses[-log_every:]):.4f} ({time.time() - start:.0f}s)")
+def lr_at(step: int, total: int, base: float, warmup: int, resumed_at: int | None = None, rewarm: int = 0) -> float:
+    """Linear warm-up then cosine to 0 at ``total``; times a ramp over ``rewarm`` steps after ``resumed_at``."""
+    lr = base * (step + 1) / warmup if step < warmup else \
+        base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    if resumed_at is not None and rewarm > 0:
+        lr *= min(1.0, (step - resumed_at + 1) / rewarm)
+    return lr
 
 
-def train_vae(vae, batches, cfg: TrainConfig, device, log=print) -> list[float]:
-    vae.train().requires_grad_(True)
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
-    losses, start = [], time.time()
-    for step in range(cfg.vae_steps):
-        b = next(batches)
-        x = _to_tensor(np.concatenate([b["garment"], b["person"], b["target"]]), device)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr, 100)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            post = vae.encode(x).latent_dist
-            rec = vae.decode(post.sample()).sample
-        rec = rec.float()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + cfg.vae_kl_weight * post.kl().mean()
-        _step(opt, loss, vae.parameters(), losses, step, cfg.log_every, f"vae step {step}", start, log)
-        if time.time() - start > cfg.vae_time_s:
-            break
-    vae.eval().requires_grad_(False)
-    return losses
+def generator(seed: int, step: int, device) -> torch.Generator:
+    """The noise of step ``step``: independent of where a call started, so resumed runs draw the same."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def weighted_mean(err: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``err`` with ``weight`` broadcast over it, normalised so the loss keeps its scale."""
+    if weight is None:
+        return err.mean()
+    weight = weight.expand_as(err)
+    return (err * weight).sum() / weight.sum()
+
+
+def vae_loss(vae, b: dict, cfg: TrainConfig, device, gen: torch.Generator) -> torch.Tensor:
+    x = _to_tensor(np.concatenate([b["garment"], b["person"], b["target"]]), device)
+    weight = None
+    if cfg.vae_logo_weight and "target_logo" in b:
+        logo = np.concatenate([b["garment_logo"], np.zeros_like(b["garment_logo"]), b["target_logo"]])
+        weight = 1 + cfg.vae_logo_weight * _mask(logo, device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+    d = rec.float() - x
+    return weighted_mean(d.abs() + d**2, weight) + cfg.vae_kl_weight * post.kl().mean()
 
 
 @torch.no_grad()
-def set_latent_scale(vae, batches, device, n_batches: int = 8) -> tuple[float, float]:
+def set_latent_scale(vae, batches, device, n_batches: int = 8, seed: int = 0) -> tuple[float, float]:
     """Measure latent mean/std on data and store them as the VAE's ``shift_factor`` / ``scaling_factor``."""
     zs = []
-    for _ in range(n_batches):
+    for i in range(n_batches):
         b = next(batches)
         x = _to_tensor(np.concatenate([b["person"], b["target"]]), device)
-        zs.append(vae.encode(x).latent_dist.sample().float())
+        zs.append(vae.encode(x).latent_dist.sample(generator=generator(seed, i, device)).float())
     z = torch.cat(zs)
     shift = z.mean().item()
     scale = 1.0 / (z - shift).std().item()
     vae.register_to_config(shift_factor=round(shift, 6), scaling_factor=round(scale, 6))
-    return shift, scale
+    return vae.config.shift_factor, vae.config.scaling_factor  # as stored: a resumed run must use the same
 
 
 def siglip_pixels(garment: torch.Tensor, size: int) -> torch.Tensor:
@@ -118,11 +136,10 @@ def siglip_pixels(garment: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(garment, size=(size, size), mode="bicubic", align_corners=False, antialias=True).clamp(-1, 1)
 
 
-def fill_batch_inputs(fill_pipe, b: dict, device, dtype=torch.float32):
+def fill_batch_inputs(fill_pipe, b: dict, device, dtype=torch.float32, gen: torch.Generator | None = None):
     """Pack one batch exactly as ``FluxFillPipeline`` does: returns (x0, cond, img_ids, garment)."""
     garment, person, target = (_to_tensor(b[k], device) for k in ("garment", "person", "target"))
-    mask = torch.from_numpy(b["mask"]).to(device).float()[:, None] / 255.0
-    mask = (mask >= 0.5).float()  # the pipeline's mask processor binarises
+    mask = (_mask(b["mask"], device) / 255.0 >= 0.5).float()  # the pipeline's mask processor binarises
     n, _, h, w = person.shape
     dip_person = torch.cat([garment, person], dim=3)
     dip_target = torch.cat([garment, target], dim=3)
@@ -131,8 +148,8 @@ def fill_batch_inputs(fill_pipe, b: dict, device, dtype=torch.float32):
     vae = fill_pipe.vae
     c = vae.config.latent_channels
     mask_packed, masked_latents = fill_pipe.prepare_mask_latents(
-        mask_full, masked, n, c, 1, h, 2 * w, dtype, device, None)
-    z = vae.encode(dip_target).latent_dist.sample()
+        mask_full, masked, n, c, 1, h, 2 * w, dtype, device, gen)  # it samples the masked latents
+    z = vae.encode(dip_target).latent_dist.sample(generator=gen)
     z = (z - vae.config.shift_factor) * vae.config.scaling_factor
     lh, lw = z.shape[2], z.shape[3]
     x0 = fill_pipe._pack_latents(z, n, c, lh, lw)
@@ -141,147 +158,100 @@ def fill_batch_inputs(fill_pipe, b: dict, device, dtype=torch.float32):
     return x0, cond, img_ids, garment
 
 
-def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device) -> torch.Tensor:
+def token_weights(b: dict, logo_weight: float, patch: int, device) -> torch.Tensor | None:
+    """Per-token loss weight (N, tokens, 1): 1 + ``logo_weight`` x the token's area inside a target logo box,
+    in ``_pack_latents`` order (row-major over the diptych's ``patch`` x ``patch`` pixel cells)."""
+    if not logo_weight or "target_logo" not in b:
+        return None
+    logo = _mask(b["target_logo"], device)
+    frac = F.avg_pool2d(torch.cat([torch.zeros_like(logo), logo], dim=3), patch)
+    return 1 + logo_weight * frac.flatten(1)[..., None]
+
+
+def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
     """Logit-normal times, shifted like the inference schedule for this sequence length."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
     mu = calculate_shift(image_seq_len, scheduler_config["base_image_seq_len"], scheduler_config["max_image_seq_len"],
                          scheduler_config["base_shift"], scheduler_config["max_shift"])
-    t = torch.sigmoid(torch.randn(n, device=device))
+    t = torch.sigmoid(torch.randn(n, device=device, generator=gen))
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
-def train_fill(models: dict, fill_pipe, text: tuple[torch.Tensor, torch.Tensor], batches, cfg: TrainConfig,
-               small: SmallModelConfig, device, log=print) -> list[float]:
+def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen: torch.Generator,
+              logo_weight: float = 0.0) -> torch.Tensor:
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
-    params = [*transformer.parameters(), *encoder.parameters(), *embedder.parameters()]
-    for m in (transformer, encoder, embedder):
-        m.train().requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.fill_lr, weight_decay=0.01, betas=(0.9, 0.99))
-    prompt_embeds, pooled = (t.to(device, torch.float32) for t in text)
-    sched_cfg = dict(fill_pipe.scheduler.config)
-    losses, start = [], time.time()
-    for step in range(cfg.fill_steps):
-        b = next(batches)
-        with torch.no_grad():
-            x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device)
-        n, seq = x0.shape[0], x0.shape[1]
-        sigma = sample_sigmas(n, seq, sched_cfg, device)
-        noise = torch.randn_like(x0)
-        xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
-        guidance = torch.empty(n, device=device).uniform_(cfg.guidance_min, cfg.guidance_max)
-        for g in opt.param_groups:
-            g["lr"] = _lr(step, cfg.fill_steps, cfg.fill_lr, cfg.fill_warmup)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
-            hidden = encoder(pixel_values=siglip_pixels(garment, small.siglip_image_size)).last_hidden_state
-            tokens = embedder(hidden).image_embeds
-            enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
-            txt_ids = torch.zeros(enc.shape[1], 3, device=device)
-            pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
-                               pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
-                               img_ids=img_ids, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
-        _step(opt, loss, params, losses, step, cfg.log_every, f"fill step {step}", start, log)
-        if time.time() - start > cfg.fill_time_s:
-            break
-    for m in (transformer, encoder, embedder):
-        m.eval().requires_grad_(False)
-    return losses
+    prompt_embeds, pooled = text
+    with torch.no_grad():
+        x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device, gen=gen)
+    n, seq = x0.shape[0], x0.shape[1]
+    sigma = sample_sigmas(n, seq, dict(fill_pipe.scheduler.config), device, gen)
+    noise = torch.randn(x0.shape, device=device, generator=gen)
+    xt = (1 - sigma[:, None, None]) * x0 + sigma[:, None, None] * noise
+    guidance = torch.rand(n, device=device, generator=gen) * (cfg.guidance_max - cfg.guidance_min) + cfg.guidance_min
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
+        hidden = encoder(pixel_values=siglip_pixels(garment, encoder.config.image_size)).last_hidden_state
+        tokens = embedder(hidden).image_embeds
+        enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
+        txt_ids = torch.zeros(enc.shape[1], 3, device=device)
+        pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
+                           pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
+                           img_ids=img_ids, return_dict=False)[0]
+    weight = token_weights(b, logo_weight, 2 * fill_pipe.vae_scale_factor, device)
+    return weighted_mean((pred.float() - (noise - x0)) ** 2, weight)
 
 
-def train(cfg: TrainConfig, small: SmallModelConfig, text: tuple[torch.Tensor, torch.Tensor], device: str,
-          log=print) -> tuple[dict, dict]:
-    """Both stages; returns (models, record of losses / steps / times)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
+def add_logo_adapter(transformer, rank: int, seed: int):
+    """A peft LoRA named ``logo`` on the attention projections ``lora.load_lora`` targets; returns its config."""
+    from peft import LoraConfig
 
-    from ..checkpoint import SCHEDULER_CONFIG
-    from ..synthetic import SyntheticConfig, iter_batches
+    from ..lora import DEFAULT_TARGETS
 
-    dev = torch.device(device)
-    torch.manual_seed(cfg.model_seed)
-    models = build_models(small)
-    for m in models.values():
-        m.to(dev)
-    syn = SyntheticConfig()
-    t0 = time.time()
-    vae_batches = iter_batches(cfg.data_seed, cfg.vae_batch, syn, workers=cfg.workers)
-    vae_losses = train_vae(models["vae"], vae_batches, cfg, dev, log)
-    shift, scale = set_latent_scale(models["vae"], vae_batches, dev)
-    log(f"vae latent shift {shift:.4f} scale {scale:.4f}")
-    t1 = time.time()
-    fill_pipe = FluxFillPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG), vae=models["vae"],
-                                 transformer=models["transformer"], text_encoder=None, tokenizer=None,
-                                 text_encoder_2=None, tokenizer_2=None)
-    # a different seed stream from the VAE stage's, so the two stages see different pairs
-    fill_batches = iter_batches(cfg.data_seed + 1, cfg.fill_batch, syn, workers=cfg.workers)
-    fill_losses = train_fill(models, fill_pipe, text, fill_batches, cfg, small, dev, log)
-    t2 = time.time()
-    record = {"config": asdict(cfg), "model": asdict(small), "vae_losses": vae_losses, "fill_losses": fill_losses,
-              "vae_steps_done": len(vae_losses), "fill_steps_done": len(fill_losses), "vae_seconds": t1 - t0,
-              "fill_seconds": t2 - t1, "vae_shift_factor": shift, "vae_scaling_factor": scale}
-    return models, record
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(DEFAULT_TARGETS))
+    torch.manual_seed(seed)
+    transformer.add_adapter(config, adapter_name=LOGO_ADAPTER)
+    return config
 
 
-TRAINED_PARTS = ("transformer", "vae", "image_encoder", "image_embedder")
+def stage_params(models: dict, stage: str) -> dict[str, torch.nn.Parameter]:
+    """``part.key`` -> trainable parameter of a stage (the logo stage: the adapter's tensors only)."""
+    if stage == "logo":
+        return {f"logo.{k}": p for k, p in models["transformer"].named_parameters() if "lora_" in k}
+    return {f"{part}.{k}": p for part in STAGE_PARTS[stage] for k, p in models[part].named_parameters()}
 
 
-def save_trained_weights(models: dict, out_dir: Path, max_file_bytes: int = 15 * 2**20) -> list[Path]:
-    """Trained parts as bf16 safetensors files of at most ``max_file_bytes`` each (``part.N.safetensors``)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for part in TRAINED_PARTS:
-        state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in models[part].state_dict().items()}
-        shard, size, idx = {}, 0, 0
-        for k, v in state.items():
-            nb = v.numel() * v.element_size()
-            if shard and size + nb > max_file_bytes:
-                paths.append(out_dir / f"{part}.{idx}.safetensors")
-                save_file(shard, str(paths[-1]))
-                shard, size, idx = {}, 0, idx + 1
-            shard[k], size = v, size + nb
-        paths.append(out_dir / f"{part}.{idx}.safetensors")
-        save_file(shard, str(paths[-1]))
-    return paths
+def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen) -> torch.Tensor:
+    if stage == "vae":
+        return vae_loss(models["vae"], b, cfg, device, gen)
+    return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight if stage == "fill" else 0.0)
 
 
-def assemble_checkpoint(weights_dir: Path, record: dict, out_root: Path, base_dir: Path | None = None) -> Path:
-    """Build the committed checkpoint: factory models (same text encoders) + trained weights, in bf16.
+@torch.enable_grad()  # training, whatever grad mode the caller left set
+def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg: TrainConfig, device,
+              opt: torch.optim.Optimizer, ema, should_stop, log=print) -> int:
+    """Optimiser steps from ``rec['step']`` until the stage's total or ``should_stop(steps_this_call)``.
 
-    ``base_dir``: the random checkpoint whose text encoders made the embeddings used in training.
+    ``rec`` (the stage's record: step, total, losses, resumed_at) is updated in place; returns steps done.
     """
-    from safetensors.torch import load_file
-
-    small = SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()})
-    models = build_models(small)
-    if base_dir is not None:  # reuse the exact text encoders the training embeddings came from
-        from transformers import CLIPTextModel, T5EncoderModel
-
-        models["text_encoder"] = CLIPTextModel.from_pretrained(base_dir / "FLUX.1-Fill-dev" / "text_encoder")
-        models["text_encoder_2"] = T5EncoderModel.from_pretrained(base_dir / "FLUX.1-Fill-dev" / "text_encoder_2")
-    for part in TRAINED_PARTS:
-        state = {}
-        for p in sorted(Path(weights_dir).glob(f"{part}.*.safetensors")):
-            state.update(load_file(str(p)))
-        models[part].load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    models["vae"].register_to_config(shift_factor=round(record["vae_shift_factor"], 6),
-                                     scaling_factor=round(record["vae_scaling_factor"], 6))
-    for part in TRAINED_PARTS:  # trained weights ship in bf16; the tiny text encoders stay fp32 so that the
-        models[part].to(torch.bfloat16)  # committed fp32 embeddings are exactly what training saw
-    save_checkpoint(models, small, out_root)
-    return out_root
-
-
-def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
-    """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
-    from safetensors.torch import load_file
-
-    from ..embeddings import encode_prompt
-
-    prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
-    ref = load_file(str(training_embeddings))
-    if not (torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"])):
-        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {training_embeddings}: the trained "
-                           "transformer would see other conditioning than in training. Assemble from the same factory "
-                           "checkpoint the training embeddings came from.")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    base, warmup = getattr(cfg, f"{stage}_lr"), getattr(cfg, f"{stage}_warmup")
+    seed = cfg.data_seed + STAGES.index(stage)
+    done, start = 0, time.time()
+    while rec["step"] < rec["total"] and not should_stop(done):
+        step = rec["step"]
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, rec["total"], base, warmup, rec.get("resumed_at"), cfg.rewarm_steps)
+        loss = stage_loss(stage, models, fill_pipe, text, next(batches), cfg, device, generator(seed, step, device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        rec["losses"].append(float(f"{loss.item():.5g}"))
+        rec["step"], done = step + 1, done + 1
+        if rec["step"] % cfg.log_every == 0:
+            log(f"{stage} step {rec['step']}/{rec['total']} loss {np.mean(rec['losses'][-cfg.log_every:]):.4f} "
+                f"({time.time() - start:.0f}s, {done / max(1e-9, time.time() - start):.2f} steps/s)")
+    rec["seconds"] = rec.get("seconds", 0.0) + time.time() - start
+    return done

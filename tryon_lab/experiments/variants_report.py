@@ -98,30 +98,29 @@ def swap_text(swap: dict, cpu: bool) -> str:
 
 
 def cold_start(model_dir, variant: str | None, dtype: str, device: str, steps: int, seed: int, backend: str) -> list[dict]:
-    """``coldstart.cold_start_breakdown`` in a temporary folder; [] when ``variant`` is None."""
+    """Notebook 03's cold-start cases (``coldstart.variant_cases``) in fresh processes, in a temporary folder;
+    one row per case with every phase; [] when ``variant`` is None."""
     if not variant:
         return []
+    from .variants import parse_variant
+
+    v = parse_variant(variant, backend)
+    options = {"fp8": v.quant, "compile": v.compile, "compile_backend": v.backend}
     with tempfile.TemporaryDirectory() as work:
-        return coldstart.cold_start_breakdown(model_dir, variant, work, dtype=dtype, device=device, steps=steps,
-                                              seed=seed, backend=backend)
+        cases = coldstart.run(model_dir, coldstart.variant_cases(options), work, steps, seed=seed,
+                              options={"device": device, "dtype": dtype})
+    return coldstart.phase_rows(cases)
 
 
-COLD_PARTS = ["startup_s", "import_s", "load_s", "compile_s", "image_s"]
+COLD_PARTS = [*coldstart.PHASES, "other"]
 
 
 def plot_cold_start(cold: list[dict], variant: str, cpu: bool):
     """Seconds from a fresh process to its first image, stacked by phase, one bar per case."""
-    import matplotlib.pyplot as plt
+    from ..plots import phase_bars
 
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(cold) + 1.2))
-    left = [0.0] * len(cold)
-    for p in COLD_PARTS:
-        ax.barh([c["case"] for c in cold], [c[p] for c in cold], left=left, label=p.removesuffix("_s"))
-        left = [a + c[p] for a, c in zip(left, cold, strict=True)]
-    ax.invert_yaxis()
-    ax.set(xlabel=timed("seconds to the first image ('image': one more image)", cpu),
-           title=variant)
-    return legend_outside(fig)
+    rows = [r for r in cold if "interpreter" in r]
+    return phase_bars(rows, COLD_PARTS, title=f"{variant}: " + timed("seconds to the first image", cpu))
 
 
 def image_name(variant: str, index: int) -> str:
@@ -136,19 +135,54 @@ def save_images(output_dir, results: dict[str, VariantRun]) -> None:
             save_image(output_dir, image_name(name, i), img)
 
 
-def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
-    """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
-    ``scripts/bench_gpu.py``): rows, the phase names in order, and a line saying where they were measured."""
+def _gpu_entry(results_file=None) -> dict:
     import json
     from pathlib import Path
 
     from ..provenance import REPO_ROOT
-    from . import coldstart_gpu
 
     path = Path(results_file or REPO_ROOT / "benchmarks" / "bench_gpu.json")
-    entry = json.loads(path.read_text())["bench_gpu"]
-    rows = [r for r in coldstart_gpu.phase_rows(entry["cold"]) if "interpreter" in r]
-    st = entry["stamp"]
-    where = (f"{st['device']}, {st['date']}, torch {st['torch']}, diffusers {st['diffusers']}; {entry['model']}; "
-             f"{entry['shape']}")
-    return rows, [*coldstart_gpu.PHASES, "other"], where
+    return json.loads(path.read_text())["bench_gpu"]
+
+
+def _where(entry: dict, stamp: dict) -> str:
+    return (f"{stamp['device']}, {stamp['date']}, torch {stamp['torch']}, diffusers {stamp['diffusers']}; "
+            f"{entry['model']}; {entry['shape']}")
+
+
+def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
+    """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
+    ``scripts/bench_gpu.py``): rows, the phase names in order, and a line saying where they were measured."""
+    entry = _gpu_entry(results_file)
+    rows = [r for r in coldstart.phase_rows(entry["cold"]["cases"]) if "interpreter" in r]
+    return rows, [*coldstart.PHASES, "other"], _where(entry, entry.get("cold_stamp", entry["stamp"]))
+
+
+STEP_TOLERANCE = 0.02  # final-latent rel-L2 against bf16 eager for a variant to count as equivalent
+
+
+def gpu_steps(results_file=None) -> tuple[list[dict], str]:
+    """The measured H200 step-speed and per-image rows with a verdict each: equivalent to bf16 eager within
+    ``STEP_TOLERANCE`` or not; step-cache rows are judged on the trained model (notebook 02), not here."""
+    entry = _gpu_entry(results_file)
+    v = entry["steps"]["variants"]
+    eager = v["eager"]
+    rows = []
+    for name, r in v.items():
+        if r.get("status") != "ok":
+            verdict = f"{r.get('status')}: {r.get('reason', '')[:90]}"
+        elif r.get("cache"):
+            verdict = "per image; its quality is measured on the trained model (notebook 02)"
+        elif name == "eager":
+            verdict = "reference"
+        else:
+            err = r["latent_rel_l2_vs_eager"]
+            verdict = (f"equivalent (rel-L2 {err:.4f} <= {STEP_TOLERANCE})" if err <= STEP_TOLERANCE
+                       else f"NOT equivalent (rel-L2 {err:.4f} > {STEP_TOLERANCE})")
+        rows.append({"variant": name, "ms/step": r.get("ms_per_step", ""),
+                     "vs eager": eager["ms_per_step"] / r["ms_per_step"] if r.get("ms_per_step") else "",
+                     "s/image": r.get("image_s", ""),
+                     "image vs eager": eager["image_s"] / r["image_s"] if r.get("image_s") else "",
+                     "peak GiB": r["peak_bytes"] / 2**30 if "peak_bytes" in r else "", "verdict": verdict})
+    rows.sort(key=lambda r: (r["variant"] != "eager", r["ms/step"] == "", r["ms/step"] or 0.0))
+    return rows, _where(entry, entry["stamp"])

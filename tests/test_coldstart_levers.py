@@ -1,0 +1,175 @@
+"""Cold-start levers: what the slim path imports, FP8 saved already quantized, weights read straight to the device."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+from tests.conftest import make_request_images
+from tryon_lab import configure, loading, pipeline, quant
+from tryon_lab.checkpoint import FILL_SUBDIR, TRAINED_DIR
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = pipeline.TryOnSettings(steps=2, progress=False)
+
+# A fresh interpreter, so sys.modules holds only what this code imported.
+CHILD = """
+import json, sys
+HEAVY = ("diffusers", "transformers", "peft", "sklearn", "torchao", "torch._dynamo")
+from tryon_lab import configure
+after_import = [m for m in HEAVY if m in sys.modules]
+from tests.conftest import make_request_images
+from tryon_lab import pipeline
+pipe = configure.build_pipeline({model!r}, configure.PipelineOptions(fp8={fp8!r}))
+person, garment, mask = make_request_images(64, 96)
+pipeline.tryon(pipe, pipeline.TryOnRequest(person, garment, mask), pipeline.TryOnSettings(steps=1, progress=False))
+print(json.dumps({{"after_import": after_import, "after_tryon": [m for m in HEAVY if m in sys.modules]}}))
+"""
+
+
+def child_modules(fp8: str = "none") -> dict:
+    code = CHILD.format(model=str(TRAINED_DIR), fp8=fp8)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_slim_path_imports():
+    # Importing the configure step loads no diffusers (so none of what diffusers drags in); a default build
+    # and try-on never import sklearn. diffusers 0.42 itself imports torch._dynamo (diffusers.utils.torch_utils),
+    # and peft / transformers / torchao from its model base class and hooks package whenever they are installed.
+    default = child_modules()
+    assert default["after_import"] == []
+    assert "sklearn" not in default["after_tryon"]
+    assert "torchao" in child_modules("fp8_weight_only")["after_tryon"]  # FP8 runs through torchao
+
+
+def test_cuda_components_are_read_onto_the_device():
+    # CPU loads stay as they were; on CUDA every weighted component is placed on the GPU while it is read.
+    for name in loading.SLIM_COMPONENTS:
+        cpu = loading.load_kwargs(name, torch.bfloat16, "cpu", slim=True)
+        cuda = loading.load_kwargs(name, torch.bfloat16, "cuda:1", slim=True)
+        assert "device_map" not in cpu
+        assert cuda.get("device_map") == ("cuda:1" if name in loading.WEIGHTED else None)
+    assert "device_map" not in loading.load_kwargs("transformer", torch.bfloat16, "cuda", slim=False)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every parameter equal bit for bit; FP8 weights compared by their qdata, scale and torchao attributes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    n_fp8 = 0
+    for k, x in sa.items():
+        y = sb[k]
+        assert type(x) is type(y), k
+        if hasattr(x, "qdata"):
+            n_fp8 += 1
+            assert x.qdata.dtype == y.qdata.dtype == torch.float8_e4m3fn
+            assert torch.equal(x.qdata.view(torch.uint8), y.qdata.view(torch.uint8)), k
+            assert torch.equal(x.scale, y.scale) and x.scale.dtype == y.scale.dtype, k
+            for attr in ("block_size", "mm_config", "act_quant_kwargs", "kernel_preference", "dtype", "shape"):
+                assert getattr(x, attr) == getattr(y, attr), (k, attr)
+        else:
+            assert torch.equal(x, y), k
+    assert n_fp8 > 0
+
+
+@pytest.fixture(scope="module")
+def weight_only_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fp8") / "weight_only"
+    info = configure.save_fp8_weights(TRAINED_DIR, folder, "fp8_weight_only", device="cpu")
+    assert info["mode"] == "fp8_weight_only" and (folder / quant.FP8_FILE).is_file()
+    return folder
+
+
+def test_saved_fp8_loads_the_same_weights_and_output_as_quantizing_on_load(weight_only_folder):
+    on_load = configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", device="cpu")
+    saved = configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", device="cpu",
+                                     fp8_weights=str(weight_only_folder))
+    same_weights(on_load.transformer, saved.transformer)
+    assert saved.load_report[0]["component"] == "transformer (saved FP8)"
+    assert saved.build_report["quant"]["fp8_layers"] == on_load.build_report["quant"]["fp8_layers"] > 0
+    req = pipeline.TryOnRequest(*make_request_images(64, 96), seed=3)
+    a, b = pipeline.tryon(on_load, req, FAST), pipeline.tryon(saved, req, FAST)
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_saved_fp8_with_fused_qkv_loads_fused_and_equal(tmp_path):
+    """The best step-speed variant fuses QKV before FP8: its saved folder loads fused, equal bit for bit, and a
+    build asking for the other fusing is refused before loading."""
+    folder = tmp_path / "fused"
+    info = configure.save_fp8_weights(TRAINED_DIR, folder, "fp8_weight_only", device="cpu", fuse_qkv=True)
+    assert info["fused_qkv"] is True
+    opts = dict(fp8="fp8_weight_only", device="cpu", fuse_qkv=True)
+    on_load = configure.build_pipeline(TRAINED_DIR, **opts)
+    saved = configure.build_pipeline(TRAINED_DIR, fp8_weights=str(folder), **opts)
+    assert quant.fused_qkv(saved.transformer)
+    same_weights(on_load.transformer, saved.transformer)
+    req = pipeline.TryOnRequest(*make_request_images(64, 96), seed=3)
+    assert torch.equal(pipeline.tryon(on_load, req, FAST).latents, pipeline.tryon(saved, req, FAST).latents)
+    with pytest.raises(quant.FP8WeightsError, match="fuse_qkv=True"):
+        configure.build_pipeline(TRAINED_DIR, fp8_weights=str(folder), **{**opts, "fuse_qkv": False})
+
+
+def test_per_row_dynamic_fp8_round_trips_bit_for_bit(tmp_path):
+    # Dynamic FP8's forward needs an FP8 GPU, but its weights can be made on the CPU: torchao's hardware check
+    # is the only thing in the way of quantizing here.
+    from diffusers import FluxTransformer2DModel
+    from torchao.quantization import quantize_
+
+    source = TRAINED_DIR / FILL_SUBDIR / "transformer"
+    t = FluxTransformer2DModel.from_pretrained(source, torch_dtype=torch.bfloat16, local_files_only=True)
+    bf16_bytes = quant.weight_bytes(t)
+    with mock.patch("torchao.quantization.quant_api._check_hardware_support"):
+        quantize_(t, quant.fp8_config("fp8_dynamic_row"), filter_fn=quant.fp8_filter())
+    info = quant.save_fp8_transformer(t, tmp_path / "row")
+    assert info["mode"] == "fp8_dynamic_row"
+    assert abs(info["bytes"] - quant.weight_bytes(t)) < 100_000  # the FP8 bytes plus a JSON header
+    assert info["bytes"] < 0.7 * bf16_bytes
+    loaded = quant.load_fp8_transformer(tmp_path / "row", source, "fp8_dynamic_row", torch.bfloat16)
+    same_weights(t, loaded)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+
+
+def test_all_block_linears_in_fp8_halve_the_bytes(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    source = TRAINED_DIR / FILL_SUBDIR / "transformer"
+    t = FluxTransformer2DModel.from_pretrained(source, torch_dtype=torch.bfloat16, local_files_only=True)
+    in_blocks = sum(quant.tensor_bytes(p) for n, p in t.named_parameters() if "transformer_blocks" in n)
+    rest = quant.weight_bytes(t) - in_blocks
+    quant.quantize_transformer(t, "fp8_weight_only", keep=())
+    info = quant.save_fp8_transformer(t, tmp_path / "all", keep=())
+    assert info["bytes"] < rest + 0.52 * in_blocks  # FP8 bytes + one scale per row
+
+
+def test_mismatched_fp8_folder_is_refused_clearly(weight_only_folder, tmp_path):
+    source = TRAINED_DIR / FILL_SUBDIR / "transformer"
+    with pytest.raises(quant.FP8WeightsError, match="fp8='fp8_weight_only'"):
+        quant.check_fp8_folder(weight_only_folder, source, "fp8_dynamic_row", torch.float32)
+    with pytest.raises(quant.FP8WeightsError, match="dtype='float32'"):
+        quant.check_fp8_folder(weight_only_folder, source, "fp8_weight_only", torch.bfloat16)
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_single_layers": 5}))
+    with pytest.raises(quant.FP8WeightsError, match="another model"):
+        quant.check_fp8_folder(weight_only_folder, other, "fp8_weight_only", torch.float32)
+    with pytest.raises(quant.FP8WeightsError, match="save_fp8_transformer"):
+        quant.read_fp8_info(tmp_path)
+    with pytest.raises(configure.OptionsError, match="set fp8 to the mode"):
+        configure.build_pipeline(TRAINED_DIR, fp8_weights=str(weight_only_folder), device="cpu")
+    with pytest.raises(configure.OptionsError, match="fp8_weights=None"):
+        configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", fp8_weights=str(weight_only_folder),
+                                 device="cpu", hotswap_rank=4)
+    with pytest.raises(quant.FP8WeightsError, match="without fused QKV"):
+        configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", fp8_weights=str(weight_only_folder),
+                                 device="cpu", fuse_qkv=True)

@@ -1,0 +1,150 @@
+"""The resumable trainer at a tiny size on the CPU: resume = continue, EMA math, shard limits, logo data, evaluation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tryon_lab import logos, lora
+from tryon_lab.checkpoint import SmallModelConfig, build_models
+from tryon_lab.experiments import train_data, train_run, train_state, training
+from tryon_lab.synthetic import SyntheticConfig, make_sample
+
+TINY = SmallModelConfig(num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16,
+                        axes_dims_rope=(4, 6, 6), joint_attention_dim=32, pooled_projection_dim=16, latent_channels=4,
+                        vae_block_out_channels=(8, 8, 8, 8), vae_norm_num_groups=4, siglip_hidden=16, siglip_layers=1,
+                        siglip_image_size=32, siglip_patch=8)
+
+
+def tiny_text() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g)
+
+
+def tiny_cfg(**changes) -> training.TrainConfig:
+    cfg = training.TrainConfig(height=64, width=64, vae_steps=2, vae_batch=1, fill_steps=6, fill_batch=2,
+                               fill_logo_weight=4.0, vae_logo_weight=2.0, workers=0, log_every=100)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def call(out, cfg, **kw) -> dict:
+    return train_run.train_call(out, cfg, TINY, tiny_text(), "cpu", ["vae", "fill"], log=lambda m: None, **kw)
+
+
+def test_resume_with_optimizer_state_continues_exactly(tmp_path):
+    """2 VAE + 3 Fill steps in one call == the same steps cut after step 3 and resumed with the AdamW state."""
+    one = call(tmp_path / "one", tiny_cfg(call_steps=5))
+    call(tmp_path / "a", tiny_cfg(call_steps=3), optim_dir=tmp_path / "optim")
+    two = call(tmp_path / "b", tiny_cfg(call_steps=2), resume=tmp_path / "a", optim_dir=tmp_path / "optim")
+    assert one["stages"]["fill"]["step"] == two["stages"]["fill"]["step"] == 3 and two["stages"]["vae"]["done"]
+    assert two["stages"]["fill"]["resumed_at"] is None  # exact path taken, no LR re-warm
+    assert one["stages"]["fill"]["losses"] == two["stages"]["fill"]["losses"]
+    assert two["stages"]["fill"]["data_next"] == 3 * 2  # the stream continued, no pair seen twice
+    _, ema1, raw1, frozen1 = train_state.load_state(tmp_path / "one")
+    _, ema2, raw2, frozen2 = train_state.load_state(tmp_path / "b")
+    assert set(raw1) == set(ema1) and any(k.startswith("transformer.") for k in raw1)
+    for a, b in ((ema1, ema2), (raw1, raw2), (frozen1, frozen2)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_without_optimizer_state_rewarms(tmp_path):
+    call(tmp_path / "a", tiny_cfg(call_steps=3))
+    rec = call(tmp_path / "b", tiny_cfg(call_steps=1, rewarm_steps=10), resume=tmp_path / "a")
+    assert rec["stages"]["fill"]["resumed_at"] == 1 and rec["stages"]["fill"]["step"] == 2
+    assert training.lr_at(1, 6, 1.0, 1, resumed_at=1, rewarm=10) == pytest.approx(0.1 * training.lr_at(1, 6, 1.0, 1))
+    with pytest.raises(ValueError, match="needs stage vae"):
+        train_run.train_call(tmp_path / "c", tiny_cfg(), TINY, tiny_text(), "cpu", ["fill"], log=lambda m: None)
+
+
+def test_ema_update_follows_diffusers_decay():
+    p = torch.nn.Parameter(torch.zeros(3))
+    ema = train_state.make_ema([p], decay=0.999)
+    with torch.no_grad():
+        p.fill_(1.0)
+    ema.step([p])  # first update: decay 0, the EMA takes the weights
+    assert torch.equal(ema.shadow_params[0], torch.ones(3))
+    with torch.no_grad():
+        p.fill_(2.0)
+    ema.step([p])  # update 2: decay (1 + 1) / (10 + 1)
+    assert torch.allclose(ema.shadow_params[0], torch.full((3,), 2 / 11 * 1 + 9 / 11 * 2))
+    ema.optimization_step = 100_000  # late: capped at ``decay``
+    before = ema.shadow_params[0].clone()
+    with torch.no_grad():
+        p.fill_(5.0)
+    ema.step([p])
+    assert torch.allclose(ema.shadow_params[0], 0.999 * before + 0.001 * 5.0)
+
+
+def test_shards_respect_the_limit_and_state_shrinks_to_fit(tmp_path):
+    tensors = {f"w{i}": torch.randn(1000) for i in range(10)}  # 4000 bytes each
+    paths = train_state.save_shards(tensors, tmp_path / "s", "weights", max_bytes=9000)
+    assert len(paths) == 5 and all(p.stat().st_size < 9000 + 1024 for p in paths)  # 2 tensors + a small header
+    back = train_state.load_shards(tmp_path / "s", "weights")
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    with pytest.raises(ValueError, match="shard limit"):
+        train_state.save_shards({"big": torch.zeros(5000)}, tmp_path / "s", "weights", max_bytes=9000)
+    ema = {"p.w": torch.randn(1000)}
+    raw = {"p.w": ema["p.w"] + 1e-3 * torch.randn(1000)}
+    for budget, kept in ((10**6, "fp32"), (7000, "bf16-offset-from-ema"), (5000, "none")):
+        rec = train_state.save_state(tmp_path / kept, {}, ema, raw, {}, budget)
+        _, ema2, raw2, _ = train_state.load_state(tmp_path / kept)
+        assert rec["raw_weights"] == kept and torch.equal(ema2["p.w"], ema["p.w"])
+        if kept == "none":
+            assert raw2 == {}
+        else:  # the bf16 offset is exact to 2^-8 of the offset
+            assert (raw2["p.w"] - raw["p.w"]).abs().max() <= 2**-8 * (raw["p.w"] - ema["p.w"]).abs().max()
+
+
+def test_pairs_carry_logo_masks_and_logo_crops_are_the_logo_pass_inputs():
+    cfg = SyntheticConfig(height=64, width=64)
+    b = train_data.make_pairs(3, 0, 2, cfg)
+    s = make_sample(3, 1, cfg)
+    assert b["target"].shape == (2, 64, 64, 3) and np.array_equal(b["target"][1], np.asarray(s.target))
+    x0, y0, x1, y1 = s.target_logo_boxes[0]
+    assert b["target_logo"][1, y0:y1, x0:x1].all() and b["target_logo"][1].sum() < 64 * 64
+    crops = train_data.make_logo_crops(3, 0, 3, cfg, size=32)
+    assert crops["garment"].shape == (3, 32, 32, 3) and crops["target"].shape == (3, 32, 32, 3)
+    assert np.array_equal(crops["mask"][0], np.asarray(logos.diptych_mask(32)))
+    # a token's weight grows with the part of it inside a logo box (16 px cells of the garment | target diptych)
+    logo = np.zeros((1, 32, 32), np.uint8)
+    logo[0, :16, 16:] = 1
+    w = training.token_weights({"target_logo": logo}, 3.0, 16, "cpu")
+    assert w.shape == (1, 8, 1) and w[0, 3, 0] == 4.0 and (w[0, [0, 1, 2, 4, 5, 6, 7], 0] == 1.0).all()
+
+
+def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):
+    models = build_models(TINY)
+    training.add_logo_adapter(models["transformer"], rank=2, seed=0)
+    params = training.stage_params(models, "logo")
+    trained = {k: torch.randn_like(p) for k, p in params.items()}
+    train_run.write_logo_lora(models, trained, tiny_cfg(), tmp_path / "lora")
+    fill = train_run._fill_pipe(build_models(TINY))
+    lora.load_lora(fill, tmp_path / "lora", "logo")
+    assert lora.lora_rank(tmp_path / "lora") == 2
+    loaded = dict(fill.transformer.named_parameters())
+    for k, v in trained.items():
+        assert torch.equal(loaded[k[len("logo."):]], v)
+
+
+@pytest.mark.slow
+def test_evaluation_script_writes_every_key(tmp_path):
+    out = tmp_path / "q.json"
+    script = Path(__file__).resolve().parent.parent / "scripts" / "evaluate_default_model.py"
+    subprocess.run([sys.executable, str(script), "--pairs", "1", "--steps", "1", "--results", str(out),
+                    "--data-seconds", "0.2", "--logo-lora", "none"], check=True, capture_output=True)
+    res = json.loads(out.read_text())
+    for name in ("trained", "random"):
+        assert {"masked_psnr", "masked_ssim", "logo_match_rate", "logo_psnr_before", "logo_psnr_after",
+                "vae_recon_psnr", "vae_recon_psnr_logo"} <= set(res[name])
+        assert 0.0 <= res[name]["logo_match_rate"] <= 1.0 and np.isfinite(res[name]["masked_psnr"])
+    assert res["trained"]["vae_recon_psnr"] > res["random"]["vae_recon_psnr"]
+    assert {"device", "commit", "date", "model_fingerprint"} <= set(res["stamp"])
+    assert res["data"]["make_pairs_pairs_per_s"] > 0

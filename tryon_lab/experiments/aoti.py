@@ -1,0 +1,224 @@
+"""AOTInductor export of the FLUX Fill try-on: build once with diffusers, run later without it.
+
+A cold process spends most of its time before the first try-on importing diffusers (and what it pulls in) and
+tracing for ``torch.compile``. Here the exporting process (the slim pipeline from ``configure.build_pipeline``)
+writes, for one fixed request size:
+
+    transformer.pt2     FluxTransformer2DModel.forward (torch.export -> aoti_compile_and_package, weights inside)
+    vae_encoder.pt2     the VAE encoder's moments (the masked image's latents are sampled from them)
+    vae_decoder.pt2     unpack + unscale + VAE decode of packed latents
+    redux.pt2           SigLIP + Redux embedder: garment pixels -> image tokens
+    schedule.safetensors  the sigmas/timesteps FluxFillPipeline computes for this size, per step count
+    text_embeds.safetensors  the cached prompt embeddings (the text encoders are never needed at run time)
+
+and the cold path (``aoti_run.py``, torch-only imports) loads them and runs the Fill loop in plain torch.
+The caller may still pass the conditioning (``prompt_embeds``, ``pooled``, as ``pipeline.conditioning``
+makes them) instead of the Redux package.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import hotpath, pipeline
+from ..images import PreparedInput
+from ..loading import SlimPipeline
+from . import aoti_run
+from .aoti_run import REDUX, SCHEDULE, TEXT, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+
+
+class _Transformer(torch.nn.Module):
+    """The transformer's keyword call as positional tensors in and one tensor out (what export wants)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, hidden, timestep, guidance, pooled, prompt_embeds, text_ids, image_ids):
+        return self.transformer(hidden_states=hidden, timestep=timestep, guidance=guidance, pooled_projections=pooled,
+                                encoder_hidden_states=prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                                return_dict=False)[0]
+
+
+class _Decoder(torch.nn.Module):
+    """``pipeline.vae_decode`` as a module: packed latents -> images in [-1, 1]."""
+
+    def __init__(self, vae: torch.nn.Module, height: int, width: int, vae_scale_factor: int):
+        super().__init__()
+        self.vae, self.height, self.width, self.vsf = vae, height, width, vae_scale_factor
+
+    def forward(self, latents):
+        x = aoti_run.unpack(latents, self.height, self.width, self.vsf)
+        x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
+        return self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
+
+
+class _Encoder(torch.nn.Module):
+    """The VAE encoder's Gaussian parameters (mean | logvar); sampling stays outside, on the caller's generators."""
+
+    def __init__(self, vae: torch.nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image):
+        return self.vae.encode(image).latent_dist.parameters
+
+
+class _Redux(torch.nn.Module):
+    """``pipeline.encode_garment`` after the image processor: pixel values -> Redux tokens."""
+
+    def __init__(self, redux):
+        super().__init__()
+        self.encoder, self.embedder = redux.image_encoder, redux.image_embedder
+
+    def forward(self, pixels):
+        return self.embedder(self.encoder(pixels).last_hidden_state).image_embeds
+
+
+def _compile(module: torch.nn.Module, args: tuple, out_path: str | Path) -> Path:
+    """torch.export (fixed shapes), then AOTInductor into one ``.pt2`` with the weights inside."""
+    from torch._inductor import aoti_compile_and_package
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        program = torch.export.export(module.eval(), args)
+        return Path(aoti_compile_and_package(program, package_path=str(out_path)))
+
+
+def example_inputs(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[int], steps: int,
+                   guidance_scale: float = 30.0) -> hotpath.DenoiseState:
+    """The transformer inputs of one request batch, through the stock pipeline's own setup (``hotpath``)."""
+    tokens, _ = pipeline.encode_garments(pipe, [pipeline.garment_of(p) for p in prepared])
+    prompt_embeds, pooled = pipeline.conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
+    width, height = prepared[0].diptych.size
+    return hotpath.prepare_state(pipe.fill, [p.diptych for p in prepared], [p.mask for p in prepared], prompt_embeds,
+                                 pooled, height, width, steps, guidance_scale, pipeline.generators(seeds))
+
+
+def export_transformer(pipe: SlimPipeline, example: hotpath.DenoiseState, out_path: str | Path) -> Path:
+    """The Fill transformer for ``example``'s shapes (batch, tokens, text length)."""
+    args = (example.inputs, example.timesteps[0], example.guidance, example.pooled, example.prompt_embeds,
+            example.text_ids, example.image_ids)
+    return _compile(_Transformer(pipe.transformer), args, out_path)
+
+
+def export_vae_decoder(pipe: SlimPipeline, latents: torch.Tensor, height: int, width: int, out_path: str | Path) -> Path:
+    """Unpack, unscale and decode packed ``latents`` of a ``height`` x ``width`` diptych."""
+    fill = pipe.fill
+    return _compile(_Decoder(fill.vae, height, width, fill.vae_scale_factor), (latents,), out_path)
+
+
+def export_vae_encoder(pipe: SlimPipeline, image: torch.Tensor, out_path: str | Path) -> Path:
+    """The VAE encoder for ``image``'s shape ((batch, 3, H, W) in [-1, 1])."""
+    return _compile(_Encoder(pipe.fill.vae), (image,), out_path)
+
+
+def redux_size(pipe: SlimPipeline) -> int:
+    """The square side the Redux image processor resizes garments to."""
+    size = pipe.redux.feature_extractor.size
+    height = getattr(size, "height", None) or (size.get("height") if isinstance(size, dict) else size)
+    return int(height)
+
+
+def export_redux(pipe: SlimPipeline, out_path: str | Path) -> Path:
+    """SigLIP + Redux embedder for one garment at the processor's size."""
+    pixels = torch.zeros(1, 3, redux_size(pipe), redux_size(pipe), dtype=pipe.dtype)
+    return _compile(_Redux(pipe.redux), (pixels,), out_path)
+
+
+def schedule_tensors(pipe: SlimPipeline, height: int, width: int, steps: int) -> dict[str, torch.Tensor]:
+    """The sigmas and timesteps ``FluxFillPipeline`` uses for this size and step count (its own calls)."""
+    from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift, retrieve_timesteps
+
+    fill = pipe.fill
+    cfg = fill.scheduler.config
+    seq_len = (height // fill.vae_scale_factor // 2) * (width // fill.vae_scale_factor // 2)
+    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
+                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    timesteps, n = retrieve_timesteps(fill.scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    timesteps, n = fill.get_timesteps(n, 1.0, "cpu")
+    return {f"sigmas_{steps}": fill.scheduler.sigmas.float().cpu().clone(),
+            f"timesteps_{steps}": timesteps.float().cpu().clone()}
+
+
+def export_all(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[int], out_dir: str | Path,
+               steps: tuple[int, ...] = (2, 20, 28), guidance_scale: float = 30.0) -> dict:
+    """Every package and the schedule for ``prepared``'s size and batch into ``out_dir``; returns paths and seconds."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width, height = prepared[0].diptych.size
+    example = example_inputs(pipe, prepared, seeds, steps[0], guidance_scale)
+    fill, seconds = pipe.fill, {}
+    tensors: dict[str, torch.Tensor] = {}
+    for n in steps:
+        tensors.update(schedule_tensors(pipe, height, width, n))
+    meta = {"height": height, "width": width, "batch": len(prepared), "latent_channels": fill.vae.config.latent_channels,
+            "vae_scale_factor": fill.vae_scale_factor, "guidance_scale": guidance_scale,
+            "scaling_factor": fill.vae.config.scaling_factor, "shift_factor": fill.vae.config.shift_factor,
+            "dtype": str(pipe.dtype).removeprefix("torch."), "first_sigma": float(tensors[f"sigmas_{steps[0]}"][0]),
+            "text_tokens": int(example.prompt_embeds.shape[1]), "redux_size": redux_size(pipe),
+            "model": pipe.description}
+    aoti_run.save_schedule(out_dir / SCHEDULE, meta, tensors)
+    from safetensors.torch import save_file
+
+    save_file({"prompt_embeds": pipe.prompt_embeds.contiguous().cpu(),
+               "pooled": pipe.pooled_prompt_embeds.contiguous().cpu()}, str(out_dir / TEXT))
+    start = time.perf_counter()
+    export_transformer(pipe, example, out_dir / TRANSFORMER)
+    seconds["transformer"] = time.perf_counter() - start
+    start = time.perf_counter()
+    export_vae_decoder(pipe, example.latents.contiguous(), height, width, out_dir / VAE_DECODER)
+    seconds["vae_decoder"] = time.perf_counter() - start
+    start = time.perf_counter()
+    image = aoti_run.image_tensor([p.diptych for p in prepared]).to(pipe.dtype)
+    export_vae_encoder(pipe, image, out_dir / VAE_ENCODER)
+    seconds["vae_encoder"] = time.perf_counter() - start
+    start = time.perf_counter()
+    export_redux(pipe, out_dir / REDUX)
+    seconds["redux"] = time.perf_counter() - start
+    return {"dir": out_dir, "seconds": seconds, "meta": meta}
+
+
+def reference(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[int], steps: int,
+              guidance_scale: float = 30.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The slim pipeline's own latents and decoded images for the same request, plus its conditioning tensors
+    (prompt_embeds, pooled) that the cold path takes as inputs."""
+    tokens, _ = pipeline.encode_garments(pipe, [pipeline.garment_of(p) for p in prepared])
+    prompt_embeds, pooled = pipeline.conditioning(pipe.prompt_embeds, pipe.pooled_prompt_embeds, tokens)
+    settings = pipeline.TryOnSettings(steps=steps, guidance_scale=guidance_scale, progress=False, hot_path=False)
+    latents = pipeline.denoise(pipe.fill, prepared, prompt_embeds, pooled, settings, seeds)
+    width, height = prepared[0].diptych.size
+    image = pipeline.vae_decode(pipe.fill, latents, height, width)
+    return latents, image, prompt_embeds, pooled
+
+
+def write_cold_inputs(path: str | Path, prepared: list[PreparedInput], prompt_embeds: torch.Tensor,
+                      pooled: torch.Tensor | None, seeds: list[int], steps: int) -> Path:
+    """The file ``aoti_run.main`` reads in a fresh process: pixels, masks, seeds, steps, and the conditioning
+    unless ``prompt_embeds`` is None (then the child runs the Redux package)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    images = np.stack([np.asarray(p.diptych.convert("RGB")) for p in prepared])
+    masks = np.stack([np.asarray(p.mask.convert("L")) for p in prepared])
+    tensors = {"images": torch.from_numpy(images), "masks": torch.from_numpy(masks)}
+    if prompt_embeds is not None and pooled is not None:
+        tensors.update(prompt_embeds=prompt_embeds.contiguous().cpu(), pooled=pooled.contiguous().cpu())
+    save_file(tensors, str(path), metadata={"seeds": json.dumps([int(s) for s in seeds]), "steps": str(steps)})
+    return Path(path)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    return aoti_run.to_pil(images)

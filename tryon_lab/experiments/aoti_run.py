@@ -1,0 +1,323 @@
+"""The cold path of the AOTInductor prototype: FLUX Fill try-on from exported packages, in plain torch.
+
+A fresh process that imports only this file (torch, numpy, PIL, safetensors) loads the ``.pt2`` packages
+``aoti.py`` wrote and runs what ``FluxFillPipeline`` does for one fixed request size:
+
+    prepare_inputs  pixels -> [-1, 1], binarized mask, the masked image through the exported VAE encoder,
+                    the per-request CPU generators drawn in the stock order (image sample, noise, masked sample)
+    run_exported    the Fill denoise loop (FlowMatchEulerDiscrete Euler steps on the schedule saved at export
+                    time), then the exported VAE decoder (unpack, unscale, decode)
+
+Nothing here imports diffusers, transformers or ``tryon_lab``'s loaders: that import (~10 s) and dynamo tracing
+are what the packages exist to skip. The conditioning is the cached text embeddings (saved beside the packages)
+followed by the garment's Redux tokens from the exported SigLIP + embedder, or tensors the caller made.
+
+Run as ``python -m tryon_lab.experiments.aoti_run FOLDER INPUTS OUT``: the child-process entry (see ``main``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+TRANSFORMER = "transformer.pt2"
+VAE_DECODER = "vae_decoder.pt2"
+VAE_ENCODER = "vae_encoder.pt2"
+REDUX = "redux.pt2"  # SigLIP + Redux embedder: garment pixels -> image tokens
+TEXT = "text_embeds.safetensors"  # the cached prompt's T5 and CLIP embeddings (one fixed prompt)
+SCHEDULE = "schedule.safetensors"  # sigmas/timesteps per step count + the request geometry (metadata)
+
+
+@dataclass
+class Schedule:
+    """What the exporting process computed with diffusers, so the cold one need not import it."""
+
+    meta: dict  # height, width, batch, latent_channels, vae_scale_factor, guidance_scale, dtype, ...
+    tensors: dict[str, torch.Tensor]  # "sigmas_{n}", "timesteps_{n}" for each exported step count
+
+    @property
+    def steps(self) -> list[int]:
+        return sorted(int(k.split("_")[1]) for k in self.tensors if k.startswith("sigmas_"))
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        if f"sigmas_{steps}" not in self.tensors:
+            raise KeyError(f"no schedule for {steps} steps; the packages were exported for {self.steps} "
+                           "(export again with this step count).")
+        return self.tensors[f"sigmas_{steps}"]
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        self.sigmas(steps)
+        return self.tensors[f"timesteps_{steps}"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.meta["dtype"])
+
+
+def save_schedule(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path), metadata={"meta": json.dumps(meta)})
+    return Path(path)
+
+
+def load_schedule(path: str | Path) -> Schedule:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+    return Schedule(meta, tensors)
+
+
+class PackageRunner:
+    """A ``.pt2`` package called with positional tensors, through torch's C++ package loader alone.
+
+    ``torch._inductor.aoti_load_package`` does the same but first imports ``torch._inductor`` (and with it dynamo
+    and sympy): about 2 s of a cold start here, for nothing these packages need (tensors in, tensors out).
+    """
+
+    def __init__(self, path: str | Path):
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+
+    def __call__(self, *tensors: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        outputs = self.loader.boxed_run(list(tensors))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def load_package(path: str | Path, lean: bool = True):
+    """One ``.pt2`` package, ready to call (compiled code and weights, no tracing).
+
+    ``lean``: the C++ loader only (``PackageRunner``); otherwise ``torch._inductor.aoti_load_package``.
+    """
+    if lean:
+        return PackageRunner(path)
+    from torch._inductor import aoti_load_package
+
+    return aoti_load_package(str(path))
+
+
+# ------------------------------------------------------------------------------- stock pipeline arithmetic
+def image_tensor(images: list[Image.Image]) -> torch.Tensor:
+    """``VaeImageProcessor.preprocess`` for images already at the request size: (B, 3, H, W) in [-1, 1]."""
+    arr = np.stack([np.asarray(i.convert("RGB")).astype(np.float32) / 255.0 for i in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+def mask_tensor(masks: list[Image.Image]) -> torch.Tensor:
+    """The Fill mask processor (grayscale, binarized at 0.5, not normalized): (B, 1, H, W) of 0/1."""
+    arr = np.stack([np.asarray(m.convert("L")).astype(np.float32) / 255.0 for m in masks])[:, None]
+    m = torch.from_numpy(arr)
+    return (m >= 0.5).to(m.dtype)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, C * 4), FLUX's 2x2 patch packing."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
+    """The inverse of ``pack`` for an image of ``height`` x ``width`` pixels."""
+    b, _, c = latents.shape
+    h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
+    x = latents.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c // 4, h, w)
+
+
+def image_ids(height: int, width: int, vae_scale_factor: int, dtype: torch.dtype) -> torch.Tensor:
+    """Positions of the packed image tokens (0, row, column), as the stock pipeline makes them."""
+    h, w = height // vae_scale_factor // 2, width // vae_scale_factor // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
+    return ids.reshape(h * w, 3).to(dtype)
+
+
+def mask_latents(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
+    """Each 8x8 pixel block of the mask as 64 channels, packed like the latents."""
+    b, _, hp, wp = mask.shape
+    h, w = 2 * (hp // (vae_scale_factor * 2)), 2 * (wp // (vae_scale_factor * 2))
+    m = mask[:, 0].view(b, h, vae_scale_factor, w, vae_scale_factor).permute(0, 2, 4, 1, 3)
+    return pack(m.reshape(b, vae_scale_factor * vae_scale_factor, h, w))
+
+
+def gaussian_sample(moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """``DiagonalGaussianDistribution.sample`` with one CPU generator per batch row."""
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
+    draw = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, dtype=mean.dtype) for g in generators])
+    return mean + std * draw
+
+
+def redux_pixels(garments: list[Image.Image], size: int) -> torch.Tensor:
+    """The Redux SiglipImageProcessor (RGB, bicubic resize, [-1, 1]) in PIL and numpy; within 1 ulp of it."""
+    arr = np.stack([np.asarray(g.convert("RGB").resize((size, size), Image.BICUBIC)).astype(np.float32)
+                    for g in garments])
+    return torch.from_numpy((arr * np.float32(1 / 255) - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def conditioning(redux, text: dict[str, torch.Tensor], garments: list[Image.Image], size: int,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pipeline.conditioning`` without diffusers: cached text embeddings, then each garment's Redux tokens."""
+    tokens = torch.cat([redux(redux_pixels([g], size).to(dtype)) for g in garments])
+    batch = tokens.shape[0]
+    prompt_embeds = torch.cat([text["prompt_embeds"].expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
+    return prompt_embeds, text["pooled"].expand(batch, -1)
+
+
+@dataclass
+class ColdInputs:
+    """The transformer's inputs for one request batch, made before the loop."""
+
+    hidden: torch.Tensor  # (B, tokens, latent + masked latent + mask channels); [..., :latent_channels] are latents
+    latent_channels: int
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    text_ids: torch.Tensor
+    image_ids: torch.Tensor
+    guidance: torch.Tensor
+
+
+@torch.no_grad()
+def prepare_inputs(encoder, schedule: Schedule, images: list[Image.Image], masks: list[Image.Image],
+                   prompt_embeds: torch.Tensor, pooled: torch.Tensor, seeds: list[int]) -> ColdInputs:
+    """Steps 3-6 of ``FluxFillPipeline.__call__`` for one diptych size, with ``encoder`` the exported VAE encoder.
+
+    The stock pipeline encodes the unmasked image and samples from it (one draw per generator), then mixes it with
+    noise at the first sigma, which is 1.0 for Fill (strength 1): the result is the noise alone. So the draw is made
+    and dropped, keeping each generator's stream as stock, and the unmasked image is never encoded.
+    """
+    m = schedule.meta
+    dtype, vsf, batch = schedule.dtype, m["vae_scale_factor"], len(seeds)
+    if (images[0].size[1], images[0].size[0]) != (m["height"], m["width"]) or batch != m["batch"]:
+        raise ValueError(f"the packages were exported for batch {m['batch']} of {m['width']}x{m['height']} diptychs; "
+                         f"got {batch} of {images[0].size[0]}x{images[0].size[1]}.")
+    if m["first_sigma"] != 1.0:
+        raise ValueError("the cold path skips the unmasked-image encode, which needs the first sigma to be 1.0")
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    c, h, w = m["latent_channels"], 2 * (m["height"] // (vsf * 2)), 2 * (m["width"] // (vsf * 2))
+    noise = []
+    for g in generators:
+        torch.randn((1, c, h, w), generator=g, dtype=dtype)  # the unmasked image's sample, unused at sigma 1
+        noise.append(torch.randn((1, c, h, w), generator=g, dtype=dtype))
+    latents = pack(torch.cat(noise))
+    init = image_tensor(images)
+    mask = mask_tensor(masks)
+    masked = (init * (1 - mask)).to(dtype)
+    moments = encoder(masked)
+    masked_latents = (gaussian_sample(moments, generators) - m["shift_factor"]) * m["scaling_factor"]
+    hidden = torch.cat((latents, pack(masked_latents.to(dtype)), mask_latents(mask.to(dtype), vsf)), dim=-1)
+    return ColdInputs(hidden=hidden, latent_channels=latents.shape[-1], prompt_embeds=prompt_embeds.to(dtype),
+                      pooled=pooled.to(dtype), text_ids=torch.zeros(prompt_embeds.shape[1], 3, dtype=dtype),
+                      image_ids=image_ids(m["height"], m["width"], vsf, dtype),
+                      guidance=torch.full([batch], float(m["guidance_scale"]), dtype=torch.float32))
+
+
+@torch.no_grad()
+def denoise_exported(transformer, inputs: ColdInputs, schedule: Schedule, steps: int) -> torch.Tensor:
+    """The Fill loop: transformer on [latents | conditioning], then FlowMatchEulerDiscrete's Euler step
+    ``(x.float() + (sigma_next - sigma) * v).to(v.dtype)``; returns the final packed latents."""
+    sigmas, timesteps = schedule.sigmas(steps), schedule.timesteps(steps)
+    hidden = inputs.hidden.clone()
+    n, batch = inputs.latent_channels, hidden.shape[0]
+    for i in range(steps):
+        t = timesteps[i].expand(batch).to(hidden.dtype) / 1000
+        v = transformer(hidden, t, inputs.guidance, inputs.pooled, inputs.prompt_embeds, inputs.text_ids,
+                        inputs.image_ids)
+        latents = hidden[..., :n]
+        hidden[..., :n] = (latents.float() + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+    return hidden[..., :n].clone()
+
+
+@torch.no_grad()
+def run_exported(transformer_pkg, vae_pkg, inputs: ColdInputs, schedule: Schedule,
+                 steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denoise then decode; returns (packed latents, images in [-1, 1] as (B, 3, H, W)).
+
+    ``transformer_pkg`` / ``vae_pkg``: loaded packages (``load_package``) or paths to ``.pt2`` files.
+    """
+    transformer = load_package(transformer_pkg) if isinstance(transformer_pkg, str | Path) else transformer_pkg
+    decoder = load_package(vae_pkg) if isinstance(vae_pkg, str | Path) else vae_pkg
+    latents = denoise_exported(transformer, inputs, schedule, steps)
+    return latents, decoder(latents)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """The stock ``postprocess(output_type='pil')`` arithmetic."""
+    x = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+    return [Image.fromarray(a) for a in (x * 255).round().to(torch.uint8).numpy()]
+
+
+def cold_tryon(folder: str | Path, images: list[Image.Image], masks: list[Image.Image], seeds: list[int], steps: int,
+               prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
+               lean: bool = True) -> dict:
+    """Load the packages from ``folder`` and run one request batch; returns tensors and stage seconds.
+
+    ``prompt_embeds``/``pooled`` None: the saved text embeddings + Redux tokens of each diptych's garment (left)
+    half. ``lean``: as ``load_package``.
+    """
+    folder, seconds = Path(folder), {}
+    start = time.perf_counter()
+    schedule = load_schedule(folder / SCHEDULE)
+    transformer, encoder, decoder = (load_package(folder / n, lean) for n in (TRANSFORMER, VAE_ENCODER, VAE_DECODER))
+    seconds["load_packages"] = time.perf_counter() - start
+    if prompt_embeds is None or pooled is None:
+        from safetensors.torch import load_file
+
+        start = time.perf_counter()
+        redux, text = load_package(folder / REDUX, lean), load_file(str(folder / TEXT))
+        half = schedule.meta["width"] // 2
+        garments = [i.crop((0, 0, half, schedule.meta["height"])) for i in images]
+        prompt_embeds, pooled = conditioning(redux, text, garments, schedule.meta["redux_size"], schedule.dtype)
+        seconds["redux"] = time.perf_counter() - start
+    start = time.perf_counter()
+    inputs = prepare_inputs(encoder, schedule, images, masks, prompt_embeds, pooled, seeds)
+    seconds["prepare"] = time.perf_counter() - start
+    start = time.perf_counter()
+    latents = denoise_exported(transformer, inputs, schedule, steps)
+    seconds["denoise"] = time.perf_counter() - start
+    start = time.perf_counter()
+    image = decoder(latents)
+    seconds["decode"] = time.perf_counter() - start
+    return {"latents": latents, "image": image, "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child-process entry: FOLDER (packages), INPUTS (a safetensors file with ``prompt_embeds``, ``pooled``,
+    ``images`` uint8 (B, H, W, 3), ``masks`` uint8 (B, H, W), optional ``prompt_embeds`` and ``pooled`` (else Redux runs
+    from the package); metadata ``seeds``, ``steps``), OUT (safetensors of
+    ``latents`` and ``image``), and ``--inductor-loader`` to load through ``torch._inductor`` instead of the lean
+    loader. Prints one JSON line: stage seconds and the heavy modules this process holds."""
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()
+    args = argv if argv is not None else sys.argv[1:]
+    folder, inputs_file, out = args[:3]
+    from safetensors import safe_open
+
+    with safe_open(inputs_file, "pt") as f:
+        meta = f.metadata()
+    t = load_file(inputs_file)
+    images = [Image.fromarray(a) for a in t["images"].numpy()]
+    masks = [Image.fromarray(a, "L") for a in t["masks"].numpy()]
+    result = cold_tryon(folder, images, masks, json.loads(meta["seeds"]), int(meta["steps"]), t.get("prompt_embeds"),
+                        t.get("pooled"), lean="--inductor-loader" not in args)
+    save_file({"latents": result["latents"].contiguous(), "image": result["image"].contiguous()}, out)
+    heavy = ("diffusers", "transformers", "peft", "torchao", "tryon_lab.configure", "tryon_lab.loading",
+             "torch._inductor", "torch._dynamo", "sympy")
+    print(json.dumps({"seconds": result["seconds"], "main_s": time.perf_counter() - start,
+                      "modules": [m for m in heavy if m in sys.modules]}))
+
+
+if __name__ == "__main__":
+    main()

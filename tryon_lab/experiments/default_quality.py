@@ -1,0 +1,127 @@
+"""Held-out quality of the default model, and what limits it.
+
+    evaluate_model    per held-out pair: the try-on's masked PSNR / SSIM against ground truth; the logos the
+                      matcher finds on it (default threshold, search inside the mask, as ``flow`` does); logo-box
+                      PSNR before and after the logo pass (at the matched boxes, and at the known boxes); the
+                      pass on the ground truth itself (a good pass keeps a crisp logo crisp); the VAE's
+                      reconstruction PSNR of the target (mask, logo boxes): the ceiling the Fill model can reach
+    evaluate_default  the trained model (with its logo LoRA when there is one) and random weights on the same
+                      pairs, the data generator's throughput, one stamp -> ``benchmarks/default_model_quality.json``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import checkpoint, provenance
+from ..configure import build_pipeline
+from ..logos import known_matches, locate_logos, logo_pass
+from ..metrics import psnr, ssim
+from ..pipeline import TryOnRequest, TryOnSettings, tryon
+from ..synthetic import make_sample
+from . import train_data
+
+RESULTS = provenance.REPO_ROOT / "benchmarks" / "default_model_quality.json"
+H100_FILL_PAIRS_PER_S = 550.0  # 8.5 Fill steps/s x batch 64 measured on the H100 (14 data workers)
+
+
+@torch.no_grad()
+def vae_roundtrip(pipe, image: Image.Image) -> Image.Image:
+    """Encode (posterior mode) and decode one image with the pipeline's VAE: the best any latent can give."""
+    fill = pipe.fill
+    x = fill.image_processor.preprocess(image).to(fill.vae.device, fill.vae.dtype)
+    z = fill.vae.encode(x).latent_dist.mode()
+    return fill.image_processor.postprocess(fill.vae.decode(z).sample.float(), output_type="pil")[0]
+
+
+def evaluate_pair(pipe, s, index: int, settings: TryOnSettings, logo_lora=None) -> dict:
+    """Every number of one held-out pair (see the module docstring); ``images`` for the grid."""
+    out = tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=index), settings)
+    img = out.images[0]
+    m, logo = np.asarray(s.mask) > 127, train_data.box_mask(s.target_logo_boxes, s.target.size)
+    matches = locate_logos(s.garment, s.garment_logo_boxes, img, search_mask=s.mask)
+    known = known_matches(s.garment_logo_boxes, s.target_logo_boxes)
+    row = {"index": index, "masked_psnr": psnr(img, s.target, mask=m), "masked_ssim": ssim(img, s.target, mask=m),
+           "logos": len(matches), "logos_found": sum(x.found for x in matches),
+           "logo_scores": [round(x.confidence, 3) for x in matches], "logo_psnr_before": psnr(img, s.target, mask=logo)}
+    for name, lora in (("plain", None), ("lora", logo_lora)) if logo_lora else (("plain", None),):
+        matched = logo_pass(pipe, img, s.garment, matches, settings, lora=lora, seed=index).image
+        at_known = logo_pass(pipe, img, s.garment, known, settings, lora=lora, seed=index).image
+        on_truth = logo_pass(pipe, s.target, s.garment, known, settings, lora=lora, seed=index).image
+        suffix = "" if name == ("lora" if logo_lora else "plain") else "_plain"
+        row[f"logo_psnr_after{suffix}"] = psnr(matched, s.target, mask=logo)
+        row[f"logo_psnr_after_known_boxes{suffix}"] = psnr(at_known, s.target, mask=logo)
+        row[f"logo_psnr_pass_on_truth{suffix}"] = psnr(on_truth, s.target, mask=logo)
+    rec = vae_roundtrip(pipe, s.target)
+    row.update(vae_recon_psnr=psnr(rec, s.target, mask=m), vae_recon_psnr_logo=psnr(rec, s.target, mask=logo),
+               vae_recon_psnr_image=psnr(rec, s.target), images=[s.garment, s.person, img, s.target])
+    return row
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Means over pairs (PSNR in dB averaged, identical images counted at 100 dB); match rate over all logos."""
+    keys = [k for k in rows[0] if k.startswith(("masked_", "logo_psnr", "vae_recon"))]
+    out = {k: float(np.mean([min(r[k], 100.0) for r in rows])) for k in keys}
+    out["logo_match_rate"] = sum(r["logos_found"] for r in rows) / max(1, sum(r["logos"] for r in rows))
+    out["logos"] = sum(r["logos"] for r in rows)
+    return out
+
+
+def evaluate_model(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20, logo_lora=None,
+                   device: str = "cpu") -> tuple[dict, list[dict]]:
+    """Held-out pairs from a seed never used in training (training uses 1234..1236); returns (summary, rows)."""
+    pipe = build_pipeline(model_dir, device=device, dtype="float32")
+    settings = TryOnSettings(steps=steps, progress=False)
+    rows = [evaluate_pair(pipe, make_sample(seed, i), i, settings, logo_lora) for i in range(count)]
+    return summarise(rows), rows
+
+
+def grid_image(rows: list):
+    """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
+    w, h = rows[0]["images"][0].size
+    grid = Image.new("RGB", (4 * w, len(rows) * h), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row["images"]):
+            grid.paste(img.convert("RGB"), (c * w, r * h))
+    return grid
+
+
+def data_throughput(seconds: float = 3.0, demand: float = H100_FILL_PAIRS_PER_S) -> dict:
+    """Pairs/s of one generator process here, and how many such processes a GPU consuming ``demand`` needs."""
+    rates = train_data.throughput(seconds)
+    slow = min(rates.values())
+    return {**rates, "gpu_fill_pairs_per_s": demand, "processes_needed": demand / slow,
+            "cores_here": os.cpu_count()}
+
+
+def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: str | Path = RESULTS,
+                     grid: str | Path | None = None, model: str | Path = checkpoint.TRAINED_DIR,
+                     logo_lora: str | Path | None = None, data_seconds: float = 3.0) -> dict:
+    """Trained (``model``, with ``logo_lora`` when given) and random weights on the same held-out pairs, the
+    data throughput and a stamp, written to ``results``; the trained model's grid to ``grid`` when given."""
+    model_dir = checkpoint.check_model_dir(model)
+    res: dict = {"settings": {"seed": seed, "pairs": count, "steps": steps, "match_threshold": "locate_logos default",
+                              "logo_lora": str(logo_lora) if logo_lora else None}}
+    for name, folder, lora in (("trained", model_dir, logo_lora), ("random", checkpoint.random_checkpoint(), None)):
+        summary, rows = evaluate_model(folder, seed, count, steps, lora)
+        summary["model"] = checkpoint.describe_model(folder)
+        res[name] = summary
+        print(f"{name}: masked PSNR {summary['masked_psnr']:.2f} dB, SSIM {summary['masked_ssim']:.3f}, logos matched "
+              f"{summary['logo_match_rate']:.0%}, logo PSNR {summary['logo_psnr_before']:.2f} -> "
+              f"{summary['logo_psnr_after']:.2f} dB, VAE ceiling {summary['vae_recon_psnr']:.2f} dB", flush=True)
+        if name == "trained" and grid:
+            grid_image(rows).save(grid)
+    if data_seconds > 0:
+        res["data"] = data_throughput(data_seconds)
+    res["stamp"] = {**provenance.stamp("cpu"), "model_fingerprint": provenance.fingerprint(model_dir)}
+    Path(results).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(results).with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, results)
+    return res

@@ -1,0 +1,67 @@
+"""Levers and peers for the GPU step-speed benchmark that are not pipeline options: each is built from stock
+libraries around an already configured pipeline, so ``gpu_bench`` can time it beside our variants.
+
+- ``static_fp8``: torchao's observer flow (``Float8StaticActivationFloat8WeightConfig`` prepare -> calibrate ->
+  convert): per-tensor activation scales fixed once on a calibration image, so no amax pass runs per call.
+- ``flux_fast_vae``: the published flux-fast recipe's VAE part: FP8 per-row on the VAE's Linears, channels-last,
+  the decoder compiled with max-autotune.
+- ``cache_dit``: cache-dit's DBCache (Fn=1, Bn=0) + TaylorSeer order 1, forced to a compute/skip mask, as the
+  per-image peer of our step cache (same mask, so the timing compares the same number of full passes).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def static_fp8(pipe, calibrate) -> dict:
+    """Replace the transformer's block Linears by FP8 with static per-tensor activation scales.
+
+    ``calibrate()`` runs the pipeline once while observers record each Linear's input range.
+    """
+    from torchao.quantization import Float8StaticActivationFloat8WeightConfig, PerTensor, quantize_
+
+    from ..quant import DEFAULT_KEEP, fp8_filter
+
+    fn = fp8_filter(DEFAULT_KEEP)
+    t = pipe.transformer
+    # set_inductor_config off: it would turn on coordinate-descent tuning for every later compile (minutes)
+    cfg = dict(granularity=PerTensor(), set_inductor_config=False)
+    quantize_(t, Float8StaticActivationFloat8WeightConfig(step="prepare", **cfg), filter_fn=fn)
+    calibrate()
+    # convert what calibration observed (fused QKV leaves the unfused projections unused: they stay as they are)
+    quantize_(t, Float8StaticActivationFloat8WeightConfig(step="convert", **cfg),
+              filter_fn=lambda m, n: fn(m, n) and getattr(getattr(m, "input_act_obs", None), "min_val", None) is not None)
+    n = sum(1 for m in t.modules() if "Float8" in type(getattr(m, "weight", None)).__name__)
+    return {"static_fp8_layers": n}
+
+
+def flux_fast_vae(pipe, gpu: bool = True) -> dict:
+    """The peer recipe's VAE: FP8 per-row Linears (torchao), channels-last, decoder compiled with max-autotune
+    (``gpu=False``, the CPU smoke run: FP8 weights only, no compile)."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
+
+    vae = pipe.fill.vae
+    quantize_(vae, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if gpu else Float8WeightOnlyConfig())
+    vae.to(memory_format=torch.channels_last)
+    if gpu:
+        vae.decoder.compile(mode="max-autotune", fullgraph=True)
+    return {"vae_fp8": True, "vae_compiled": gpu}
+
+
+def cache_dit(pipe, mask: list[bool], steps: int) -> dict:
+    """cache-dit DBCache + TaylorSeer on the Fill pipeline, forced to ``mask`` (True = full pass)."""
+    import cache_dit
+
+    cfg = cache_dit.DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, max_warmup_steps=1,
+                                  num_inference_steps=steps, steps_computation_mask=[int(m) for m in mask],
+                                  steps_computation_policy="static")  # forced: skip exactly where the mask says
+    cache_dit.enable_cache(pipe.fill, cache_config=cfg,
+                           calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
+    return {"cache_dit": cache_dit.__version__ if hasattr(cache_dit, "__version__") else "installed",
+            "computed": int(sum(mask))}

@@ -144,7 +144,17 @@ def test_evaluation_script_writes_every_key(tmp_path):
     for name in ("trained", "random"):
         assert {"masked_psnr", "masked_ssim", "logo_match_rate", "logo_psnr_before", "logo_psnr_after",
                 "vae_recon_psnr", "vae_recon_psnr_logo"} <= set(res[name])
-        assert 0.0 <= res[name]["logo_match_rate"] <= 1.0 and np.isfinite(res[name]["masked_psnr"])
+        assert 0.0 <= res[name]["logo_match_rate"] <= res[name]["logo_found_rate"] <= 1.0
+        assert np.isfinite(res[name]["masked_psnr"])
     assert res["trained"]["vae_recon_psnr"] > res["random"]["vae_recon_psnr"]
     assert {"device", "commit", "date", "model_fingerprint"} <= set(res["stamp"])
     assert res["data"]["make_pairs_pairs_per_s"] > 0
+
+
+def test_a_logo_counts_as_matched_only_where_the_ground_truth_puts_it():
+    from tryon_lab.experiments.default_quality import MATCH_IOU, box_iou
+
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (10, 10, 20, 20)) == 0.0
+    assert abs(box_iou((0, 0, 10, 10), (5, 0, 15, 10)) - 50 / 150) < 1e-12
+    assert box_iou((0, 0, 10, 10), (1, 1, 11, 11)) >= MATCH_IOU > box_iou((0, 0, 10, 10), (5, 0, 15, 10))

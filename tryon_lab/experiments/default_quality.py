@@ -31,6 +31,17 @@ RESULTS = provenance.REPO_ROOT / "benchmarks" / "default_model_quality.json"
 H100_FILL_PAIRS_PER_S = 550.0  # 8.5 Fill steps/s x batch 64 measured on the H100 (14 data workers)
 
 
+MATCH_IOU = 0.5  # a found logo counts as matched only where the ground truth puts it
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
 @torch.no_grad()
 def vae_roundtrip(pipe, image: Image.Image) -> Image.Image:
     """Encode (posterior mode) and decode one image with the pipeline's VAE: the best any latent can give."""
@@ -49,6 +60,8 @@ def evaluate_pair(pipe, s, index: int, settings: TryOnSettings, logo_lora=None) 
     known = known_matches(s.garment_logo_boxes, s.target_logo_boxes)
     row = {"index": index, "masked_psnr": psnr(img, s.target, mask=m), "masked_ssim": ssim(img, s.target, mask=m),
            "logos": len(matches), "logos_found": sum(x.found for x in matches),
+           "logos_matched": sum(x.found and box_iou(x.box, t) >= MATCH_IOU for x, t in zip(matches, s.target_logo_boxes,
+                                                                                          strict=True)),
            "logo_scores": [round(x.confidence, 3) for x in matches], "logo_psnr_before": psnr(img, s.target, mask=logo)}
     for name, lora in (("plain", None), ("lora", logo_lora)) if logo_lora else (("plain", None),):
         matched = logo_pass(pipe, img, s.garment, matches, settings, lora=lora, seed=index).image
@@ -68,7 +81,9 @@ def summarise(rows: list[dict]) -> dict:
     """Means over pairs (PSNR in dB averaged, identical images counted at 100 dB); match rate over all logos."""
     keys = [k for k in rows[0] if k.startswith(("masked_", "logo_psnr", "vae_recon"))]
     out = {k: float(np.mean([min(r[k], 100.0) for r in rows])) for k in keys}
-    out["logo_match_rate"] = sum(r["logos_found"] for r in rows) / max(1, sum(r["logos"] for r in rows))
+    n = max(1, sum(r["logos"] for r in rows))
+    out["logo_match_rate"] = sum(r["logos_matched"] for r in rows) / n  # found where the logo really is
+    out["logo_found_rate"] = sum(r["logos_found"] for r in rows) / n  # above the threshold anywhere
     out["logos"] = sum(r["logos"] for r in rows)
     return out
 
@@ -113,7 +128,7 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
         summary["model"] = checkpoint.describe_model(folder)
         res[name] = summary
         print(f"{name}: masked PSNR {summary['masked_psnr']:.2f} dB, SSIM {summary['masked_ssim']:.3f}, logos matched "
-              f"{summary['logo_match_rate']:.0%}, logo PSNR {summary['logo_psnr_before']:.2f} -> "
+              f"{summary['logo_match_rate']:.0%} (found anywhere {summary['logo_found_rate']:.0%}), logo PSNR {summary['logo_psnr_before']:.2f} -> "
               f"{summary['logo_psnr_after']:.2f} dB, VAE ceiling {summary['vae_recon_psnr']:.2f} dB", flush=True)
         if name == "trained" and grid:
             grid_image(rows).save(grid)

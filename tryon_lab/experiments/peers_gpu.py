@@ -39,15 +39,12 @@ def static_fp8(pipe, calibrate) -> dict:
 def flux_fast_vae(pipe, gpu: bool = True) -> dict:
     """The peer recipe's VAE: FP8 per-row Linears (torchao), channels-last, decoder compiled with max-autotune
     (``gpu=False``, the CPU smoke run: FP8 weights only, no compile)."""
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8WeightOnlyConfig,
-        PerRow,
-        quantize_,
-    )
+    from torchao.quantization import quantize_
+
+    from ..quant import fp8_config
 
     vae = pipe.fill.vae
-    quantize_(vae, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()) if gpu else Float8WeightOnlyConfig())
+    quantize_(vae, fp8_config("fp8_dynamic_row" if gpu else "fp8_weight_only"))
     vae.to(memory_format=torch.channels_last)
     if gpu:
         vae.decoder.compile(mode="max-autotune", fullgraph=True)

@@ -158,6 +158,15 @@ fig = plots.phase_bars([r for r in gpu_steps if r["s/image"]], ["s/image"], labe
                        title="seconds per image (28 steps + VAE decode), full-size FLUX Fill on one H200")
 
 # %% [markdown]
+# Per image with the step cache, each run beside its own stock eager: our cache (TeaCache's fitted rule with
+# first-order extrapolation) and cache-dit's DBCache + TaylorSeer replay the same 3-of-28 pattern in one run, so
+# their times compare directly; static FP8 scales with our cache ran in a second call.
+
+# %%
+per_image, per_image_where = variants_report.gpu_per_image()
+notebook.table(per_image, note="Measured on " + "; ".join(sorted(set(per_image_where))) + ".")
+
+# %% [markdown]
 # ## 6. Record the run
 
 # %%

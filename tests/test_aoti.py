@@ -99,3 +99,37 @@ def test_cold_process_runs_without_diffusers(exported, tmp_path, given_condition
     result = load_file(str(out))
     assert aoti.rel_l2(result["latents"], exported["latents"]) < 1e-4
     assert aoti.rel_l2(result["image"], exported["image"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_fp8_transformer_with_its_weights_beside_the_package(exported, tmp_path):
+    """The full-size path: the package holds no weights; a safetensors file beside it holds every constant the
+    package names, FP8 weights as their inner tensors, and loading them reproduces the eager FP8 transformer."""
+    from safetensors import safe_open
+
+    from tryon_lab import configure
+    from tryon_lab.checkpoint import TRAINED_DIR
+    from tryon_lab.experiments import aoti, aoti_run
+
+    pipe = configure.build_pipeline(TRAINED_DIR, device="cpu", fp8="fp8_weight_only")
+    example = exported["example"]
+    package = aoti.export_transformer(pipe, example, tmp_path / aoti_run.TRANSFORMER,
+                                      tmp_path / aoti_run.TRANSFORMER_CONSTANTS)
+    assert package.stat().st_size < (tmp_path / aoti_run.TRANSFORMER_CONSTANTS).stat().st_size  # weights outside
+    fqns = aoti.constant_fqns(package)
+    with safe_open(str(tmp_path / aoti_run.TRANSFORMER_CONSTANTS), "pt") as f:
+        assert sorted(f.keys()) == sorted(fqns)  # noqa: SIM118 (safe_open is not a mapping)
+        fp8 = [k for k in f.keys() if ".parametrizations." in k]  # noqa: SIM118
+        assert fp8 and {f.get_tensor(k).dtype for k in fp8} == {torch.float8_e4m3fn, torch.float32}  # data, scale
+    runner = aoti_run.load_transformer(package, torch.device("cpu"))
+    args = (example.inputs, example.timesteps[0], example.guidance, example.pooled, example.prompt_embeds,
+            example.text_ids, example.image_ids)
+    with torch.no_grad():
+        expected = aoti._Transformer(pipe.transformer)(*args)
+    assert aoti.rel_l2(runner(*args), expected) < 1e-4
+    bare = aoti_run.load_package(package)  # without them it is refused with the fix named, not run on garbage
+    from safetensors.torch import save_file
+
+    save_file({fqns[0]: torch.zeros(1)}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(ValueError, match="export the package and its weights together"):
+        aoti_run.load_constants(bare, tmp_path / "partial.safetensors", torch.device("cpu"))

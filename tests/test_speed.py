@@ -190,6 +190,10 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
         assert abs(parts - c["first_image_wall_s"]) < 1e-6 and all(c[k] >= 0 for k in PHASES)
         assert c["imports"] > 0.5  # torch and diffusers at least
     assert cases["slim, empty cache"]["compile"] > 0  # the first call compiles
+    aoti = cases["AOTInductor packages, torch only"]  # exported packages in a process without diffusers
+    assert res["cold"]["aoti_export"]["status"] == "ok" and aoti["heavy_modules_loaded"] == []
+    assert aoti["rel_l2_vs_slim_eager"] < 1e-4 and aoti["weights_bytes"] > 0
+    assert "diffusers" not in aoti["imports_by_package"] and "diffusers" in cases["stock eager"]["imports_by_package"]
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
 
 
@@ -211,3 +215,31 @@ def test_gpu_bench_levers_and_peers_on_the_tiny_model():
     for name in names[3:]:
         assert res[name]["computed"] == 3 and res[name]["cache"] and "ms_per_step" not in res[name]
     assert any("per image" in t for t in gpu_bench.targets({"variants": res}))
+
+
+def test_gpu_tables_judge_each_row_against_its_own_runs_eager(tmp_path):
+    """Notebook 03's GPU tables: a variant is equivalent only within the tolerance of eager's latents; per-image
+    rows divide by the eager image time of their own run, never another run's."""
+    from tryon_lab.experiments import variants_report
+
+    stamp = {"device": "GPU", "torch": "t", "diffusers": "d"}
+
+    def entry(date, eager_s, **rows):
+        return {"model": "random", "shape": "s", "stamp": {**stamp, "date": date},
+                "steps": {"variants": {"eager": {"status": "ok", "ms_per_step": 100.0, "image_s": eager_s,
+                                                 "peak_bytes": 2**30}, **rows}}}
+
+    ok = {"status": "ok", "ms_per_step": 50.0, "image_s": 1.0, "latent_rel_l2_vs_eager": 0.01}
+    far = {**ok, "latent_rel_l2_vs_eager": 0.05}
+    cached = {"status": "ok", "image_s": 0.5, "cache": "teacache1"}
+    data = {"bench_gpu": entry("d0", 4.0, close=ok, far=far),
+            variants_report.PER_IMAGE_RUNS[0]: entry("d1", 4.0, x_cache=cached, close=ok),
+            variants_report.PER_IMAGE_RUNS[1]: entry("d2", 6.0, y_teacache1=cached)}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    rows, _ = variants_report.gpu_steps(tmp_path / "r.json")
+    verdict = {r["variant"]: r["verdict"] for r in rows}
+    assert verdict["close"].startswith("equivalent") and verdict["far"].startswith("NOT equivalent")
+    per_image, where = variants_report.gpu_per_image(tmp_path / "r.json")
+    ratio = {(r["run"], r["variant"]): r["image vs eager"] for r in per_image}
+    assert ratio == {("d1", "eager"): 1.0, ("d1", "x_cache"): 8.0, ("d2", "eager"): 1.0, ("d2", "y_teacache1"): 12.0}
+    assert len(where) == 2

@@ -29,7 +29,7 @@ from .. import hotpath, pipeline
 from ..images import PreparedInput
 from ..loading import SlimPipeline
 from . import aoti_run
-from .aoti_run import REDUX, SCHEDULE, TEXT, TRANSFORMER, VAE_DECODER, VAE_ENCODER
+from .aoti_run import REDUX, SCHEDULE, TEXT, TRANSFORMER, TRANSFORMER_CONSTANTS, VAE_DECODER, VAE_ENCODER
 
 
 class _Transformer(torch.nn.Module):
@@ -80,15 +80,79 @@ class _Redux(torch.nn.Module):
         return self.embedder(self.encoder(pixels).last_hidden_state).image_embeds
 
 
-def _compile(module: torch.nn.Module, args: tuple, out_path: str | Path) -> Path:
-    """torch.export (fixed shapes), then AOTInductor into one ``.pt2`` with the weights inside."""
+def _compile(module: torch.nn.Module, args: tuple, out_path: str | Path, constants_out: str | Path | None = None,
+             on_stage=None) -> Path:
+    """torch.export (fixed shapes), then AOTInductor into one ``.pt2``.
+
+    The weights go inside the package, or with ``constants_out`` into that safetensors file instead: a package
+    of many gigabytes is a zip that loading extracts to a temporary folder (a full copy of the weights), while a
+    safetensors file is read once, straight to the device, and handed to the package without a copy
+    (``aoti_run.load_transformer``).
+    """
     from torch._inductor import aoti_compile_and_package
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    configs = {"aot_inductor.package_constants_in_so": False} if constants_out else None
+    on_stage = on_stage or (lambda name: None)
     with torch.no_grad():
         program = torch.export.export(module.eval(), args)
-        return Path(aoti_compile_and_package(program, package_path=str(out_path)))
+        on_stage(f"{out_path.stem} exported")
+        path = Path(aoti_compile_and_package(program, package_path=str(out_path), inductor_configs=configs))
+        on_stage(f"{out_path.stem} compiled")
+    if constants_out:
+        fqns = constant_fqns(path)
+        on_stage(f"{out_path.stem} loaded without weights: {len(fqns)} constants")
+        write_constants(module, fqns, constants_out, dict(program.constants))
+    return path
+
+
+def constant_fqns(path: str | Path) -> list[str]:
+    """The names of the weights a package takes from outside, read by a process that imports torch alone.
+
+    The package is loaded where it will run, in a torch-only process: on the H200 image (torch 2.11, CUDA 13) a
+    CUDA package loaded by the exporting process, which holds diffusers and torchao, crashed the process
+    (segmentation fault, with the weights inside the package or not, bf16 or FP8).
+    """
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, sys, torch; loader = torch._C._aoti.AOTIModelPackageLoader(sys.argv[1], 'model', False, 1, -1);"
+            " print('FQNS ' + json.dumps(loader.get_constant_fqns()))")
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("FQNS ")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"loading {path} in a torch-only process failed (exit {p.returncode}): {p.stderr[-2000:]}")
+    return json.loads(lines[-1][5:])
+
+
+def package_constant(module: torch.nn.Module, fqn: str, lifted: dict | None = None) -> torch.Tensor:
+    """The tensor a package expects under ``fqn``: a parameter or buffer, a constant the export lifted
+    (``lifted``: ``ExportedProgram.constants``), or for a tensor-subclass weight (torchao's Float8Tensor) one of its
+    inner tensors, which AOTInductor names ``<module>.parametrizations.<weight>.original<i>`` in
+    ``__tensor_flatten__`` order."""
+    if lifted and fqn in lifted:
+        return lifted[fqn]
+    if ".parametrizations." in fqn:
+        owner, rest = fqn.split(".parametrizations.")
+        attr, original = rest.split(".")
+        weight = module.get_parameter(f"{owner}.{attr}")
+        names, _ = weight.__tensor_flatten__()
+        return getattr(weight, names[int(original.removeprefix("original"))])
+    try:
+        return module.get_parameter(fqn)
+    except AttributeError:
+        return module.get_buffer(fqn)
+
+
+def write_constants(module: torch.nn.Module, fqns: list[str], out_path: str | Path, lifted: dict | None = None) -> Path:
+    """Every constant a package was compiled to take from outside, in one safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {f: package_constant(module, f, lifted).detach().contiguous() for f in fqns}
+    save_file(tensors, str(out_path), metadata={"format": "tryon_lab.aoti_constants/1"})
+    return Path(out_path)
 
 
 def example_inputs(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[int], steps: int,
@@ -101,11 +165,13 @@ def example_inputs(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: lis
                                  pooled, height, width, steps, guidance_scale, pipeline.generators(seeds))
 
 
-def export_transformer(pipe: SlimPipeline, example: hotpath.DenoiseState, out_path: str | Path) -> Path:
-    """The Fill transformer for ``example``'s shapes (batch, tokens, text length)."""
+def export_transformer(pipe: SlimPipeline, example: hotpath.DenoiseState, out_path: str | Path,
+                       constants_out: str | Path | None = None, on_stage=None) -> Path:
+    """The Fill transformer for ``example``'s shapes (batch, tokens, text length); ``constants_out``: its weights
+    in a safetensors file beside the package instead of inside it."""
     args = (example.inputs, example.timesteps[0], example.guidance, example.pooled, example.prompt_embeds,
             example.text_ids, example.image_ids)
-    return _compile(_Transformer(pipe.transformer), args, out_path)
+    return _compile(_Transformer(pipe.transformer), args, out_path, constants_out, on_stage)
 
 
 def export_vae_decoder(pipe: SlimPipeline, latents: torch.Tensor, height: int, width: int, out_path: str | Path) -> Path:
@@ -128,7 +194,8 @@ def redux_size(pipe: SlimPipeline) -> int:
 
 def export_redux(pipe: SlimPipeline, out_path: str | Path) -> Path:
     """SigLIP + Redux embedder for one garment at the processor's size."""
-    pixels = torch.zeros(1, 3, redux_size(pipe), redux_size(pipe), dtype=pipe.dtype)
+    device = next(pipe.redux.image_encoder.parameters()).device
+    pixels = torch.zeros(1, 3, redux_size(pipe), redux_size(pipe), dtype=pipe.dtype, device=device)
     return _compile(_Redux(pipe.redux), (pixels,), out_path)
 
 
@@ -148,8 +215,14 @@ def schedule_tensors(pipe: SlimPipeline, height: int, width: int, steps: int) ->
 
 
 def export_all(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[int], out_dir: str | Path,
-               steps: tuple[int, ...] = (2, 20, 28), guidance_scale: float = 30.0) -> dict:
-    """Every package and the schedule for ``prepared``'s size and batch into ``out_dir``; returns paths and seconds."""
+               steps: tuple[int, ...] = (2, 20, 28), guidance_scale: float = 30.0,
+               external_weights: bool = False, on_stage=None) -> dict:
+    """Every package and the schedule for ``prepared``'s size and batch into ``out_dir``; returns paths and seconds.
+
+    ``external_weights``: the transformer's weights in ``aoti_run.TRANSFORMER_CONSTANTS`` beside its package (what
+    a full-size model needs: see ``_compile``); the small packages keep theirs inside. ``on_stage(name)`` after each.
+    """
+    on_stage = on_stage or (lambda name: None)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     width, height = prepared[0].diptych.size
@@ -163,25 +236,31 @@ def export_all(pipe: SlimPipeline, prepared: list[PreparedInput], seeds: list[in
             "scaling_factor": fill.vae.config.scaling_factor, "shift_factor": fill.vae.config.shift_factor,
             "dtype": str(pipe.dtype).removeprefix("torch."), "first_sigma": float(tensors[f"sigmas_{steps[0]}"][0]),
             "text_tokens": int(example.prompt_embeds.shape[1]), "redux_size": redux_size(pipe),
-            "model": pipe.description}
+            "model": pipe.description, "device": example.inputs.device.type}
     aoti_run.save_schedule(out_dir / SCHEDULE, meta, tensors)
     from safetensors.torch import save_file
 
     save_file({"prompt_embeds": pipe.prompt_embeds.contiguous().cpu(),
                "pooled": pipe.pooled_prompt_embeds.contiguous().cpu()}, str(out_dir / TEXT))
     start = time.perf_counter()
-    export_transformer(pipe, example, out_dir / TRANSFORMER)
+    (out_dir / TRANSFORMER_CONSTANTS).unlink(missing_ok=True)
+    export_transformer(pipe, example, out_dir / TRANSFORMER, out_dir / TRANSFORMER_CONSTANTS if external_weights else None,
+                       on_stage)
     seconds["transformer"] = time.perf_counter() - start
+    on_stage("transformer")
     start = time.perf_counter()
     export_vae_decoder(pipe, example.latents.contiguous(), height, width, out_dir / VAE_DECODER)
     seconds["vae_decoder"] = time.perf_counter() - start
+    on_stage("vae_decoder")
     start = time.perf_counter()
-    image = aoti_run.image_tensor([p.diptych for p in prepared]).to(pipe.dtype)
+    image = aoti_run.image_tensor([p.diptych for p in prepared]).to(example.inputs.device, pipe.dtype)
     export_vae_encoder(pipe, image, out_dir / VAE_ENCODER)
     seconds["vae_encoder"] = time.perf_counter() - start
+    on_stage("vae_encoder")
     start = time.perf_counter()
     export_redux(pipe, out_dir / REDUX)
     seconds["redux"] = time.perf_counter() - start
+    on_stage("redux")
     return {"dir": out_dir, "seconds": seconds, "meta": meta}
 
 

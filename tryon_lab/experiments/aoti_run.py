@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 TRANSFORMER = "transformer.pt2"
+TRANSFORMER_CONSTANTS = "transformer_constants.safetensors"  # its weights, when exported outside the package
 VAE_DECODER = "vae_decoder.pt2"
 VAE_ENCODER = "vae_encoder.pt2"
 REDUX = "redux.pt2"  # SigLIP + Redux embedder: garment pixels -> image tokens
@@ -59,6 +60,11 @@ class Schedule:
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.meta["dtype"])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the packages were compiled for (and so where every input must be)."""
+        return torch.device(self.meta.get("device", "cpu"))
 
 
 def save_schedule(path: str | Path, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
@@ -102,6 +108,31 @@ def load_package(path: str | Path, lean: bool = True):
     from torch._inductor import aoti_load_package
 
     return aoti_load_package(str(path))
+
+
+def load_constants(package, path: str | Path, device: torch.device) -> int:
+    """Hand a package exported without its weights (``aoti._compile``'s ``constants_out``) the tensors of the
+    safetensors file ``path``, read straight to ``device`` and used in place (no copy). Returns bytes read."""
+    from safetensors.torch import load_file
+
+    constants = load_file(str(path), device=str(device))
+    loader = package.loader
+    missing = sorted(set(loader.get_constant_fqns()) - set(constants))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} weights the package needs (first: {missing[0]}); export the "
+                         "package and its weights together again (aoti.export_all).")
+    loader.load_constants(constants, False, True, True)  # active buffer, every constant, user-managed (no copy)
+    package.constants = constants  # the package uses these tensors in place: keep them alive with it
+    return sum(t.numel() * t.element_size() for t in constants.values())
+
+
+def load_transformer(path: str | Path, device: torch.device, lean: bool = True):
+    """The transformer package at ``path``, with its weights from beside it when they were exported apart."""
+    path = Path(path)
+    package = load_package(path, lean)
+    if (path.parent / TRANSFORMER_CONSTANTS).exists():
+        load_constants(package, path.parent / TRANSFORMER_CONSTANTS, device)
+    return package
 
 
 # ------------------------------------------------------------------------------- stock pipeline arithmetic
@@ -155,7 +186,7 @@ def gaussian_sample(moments: torch.Tensor, generators: list[torch.Generator]) ->
     mean, logvar = torch.chunk(moments, 2, dim=1)
     std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
     draw = torch.cat([torch.randn((1, *mean.shape[1:]), generator=g, dtype=mean.dtype) for g in generators])
-    return mean + std * draw
+    return mean + std * draw.to(mean.device)  # drawn on the CPU generators, as diffusers' randn_tensor does
 
 
 def redux_pixels(garments: list[Image.Image], size: int) -> torch.Tensor:
@@ -169,7 +200,8 @@ def redux_pixels(garments: list[Image.Image], size: int) -> torch.Tensor:
 def conditioning(redux, text: dict[str, torch.Tensor], garments: list[Image.Image], size: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``pipeline.conditioning`` without diffusers: cached text embeddings, then each garment's Redux tokens."""
-    tokens = torch.cat([redux(redux_pixels([g], size).to(dtype)) for g in garments])
+    device = text["prompt_embeds"].device
+    tokens = torch.cat([redux(redux_pixels([g], size).to(device, dtype)) for g in garments])
     batch = tokens.shape[0]
     prompt_embeds = torch.cat([text["prompt_embeds"].expand(batch, -1, -1).to(tokens.dtype), tokens], dim=1)
     return prompt_embeds, text["pooled"].expand(batch, -1)
@@ -210,17 +242,19 @@ def prepare_inputs(encoder, schedule: Schedule, images: list[Image.Image], masks
     for g in generators:
         torch.randn((1, c, h, w), generator=g, dtype=dtype)  # the unmasked image's sample, unused at sigma 1
         noise.append(torch.randn((1, c, h, w), generator=g, dtype=dtype))
-    latents = pack(torch.cat(noise))
-    init = image_tensor(images)
-    mask = mask_tensor(masks)
+    device = schedule.device
+    latents = pack(torch.cat(noise)).to(device)
+    init = image_tensor(images).to(device)
+    mask = mask_tensor(masks).to(device)
     masked = (init * (1 - mask)).to(dtype)
     moments = encoder(masked)
     masked_latents = (gaussian_sample(moments, generators) - m["shift_factor"]) * m["scaling_factor"]
     hidden = torch.cat((latents, pack(masked_latents.to(dtype)), mask_latents(mask.to(dtype), vsf)), dim=-1)
-    return ColdInputs(hidden=hidden, latent_channels=latents.shape[-1], prompt_embeds=prompt_embeds.to(dtype),
-                      pooled=pooled.to(dtype), text_ids=torch.zeros(prompt_embeds.shape[1], 3, dtype=dtype),
-                      image_ids=image_ids(m["height"], m["width"], vsf, dtype),
-                      guidance=torch.full([batch], float(m["guidance_scale"]), dtype=torch.float32))
+    return ColdInputs(hidden=hidden, latent_channels=latents.shape[-1], prompt_embeds=prompt_embeds.to(device, dtype),
+                      pooled=pooled.to(device, dtype),
+                      text_ids=torch.zeros(prompt_embeds.shape[1], 3, dtype=dtype, device=device),
+                      image_ids=image_ids(m["height"], m["width"], vsf, dtype).to(device),
+                      guidance=torch.full([batch], float(m["guidance_scale"]), dtype=torch.float32, device=device))
 
 
 @torch.no_grad()
@@ -231,7 +265,7 @@ def denoise_exported(transformer, inputs: ColdInputs, schedule: Schedule, steps:
     hidden = inputs.hidden.clone()
     n, batch = inputs.latent_channels, hidden.shape[0]
     for i in range(steps):
-        t = timesteps[i].expand(batch).to(hidden.dtype) / 1000
+        t = timesteps[i].expand(batch).to(hidden.device, hidden.dtype) / 1000
         v = transformer(hidden, t, inputs.guidance, inputs.pooled, inputs.prompt_embeds, inputs.text_ids,
                         inputs.image_ids)
         latents = hidden[..., :n]
@@ -246,7 +280,8 @@ def run_exported(transformer_pkg, vae_pkg, inputs: ColdInputs, schedule: Schedul
 
     ``transformer_pkg`` / ``vae_pkg``: loaded packages (``load_package``) or paths to ``.pt2`` files.
     """
-    transformer = load_package(transformer_pkg) if isinstance(transformer_pkg, str | Path) else transformer_pkg
+    transformer = (load_transformer(transformer_pkg, schedule.device) if isinstance(transformer_pkg, str | Path)
+                   else transformer_pkg)
     decoder = load_package(vae_pkg) if isinstance(vae_pkg, str | Path) else vae_pkg
     latents = denoise_exported(transformer, inputs, schedule, steps)
     return latents, decoder(latents)
@@ -269,13 +304,14 @@ def cold_tryon(folder: str | Path, images: list[Image.Image], masks: list[Image.
     folder, seconds = Path(folder), {}
     start = time.perf_counter()
     schedule = load_schedule(folder / SCHEDULE)
-    transformer, encoder, decoder = (load_package(folder / n, lean) for n in (TRANSFORMER, VAE_ENCODER, VAE_DECODER))
+    transformer = load_transformer(folder / TRANSFORMER, schedule.device, lean)
+    encoder, decoder = (load_package(folder / n, lean) for n in (VAE_ENCODER, VAE_DECODER))
     seconds["load_packages"] = time.perf_counter() - start
     if prompt_embeds is None or pooled is None:
         from safetensors.torch import load_file
 
         start = time.perf_counter()
-        redux, text = load_package(folder / REDUX, lean), load_file(str(folder / TEXT))
+        redux, text = load_package(folder / REDUX, lean), load_file(str(folder / TEXT), device=str(schedule.device))
         half = schedule.meta["width"] // 2
         garments = [i.crop((0, 0, half, schedule.meta["height"])) for i in images]
         prompt_embeds, pooled = conditioning(redux, text, garments, schedule.meta["redux_size"], schedule.dtype)

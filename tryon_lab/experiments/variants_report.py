@@ -135,14 +135,14 @@ def save_images(output_dir, results: dict[str, VariantRun]) -> None:
             save_image(output_dir, image_name(name, i), img)
 
 
-def _gpu_entry(results_file=None) -> dict:
+def _gpu_entry(results_file=None, key: str = "bench_gpu") -> dict:
     import json
     from pathlib import Path
 
     from ..provenance import REPO_ROOT
 
     path = Path(results_file or REPO_ROOT / "benchmarks" / "bench_gpu.json")
-    return json.loads(path.read_text())["bench_gpu"]
+    return json.loads(path.read_text())[key]
 
 
 def _where(entry: dict, stamp: dict) -> str:
@@ -161,10 +161,11 @@ def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
 STEP_TOLERANCE = 0.02  # final-latent rel-L2 against bf16 eager for a variant to count as equivalent
 
 
-def gpu_steps(results_file=None) -> tuple[list[dict], str]:
-    """The measured H200 step-speed and per-image rows with a verdict each: equivalent to bf16 eager within
-    ``STEP_TOLERANCE`` or not; step-cache rows are judged on the trained model (notebook 02), not here."""
-    entry = _gpu_entry(results_file)
+def gpu_steps(results_file=None, key: str = "bench_gpu") -> tuple[list[dict], str]:
+    """The measured H200 step-speed and per-image rows of one run (``key``: its entry in the results file) with a
+    verdict each: equivalent to bf16 eager within ``STEP_TOLERANCE`` or not; step-cache rows are judged on the
+    trained model (notebook 02), not here."""
+    entry = _gpu_entry(results_file, key)
     v = entry["steps"]["variants"]
     eager = v["eager"]
     rows = []
@@ -186,3 +187,18 @@ def gpu_steps(results_file=None) -> tuple[list[dict], str]:
                      "peak GiB": r["peak_bytes"] / 2**30 if "peak_bytes" in r else "", "verdict": verdict})
     rows.sort(key=lambda r: (r["variant"] != "eager", r["ms/step"] == "", r["ms/step"] or 0.0))
     return rows, _where(entry, entry["stamp"])
+
+
+PER_IMAGE_RUNS = ("bench_gpu_per_image", "bench_gpu_per_image_static")  # each beside its own stock eager
+
+
+def gpu_per_image(results_file=None) -> tuple[list[dict], list[str]]:
+    """The step-cache rows against each run's own eager image time: our cache and cache-dit's in one run, static
+    FP8 with our cache in another; returns rows (with the run's time) and where each run was measured."""
+    rows, where = [], []
+    for key in PER_IMAGE_RUNS:
+        steps, measured = gpu_steps(results_file, key)
+        stamp = _gpu_entry(results_file, key)["stamp"]["date"]
+        rows += [{"run": stamp, **r} for r in steps if r["variant"] == "eager" or "cache" in r["variant"]]
+        where.append(measured)
+    return rows, where

@@ -37,12 +37,14 @@ def main(argv=None) -> int:
                     help="fp8: FP8 + fused QKV + regional compile (the best one-GPU path); eager: bf16 eager")
     ap.add_argument("--text-multiple", type=int, default=2,
                     help="pad the text tokens to a multiple of this (use the largest GPU count you compare)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also: device time per step by kernel kind (GEMM, attention, NCCL, ...) and idle share, per rank")
     a = ap.parse_args(argv)
     if a.summarise:
         multi_gpu_bench.summarise(a.results)
     else:
         multi_gpu_bench.bench(tuple(a.sizes.split(",")), a.steps, a.repeats, a.requests, a.ring, a.work, a.results,
-                              a.tiny, a.config, a.variant, a.text_multiple)
+                              a.tiny, a.config, a.variant, a.text_multiple, a.profile)
     return 0
 
 

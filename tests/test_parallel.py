@@ -324,3 +324,27 @@ def test_context_parallel_config_checks():
                   "--ring 2 on two GPUs")
 def test_context_parallel_ring_on_cpu():
     pass
+
+
+def test_multi_gpu_bench_profiles_each_rank_on_the_cpu(tmp_path):
+    """The two-GPU benchmark's own path in small (tiny model, gloo, 2 ranks): with ``--profile`` every rank
+    reports device time by kernel kind, and the summary adds a table of it beside the scaling rows."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    results = tmp_path / "results.json"
+    common = ["scripts/bench_multi_gpu.py", "--tiny", "--results", str(results), "--work", str(tmp_path / "w")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node"]
+    for n, extra in (("1", []), ("2", ["--profile"])):
+        p = subprocess.run([*torchrun, n, *common, *extra], cwd=root, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "scripts/bench_multi_gpu.py", "--summarise", "--results", str(results)],
+                       cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads(results.read_text())
+    ranks = data["multi_gpu_2gpu"]["sizes"]["tiny"]["profile_per_rank"]
+    assert len(ranks) == 2 and all(r["ms_per_step"] > 0 and sum(r["device_ms_per_step_by_kind"].values()) > 0
+                                   for r in ranks)
+    assert "profile_per_rank" not in data["multi_gpu_1gpu"]["sizes"]["tiny"]  # only when asked
+    assert [r["gpus"] for r in data["multi_gpu"]["profile"]] == [2, 2]
+    assert "Where a step's time goes" in (tmp_path / "multi_gpu.md").read_text()

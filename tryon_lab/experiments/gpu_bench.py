@@ -319,6 +319,8 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
 
 def kernel_kind(name: str) -> str:
     n = name.lower()
+    if "nccl" in n or "all_to_all" in n or "alltoall" in n or "allgather" in n:
+        return "communication (NCCL)"
     if any(k in n for k in ("gemm", "scaled_mm", "cutlass", "sm90_xmma", "matmul", "nvjet")):
         return "GEMM"
     if any(k in n for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):

@@ -86,18 +86,46 @@ def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | 
     return out, lat
 
 
+def profile_steps(fill, s: fullsize.Shape, steps: int = 3) -> dict:
+    """Where a split step's time goes on this rank: device time by kernel kind (GEMM, attention, NCCL, fused
+    rest, other) per step, and the share of the step's wall time the device spends idle (waiting on the host or
+    on the other rank), after a warm-up image."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .gpu_bench import kernel_kind
+
+    cuda = s.device == "cuda"
+    x = fullsize.diptych_inputs(s)
+    run_image(fill, s, x, 2)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        timed = run_image(fill, s, x, steps)
+    kinds: dict[str, float] = {}
+    for e in prof.key_averages():  # on CUDA, device events only, so nothing is counted twice
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if t:
+            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + t / 1e3 / steps
+    step_ms = 1e3 * statistics.median(timed["per_step"])
+    busy = sum(kinds.values()) if cuda else None  # CPU events overlap (nested), so no idle share there
+    return {"ms_per_step": step_ms, "device_ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+            "idle_share": None if busy is None else max(0.0, 1 - busy / step_ms)}
+
+
 VARIANTS = {"eager": {}, "fp8": {"fp8": "fp8_dynamic_row", "fuse_qkv": True, "compile": "regional"}}
 
 
 @torch.no_grad()  # inference only; restores the caller's grad mode on return
 def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
           work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
-          config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2) -> dict:
+          config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2,
+          profile: bool = False) -> dict:
     """One launch (every rank calls it): throughput (eager, one model per GPU), then latency of ``variant`` (the
     best one-GPU path: FP8 + fused QKV + regional compile) with context parallelism over all ranks.
 
     ``text_multiple``: the text tokens are padded (T5 padding positions) to a multiple of this, the same in every
-    launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like."""
+    launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like.
+    ``profile``: after each size's latency, where the split step's time goes (``profile_steps``)."""
     import torch.distributed as dist
 
     rank, world, device = init_distributed()
@@ -128,6 +156,8 @@ def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repea
         ref = work / f"multi_gpu_latents_{size}.pt"
         out, lat = latency(pipe.fill, s, steps, repeats, None if world == 1 else ref)
         res["sizes"][size] = out | {"image_tokens": s.image_tokens, "text_tokens": s.text_tokens}
+        if profile:
+            res["sizes"][size]["profile_per_rank"] = gather(profile_steps(pipe.fill, s))
         if rank == 0:
             if world == 1:
                 torch.save(lat, ref)
@@ -158,6 +188,14 @@ def summarise(results: str | Path = RESULTS) -> list[dict]:
     title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nefficiency = t(1 GPU) / (N x t(N GPUs)) "
              "per image; requests_per_min: one request per GPU at a time (a Ray sweep's steady state), at "
              f"{runs[1]['throughput']['size']}.\n\n")
-    write_results(results, "multi_gpu", {"stamp": stamp(), "rows": rows}, title + markdown_table(rows, COLUMNS))
-    print(markdown_table(rows, COLUMNS))
+    md = title + markdown_table(rows, COLUMNS)
+    profiled = [{"gpus": n, "size": size, "rank": i, "ms/step": p["ms_per_step"], "device idle share": p["idle_share"],
+                 **{f"{k} ms": v for k, v in p["device_ms_per_step_by_kind"].items()}}
+                for n in sorted(runs) for size, r in runs[n]["sizes"].items()
+                for i, p in enumerate(r.get("profile_per_rank", []))]
+    if profiled:
+        md += "\n\n## Where a step's time goes, per rank (device time by kernel kind; `--profile`)\n\n" + \
+            markdown_table(profiled)
+    write_results(results, "multi_gpu", {"stamp": stamp(), "rows": rows, "profile": profiled}, md)
+    print(md)
     return rows

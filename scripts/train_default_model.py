@@ -48,6 +48,8 @@ def main(argv=None) -> int:
                    help="fp32 prompt embeddings of the factory text encoders (made if missing)")
     t.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     t.add_argument("--set", action="append", default=[], help="override a TrainConfig field, e.g. --set fill_lr=3e-4")
+    t.add_argument("--model", action="append", default=[],
+                   help="a model shape field for a run from scratch, e.g. --model vae_block_out_channels=64,128,128,128")
     a = sub.add_parser("assemble", help="build checkpoints/toy-tryon from a training state")
     a.add_argument("--state", required=True, help="the state folder of the last training call")
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
@@ -55,12 +57,13 @@ def main(argv=None) -> int:
     a.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS))
     args = p.parse_args(argv)
     if args.cmd == "train":
-        bad = [kv for kv in args.set if "=" not in kv]
+        bad = [kv for kv in args.set + args.model if "=" not in kv]
         if bad:
-            p.error(f"--set takes FIELD=VALUE, got {bad[0]!r}")
+            p.error(f"--set and --model take FIELD=VALUE, got {bad[0]!r}")
         default_model.train_default(args.out, args.device, args.embeddings, args.quick,
                                     dict(kv.split("=", 1) for kv in args.set), args.stages, args.resume,
-                                    args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve)
+                                    args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve,
+                                    dict(kv.split("=", 1) for kv in args.model))
     else:
         default_model.assemble_default(args.state, args.out, args.embeddings, args.logo_out)
     return 0

@@ -158,3 +158,17 @@ def test_a_logo_counts_as_matched_only_where_the_ground_truth_puts_it():
     assert box_iou((0, 0, 10, 10), (10, 10, 20, 20)) == 0.0
     assert abs(box_iou((0, 0, 10, 10), (5, 0, 15, 10)) - 50 / 150) < 1e-12
     assert box_iou((0, 0, 10, 10), (1, 1, 11, 11)) >= MATCH_IOU > box_iou((0, 0, 10, 10), (5, 0, 15, 10))
+
+
+def test_a_run_from_scratch_takes_another_model_shape_and_a_resumed_run_refuses_one(tmp_path):
+    from tryon_lab.experiments import default_model
+
+    small = default_model.model_config({"vae_block_out_channels": "64,128,128,128", "vae_layers_per_block": "2"})
+    assert small.vae_block_out_channels == (64, 128, 128, 128) and small.vae_layers_per_block == 2
+    assert small.vae_scale_factor == 8 and small.num_layers == SmallModelConfig().num_layers  # the rest as before
+    with pytest.raises(ValueError, match="no field 'vae_width'"):
+        default_model.model_config({"vae_width": "64"})
+    call(tmp_path / "a", tiny_cfg(call_steps=1))
+    with pytest.raises(ValueError, match="keeps the model of the state it resumes"):
+        default_model.train_default(tmp_path / "b", "cpu", resume=tmp_path / "a", stages="fill",
+                                    model_overrides={"vae_layers_per_block": "2"})

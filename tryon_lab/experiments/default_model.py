@@ -11,6 +11,7 @@ is ``default_quality``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -90,6 +91,20 @@ def train_config(resume: Path | None, quick: bool, overrides: dict[str, str] | N
     return cfg
 
 
+def model_config(overrides: dict[str, str] | None = None) -> checkpoint.SmallModelConfig:
+    """The toy model's shape with ``overrides`` (field -> text; tuples comma-separated, e.g.
+    ``vae_block_out_channels=64,128,128,128``), checked against the fields that exist."""
+    small = checkpoint.SmallModelConfig()
+    fields = {k: getattr(small, k) for k in checkpoint.SmallModelConfig.__dataclass_fields__ if k != "extra"}
+    values = {}
+    for k, v in (overrides or {}).items():
+        if k not in fields:
+            raise ValueError(f"--model {k}={v}: SmallModelConfig has no field {k!r}; fields: {', '.join(fields)}.")
+        default = fields[k]
+        values[k] = tuple(int(x) for x in v.split(",")) if isinstance(default, tuple) else type(default)(v)
+    return dataclasses.replace(small, **values)
+
+
 def _record(folder: Path) -> dict:
     path = Path(folder) / train_state.STATE_FILE
     if not path.exists():
@@ -102,17 +117,21 @@ def train_default(out: str | Path, device: str, embeddings_file: str | Path = TR
                   overrides: dict[str, str] | None = None, stages: str = "vae,fill", resume: str | Path | None = None,
                   time_budget: float | None = None, optim_dir: str | Path | None = None,
                   init_from: str | Path | None = None, started: float | None = None,
-                  save_reserve: float = SAVE_RESERVE_S) -> dict:
+                  save_reserve: float = SAVE_RESERVE_S, model_overrides: dict[str, str] | None = None) -> dict:
     """One training call: the state, ``train_log.txt`` (this call's lines after the earlier calls') and, once
     the logo stage has run, ``logo_lora/`` into ``out``.
 
     ``time_budget``: seconds for the whole call from ``started`` (default: now), of which ``save_reserve`` is
-    kept for saving; ``optim_dir``: where the AdamW state is written and, if it matches, read back.
+    kept for saving; ``optim_dir``: where the AdamW state is written and, if it matches, read back;
+    ``model_overrides``: ``SmallModelConfig`` fields (as text) of a model trained from scratch.
     """
     started = time.time() if started is None else started
     resume = Path(resume) if resume else None
     cfg = train_config(resume, quick, overrides)
-    small = checkpoint.SmallModelConfig()
+    small = model_config(model_overrides)
+    if resume is not None and model_overrides:
+        raise ValueError(f"--model {sorted(model_overrides)}: a resumed run keeps the model of the state it resumes; "
+                         "start a new run (no --resume) to train another shape.")
     if resume is not None:
         small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
                                                for k, v in _record(resume)["model"].items()})

@@ -113,6 +113,9 @@ def test_saved_fp8_with_fused_qkv_loads_fused_and_equal(tmp_path):
     saved = configure.build_pipeline(TRAINED_DIR, fp8_weights=str(folder), **opts)
     assert quant.fused_qkv(saved.transformer)
     same_weights(on_load.transformer, saved.transformer)
+    # the FP8 bytes were read on a worker thread while this one imported and built the rest (the same bytes)
+    row = next(r for r in saved.load_report if r["component"] == "transformer (saved FP8)")
+    assert row["read_thread"].startswith("fp8-read") and row["read_s"] > 0
     req = pipeline.TryOnRequest(*make_request_images(64, 96), seed=3)
     assert torch.equal(pipeline.tryon(on_load, req, FAST).latents, pipeline.tryon(saved, req, FAST).latents)
     with pytest.raises(quant.FP8WeightsError, match="fuse_qkv=True"):

@@ -210,13 +210,20 @@ def load_kwargs(name: str, dtype: torch.dtype, device: str, slim: bool) -> dict:
     return kwargs
 
 
-def load_fp8_component(folder: str | Path, mode: str, model_dir: Path, dtype: torch.dtype, device: str):
-    """The transformer ``quant.save_fp8_transformer`` wrote, read onto ``device``; returns (object, report row)."""
+def load_fp8_component(folder: str | Path, mode: str, model_dir: Path, dtype: torch.dtype, device: str,
+                       prefetched=None):
+    """The transformer ``quant.save_fp8_transformer`` wrote, read onto ``device``; returns (object, report row).
+
+    ``prefetched``: the read started earlier (``quant.prefetch_fp8_tensors``); ``load_s`` is then only what this
+    call waited for, and ``read_s`` the read itself on its worker thread.
+    """
     with measure(device) as m:
-        obj = quant.load_fp8_transformer(folder, model_dir / FILL_SUBDIR / "transformer", mode, dtype, device)
+        obj = quant.load_fp8_transformer(folder, model_dir / FILL_SUBDIR / "transformer", mode, dtype, device,
+                                         prefetched)
         obj.set_attention_backend("native")
     row = {"component": "transformer (saved FP8)", "params": n_params(obj), "bytes": n_bytes(obj),
-           "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"]}
+           "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
+           "read_s": obj.fp8_read["read_s"], "read_thread": obj.fp8_read["thread"]}
     return obj, row
 
 
@@ -297,8 +304,11 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)
+    prefetched = None
     if fp8_weights is not None:  # before anything loads: a mismatched folder fails at once
         quant.check_fp8_folder(fp8_weights[0], model_dir / FILL_SUBDIR / "transformer", fp8_weights[1], dtype)
+        # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
+        prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype)
     with measure(device) as m:
@@ -311,7 +321,7 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
     parts, report = {}, []
     for name in SLIM_COMPONENTS:
         if name == "transformer" and fp8_weights is not None:
-            parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device)
+            parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device, prefetched)
         else:
             parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
         report.append(row)

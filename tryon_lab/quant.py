@@ -247,16 +247,48 @@ def check_fp8_folder(folder: str | Path, source: str | Path, mode: str, dtype: t
     return info
 
 
+def read_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict:
+    """The saved FP8 file's flattened tensors on ``device``, with the seconds the read took and the thread that
+    read them (``prefetch_fp8_tensors`` reads on a worker)."""
+    import threading
+    import time
+
+    from safetensors.torch import load_file
+
+    start = time.perf_counter()
+    tensors = load_file(str(Path(folder) / FP8_FILE), device=str(device))
+    if torch.device(device).type == "cpu":  # own aligned copies, not views of the memory map: CPU kernels pick
+        tensors = {k: v.clone() for k, v in tensors.items()}  # their code path by alignment (and round differently)
+    elif torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return {"tensors": tensors, "read_s": time.perf_counter() - start, "thread": threading.current_thread().name}
+
+
+def prefetch_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu"):
+    """Start ``read_fp8_tensors`` on a worker thread and return its future.
+
+    The read (page cache or disk, then host to device) releases the GIL, so it runs while the calling thread
+    imports diffusers and builds the model on the meta device, which a cold process spends about 10 s on.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fp8-read")
+    future = pool.submit(read_fp8_tensors, folder, device)
+    pool.shutdown(wait=False)  # the worker ends with its one task
+    return future
+
+
 def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtype: torch.dtype,
-                         device: str | torch.device = "cpu") -> torch.nn.Module:
+                         device: str | torch.device = "cpu", prefetched=None) -> torch.nn.Module:
     """The transformer saved by ``save_fp8_transformer``, read straight onto ``device`` with no quantization work.
 
     The model is built on the meta device (no weight init) and takes the loaded tensors as they are
     (``load_state_dict(assign=True)``), so its FP8 weights are the saved qdata and scales, bit for bit.
+    ``prefetched``: the future of ``prefetch_fp8_tensors`` for this folder, started earlier (else read here).
+    Its read is recorded on the model as ``fp8_read`` (seconds and thread).
     """
     import importlib
 
-    from safetensors.torch import load_file
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     info = check_fp8_folder(folder, source, mode, dtype)
@@ -267,11 +299,10 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
         model = cls.from_config(config)
         if info.get("fused_qkv"):  # the same modules as the saved model: fused QKV Linears beside the originals
             model.fuse_qkv_projections()
-    tensors = load_file(str(Path(folder) / FP8_FILE), device=str(device))
-    if torch.device(device).type == "cpu":  # own aligned copies, not views of the memory map: CPU kernels pick
-        tensors = {k: v.clone() for k, v in tensors.items()}  # their code path by alignment (and round differently)
-    state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+    read = prefetched.result() if prefetched is not None else read_fp8_tensors(folder, device)
+    state, leftover = unflatten_tensor_state_dict(read["tensors"], metadata)
     if leftover:
         raise FP8WeightsError(f"{folder}: tensors {sorted(leftover)[:3]} do not belong to any weight; save it again.")
     model.load_state_dict(state, strict=True, assign=True)
+    model.fp8_read = {"read_s": read["read_s"], "thread": read["thread"]}
     return model.eval().requires_grad_(False)

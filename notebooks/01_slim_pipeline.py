@@ -70,7 +70,7 @@ fig = slim_report.plot_components(reports, lab.cpu)
 # ## 3. safetensors (memory-mapped) against pickle, same weights
 
 # %%
-pk = loading.pickle_vs_safetensors(lab.model_dir, "transformer")
+pk = slim_report.pickle_vs_safetensors(lab.model_dir, "transformer")
 notebook.table([slim_report.pickle_row(pk, lab.cpu)])
 
 # %% [markdown]

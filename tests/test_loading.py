@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tryon_lab import checkpoint, embeddings, loading
+from tryon_lab.experiments import slim_report
 from tryon_lab.experiments.assets import convert_to_safetensors
 
 
@@ -63,7 +64,7 @@ def test_standard_loads_everything(model_dir):
 
 
 def test_pickle_vs_safetensors_reports_both(model_dir):
-    row = loading.pickle_vs_safetensors(model_dir, "vae")
+    row = slim_report.pickle_vs_safetensors(model_dir, "vae")
     assert row["safetensors_s"] > 0 and row["pickle_s"] > 0 and row["bytes"] > 0
 
 

@@ -170,7 +170,8 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     """The GPU benchmark's own code path on the CPU: tiny model, two variants and every cold-start case in fresh
     processes, results written; each case's phases add up to its wall time to the first image, the saved FP8
     weights load in the later cases, and the slim path's imports are counted in the imports phase."""
-    from tryon_lab.experiments.coldstart import GPU_CASES, PHASES
+    from tryon_lab.experiments.coldstart import PHASES
+    from tryon_lab.experiments.coldstart_gpu import GPU_CASES
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
     p = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "eager,regional", "--out", str(tmp_path),

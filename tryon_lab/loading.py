@@ -371,30 +371,6 @@ def load_standard(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     return StandardPipeline(fill, redux, model_dir, device, dtype, report)
 
 
-def pickle_vs_safetensors(model_dir: str | Path, component: str = "transformer", tmp_dir: str | Path | None = None) -> dict:
-    """Load time of the same weights from safetensors (memory-mapped) and from a pickle written for the test."""
-    import tempfile
-    import time
-
-    from safetensors.torch import load_file
-
-    folder = Path(model_dir) / COMPONENTS[component][0] / component
-    shards = sorted(folder.glob("*.safetensors"))
-    start = time.perf_counter()
-    state = {}
-    for s in shards:
-        state.update(load_file(str(s)))
-    st_s = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
-        pkl = Path(d) / "weights.pt"
-        torch.save(state, pkl)
-        start = time.perf_counter()
-        torch.load(pkl, weights_only=True)
-        pk_s = time.perf_counter() - start
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
-    return {"component": component, "bytes": nbytes, "safetensors_s": st_s, "pickle_s": pk_s}
-
-
 def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[str, torch.dtype]:
     """``auto``: CUDA with bf16 where there is a GPU, else CPU with fp32 (bf16 matmuls are slow on most CPUs)."""
     if device == "auto":

@@ -1,5 +1,5 @@
 """Cold start: a fresh process to its first try-on image, phase by phase, case by case (one harness for the
-toy model in notebook 03 and the full-size model in the GPU benchmark).
+toy model in notebook 03 and the full-size model in the GPU benchmark, whose cases are in ``coldstart_gpu``).
 
 Each case is one fresh Python process with its own compile cache folder. It runs what a user runs, the slim
 ``configure.build_pipeline`` + ``pipeline.tryon`` or the stock ``loading.load_standard`` + ``tryon_standard``,
@@ -30,8 +30,8 @@ from pathlib import Path
 PHASES = ("interpreter", "imports", "cuda_init", "weights", "quantize", "artifacts", "configure", "prepare", "redux",
           "compile", "denoise", "decode")
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
-_AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import aoti_child; "
-               "aoti_child(T)")
+_AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
+               "aoti_child; aoti_child(T)")
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Case:
     fp8_weights: bool = False  # load the FP8 transformer saved before the cases (``prepare_fp8``)
     cuda_thread: bool = False  # create the CUDA context and cuBLAS/cuDNN handles on a thread while importing
     cache: str = "empty"
-    aoti: bool = False  # the AOTInductor packages (``prepare_aoti``) run by a torch-only process (``aoti_child``)
+    aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
 
 
 def _cuda_init() -> None:
@@ -211,144 +211,6 @@ def _by_package(imports: dict) -> dict:
     return dict(sorted(((k, round(v, 3)) for k, v in imports["modules"].items() if v > 0.05), key=lambda kv: -kv[1]))
 
 
-def aoti_child(t: float) -> None:
-    """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no
-    transformers, no dynamo), the packages ``prepare_aoti`` wrote, the same request as every other case, the same
-    phases; prints one ``COLD {json}`` line, with the final latents' rel-L2 against the slim eager pipeline's."""
-    imports = _count_imports()
-    a = json.loads(sys.argv[1])
-    marks, lap = _laps(t, imports, a["spawned"])
-    import torch
-
-    from ..images import paste_back, prepare_input
-    from . import aoti_run
-    lap("imports")
-    _cuda_init()
-    lap("cuda_init")
-    folder = Path(a["aoti_dir"])
-    schedule = aoti_run.load_schedule(folder / aoti_run.SCHEDULE)
-    device = schedule.device
-    transformer = aoti_run.load_package(folder / aoti_run.TRANSFORMER)
-    encoder, decoder, redux = (aoti_run.load_package(folder / n) for n in
-                               (aoti_run.VAE_ENCODER, aoti_run.VAE_DECODER, aoti_run.REDUX))
-    lap("artifacts")  # the compiled code: each package's shared library and kernels
-    from safetensors.torch import load_file
-
-    marks["weights_bytes"] = aoti_run.load_constants(transformer, folder / aoti_run.TRANSFORMER_CONSTANTS, device)
-    text = load_file(str(folder / aoti_run.TEXT), device=str(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    lap("weights")
-    person, garment, mask = _request_images(a)
-    calls: list[float] = []
-
-    def timed_transformer(*args):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = transformer(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        calls.append(time.perf_counter() - start)
-        return out
-
-    def image(first: bool):
-        step = lap if first else (lambda _: None)
-        prepared = prepare_input(person, garment, mask)
-        width, height = prepared.diptych.size
-        garments = [prepared.diptych.crop((0, 0, width // 2, height))]
-        step("prepare")
-        prompt_embeds, pooled = aoti_run.conditioning(redux, text, garments, schedule.meta["redux_size"],
-                                                      schedule.dtype)
-        step("redux")
-        inputs = aoti_run.prepare_inputs(encoder, schedule, [prepared.diptych], [prepared.mask], prompt_embeds,
-                                         pooled, [a["seed"]])
-        step("prepare")
-        latents = aoti_run.denoise_exported(timed_transformer, inputs, schedule, a["steps"])
-        step("denoise")
-        out = paste_back(aoti_run.to_pil(decoder(latents))[0], prepared)
-        step("decode")
-        return latents, out
-
-    with torch.no_grad():
-        latents, _ = image(first=True)
-    marks["to_first_image"] = time.time() - a["spawned"]
-    steady = statistics.median(calls[1:]) if len(calls) > 1 else 0.0
-    _split(marks, "denoise", {"compile": max(0.0, calls[0] - steady) if calls else 0.0})
-    start = time.perf_counter()
-    with torch.no_grad():
-        image(first=False)
-    marks["steady_image"] = time.perf_counter() - start
-    marks["steady_step_ms"] = 1000 * statistics.median(calls[1:]) if len(calls) > 1 else None
-    reference = folder / "reference_latents.safetensors"
-    if reference.exists():
-        ref = load_file(str(reference))["latents"].to(latents.device)
-        marks["rel_l2_vs_slim_eager"] = float((latents.double() - ref.double()).norm() / ref.double().norm())
-    marks["imports_by_package"] = _by_package(imports)
-    heavy = ("diffusers", "transformers", "peft", "torchao", "torch._dynamo", "torch._inductor", "sympy")
-    marks["heavy_modules_loaded"] = [m for m in heavy if m in sys.modules]
-    for k in PHASES:  # phases this path does not have (configure, quantize) are zero, not missing
-        marks.setdefault(k, 0.0)
-    print("COLD " + json.dumps(marks, default=str), flush=True)
-
-
-def aoti_export(args: str) -> None:
-    """The exporting process (``prepare_aoti``): the slim pipeline with ``options`` (no compile), its eager final
-    latents for the run's request (the reference the cold case is checked against), then every package with the
-    transformer's weights beside it. Prints one ``AOTI {json}`` line."""
-    import torch
-
-    from .. import pipeline
-    from ..configure import PipelineOptions, build_pipeline
-    from . import aoti
-
-    a = json.loads(args)
-    out, start = Path(a["aoti_dir"]), time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-
-    def stage(name: str) -> None:  # on stdout as it happens: a process that dies still says how far it got
-        print(f"AOTI-STAGE {name} {time.perf_counter() - start:.1f} s", flush=True)
-
-    pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]))
-    stage("built")
-    info: dict = {"model": pipe.description, "options": a["options"], "build_s": time.perf_counter() - start}
-    prepared = pipeline.prepare([_request(a)])
-    latents, _, _, _ = aoti.reference(pipe, prepared, [a["seed"]], a["steps"])
-    from safetensors.torch import save_file
-
-    save_file({"latents": latents.contiguous().cpu()}, str(out / "reference_latents.safetensors"))
-    stage("reference latents")
-    begin = time.perf_counter()
-    exported = aoti.export_all(pipe, prepared, [a["seed"]], out, steps=(a["steps"],), external_weights=True,
-                               on_stage=stage)
-    info.update(export_s=time.perf_counter() - begin, seconds_by_package=exported["seconds"],
-                bytes={f.name: f.stat().st_size for f in out.iterdir()},
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None)
-    print("AOTI " + json.dumps(info, default=str), flush=True)
-
-
-def prepare_aoti(model_dir: Path, work: Path, base: dict, timeout: float) -> dict:
-    """Export the AOTInductor packages in a process of their own (its GPU memory is gone before the cases)."""
-    args = {**base, "model_dir": str(model_dir), "aoti_dir": str(work / "aoti"),
-            "options": {**{k: v for k, v in SLIM.items() if k != "compile"}, **base.get("options", {})}}
-    shutil.rmtree(work / "aoti", ignore_errors=True)
-    start = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", "import sys; from tryon_lab.experiments.coldstart "
-                            "import aoti_export; aoti_export(sys.argv[1])", json.dumps(args)], capture_output=True,
-                           text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2])
-    except subprocess.TimeoutExpired as e:
-        return {"status": "failed", "reason": f"export did not finish within {timeout:.0f} s: "
-                f"{(e.stderr or b'')[-1500:]!r}", "seconds": time.perf_counter() - start}
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("AOTI ")]
-    stages = [ln[11:] for ln in p.stdout.splitlines() if ln.startswith("AOTI-STAGE ")]
-    if p.returncode or not lines:
-        errors = [ln for ln in p.stderr.splitlines() if "it/s]" not in ln and "s/it]" not in ln]
-        return {"status": "failed", "returncode": p.returncode, "stages": stages, "reason": "\n".join(errors)[-4000:],
-                "seconds": time.perf_counter() - start}
-    return {"status": "ok", **json.loads(lines[-1][5:]), "seconds": time.perf_counter() - start}
-
-
 def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, timeout: float) -> dict:
     """One fresh process for ``case``; its phases, "other" (wall to the first image minus the phases) and status."""
     how, _, which = (case.artifacts or "").partition(":")
@@ -432,108 +294,3 @@ def variant_cases(options: dict) -> dict[str, Case]:
             "cold cache": Case(options=options, artifacts="save"),
             "warm artefacts": Case(options=options, artifacts="load"),
             "warm local cache": Case(options=options, cache="cold cache")}
-
-
-# ------------------------------------------------------------------------ the full-size cases on a GPU
-SLIM = dict(fp8="fp8_dynamic_row", fuse_qkv=True, compile="regional")  # the best step-speed variant
-GPU_CASES = {
-    "stock eager": Case(stock=True),
-    "slim, empty cache": Case(options=SLIM, artifacts="save:bf16"),
-    "slim, warm artefacts": Case(options=SLIM, artifacts="load:bf16"),
-    "slim + FP8 weights, empty cache": Case(options=SLIM, fp8_weights=True, artifacts="save:fp8"),
-    "slim + FP8 weights, warm artefacts": Case(options=SLIM, fp8_weights=True, artifacts="load:fp8"),
-    "slim, all levers (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True, artifacts="load:fp8",
-                                                       cuda_thread=True),
-    "AOTInductor packages, torch only": Case(aoti=True),
-}
-
-
-def prepare_fp8(model_dir: Path, work: Path, options: dict) -> dict:
-    """The FP8 transformer saved once before the cases (what a deployment ships beside the bf16 weights), with
-    the fusing and mode the cases use."""
-    from ..configure import save_fp8_weights
-
-    start = time.perf_counter()
-    o = {**SLIM, **options}
-    info = save_fp8_weights(model_dir, work / "fp8-transformer", o["fp8"], o.get("device", "auto"),
-                            o.get("dtype", "auto"), fuse_qkv=o["fuse_qkv"])
-    return {**info, "seconds": time.perf_counter() - start}
-
-
-def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case=None,
-            names: list[str] | None = None) -> dict:
-    """The full-size snapshot (random weights, real layout, local disk) and the ``GPU_CASES`` cases on it
-    (``names``: a subset, in ``GPU_CASES`` order), preceded by the saved FP8 transformer they load."""
-    if unknown := [n for n in names or [] if n not in GPU_CASES]:
-        raise ValueError(f"unknown cold-start cases {unknown}; choose from {list(GPU_CASES)}")
-    from .. import embeddings
-    from ..provenance import fingerprint
-    from .loading_bench import build_snapshot
-
-    work = Path(work)
-    root = work / "model"
-    start = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    build_snapshot(root, s)
-    embeddings.build_embeddings(root, s.torch_dtype, s.device, root / "embeddings.safetensors")
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    res = {"snapshot_s": time.perf_counter() - start}
-    start = time.perf_counter()  # the content fingerprint every result names, hashed once and cached, as an
-    res["fingerprint"] = fingerprint(root)  # image would ship its hash cache (else the first request hashes 35 GB)
-    res["fingerprint_s"] = time.perf_counter() - start
-    print(f"  snapshot {res['snapshot_s']:.0f} s, fingerprint {res['fingerprint_s']:.0f} s", flush=True)
-    base = dict(device=s.device, dtype=s.dtype, embeddings_file=str(root / "embeddings.safetensors"),
-                compile_backend="inductor" if s.device == "cuda" else "aot_eager")
-    cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls
-    cases = {k: Case(**{**c.__dict__, "options": {**c.options, "fp8": "fp8_weight_only"} if c.options and cpu
-                        else c.options}) for k, c in GPU_CASES.items()}
-    if names:
-        cases = {k: cases[k] for k in names}
-    shutil.rmtree(work / "fp8-transformer", ignore_errors=True)
-    shutil.rmtree(work / "aoti", ignore_errors=True)
-    if any(c.fp8_weights for c in cases.values()):  # saved only when a case loads it (disk: 16 GiB)
-        res["fp8_saved"] = prepare_fp8(root, work, {**base, **({"fp8": "fp8_weight_only"} if cpu else {})})
-        print(f"  FP8 transformer saved in {res['fp8_saved']['seconds']:.0f} s "
-              f"({res['fp8_saved']['bytes'] / 2**30:.1f} GiB)", flush=True)
-    request = {"steps": steps, "seed": 0, "height": s.height, "width": s.width // 2}
-    if any(c.aoti for c in cases.values()):
-        left = budget_s - (time.perf_counter() - start + res["snapshot_s"]) - 60  # keep a minute for a case
-        res["aoti_export"] = prepare_aoti(root, work, {**request, "options": {
-            **base, **({"fp8": "fp8_weight_only"} if cpu else {})}}, left)
-        e = res["aoti_export"]
-        print(f"  AOTInductor export {e['status']} in {e['seconds']:.0f} s " + (
-            json.dumps(e.get("seconds_by_package")) if e["status"] == "ok" else
-            f"(exit {e['returncode']}, stages {e['stages']}) {e['reason'][-1500:]}"), flush=True)
-        if on_case:
-            on_case({**res, "cases": {}})
-    spent = time.perf_counter() - start + res["snapshot_s"]
-    res["cases"] = run(root, cases, work, steps, budget_s - spent, height=s.height, width=s.width // 2, options=base,
-                       on_case=lambda done: on_case and on_case({**res, "cases": done}))
-    return res
-
-
-def targets(cases: dict) -> list[str]:
-    """The issue's cold-start targets, read off the cases: warm <= 15 s and <= 0.5x stock; empty cache <= 30 s."""
-    ok = {k: v for k, v in cases.items() if v.get("status") == "ok"}
-    stock = ok.get("stock eager")
-    if not stock:
-        return []
-    warm = {k: v for k, v in ok.items() if "empty cache" not in k and k != "stock eager"}
-    out = []
-    if warm:
-        name, best = min(warm.items(), key=lambda kv: kv[1]["first_image_wall_s"])
-        t, ratio = best["first_image_wall_s"], best["first_image_wall_s"] / stock["first_image_wall_s"]
-        out.append(f"warm: {name} {t:.1f} s vs stock {stock['first_image_wall_s']:.1f} s = {ratio:.2f}x "
-                   f"(target <= 15 s and <= 0.5x: {'met' if t <= 15 and ratio <= 0.5 else 'NOT met'})")
-    empty = {k: v for k, v in ok.items() if "empty cache" in k}
-    if empty:
-        name, best = min(empty.items(), key=lambda kv: kv[1]["first_image_wall_s"])
-        t = best["first_image_wall_s"]
-        out.append(f"empty cache: {name} {t:.1f} s (target <= 30 s: {'met' if t <= 30 else 'NOT met'})")
-    return out

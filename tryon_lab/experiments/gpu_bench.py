@@ -281,7 +281,7 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
     (stamped with device, commit and date) after every variant, so a run stopped early keeps its numbers."""
     from ..plots import markdown_table
     from ..provenance import stamp, write_results
-    from . import coldstart
+    from . import coldstart, coldstart_gpu
 
     s = fullsize.shape(tiny=tiny)
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -299,7 +299,7 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
         if r.get("cold"):
             md += ["## Cold start (fresh process -> first image, seconds)", "",
                    markdown_table(coldstart.phase_rows(r["cold"]["cases"])),
-                   *[f"- {t}" for t in coldstart.targets(r["cold"]["cases"])], ""]
+                   *[f"- {t}" for t in coldstart_gpu.targets(r["cold"]["cases"])], ""]
         clean = json.loads(json.dumps(r, default=str))
         write_results(out / "bench_gpu.json", "bench_gpu", clean, "\n".join(md) + "\n")
 
@@ -311,7 +311,7 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
         write(res)
     if cold:
         left = budget_s - (time.perf_counter() - start)
-        res["cold"] = coldstart.gpu_run(s, Path(work), steps, budget_s=left,
+        res["cold"] = coldstart_gpu.gpu_run(s, Path(work), steps, budget_s=left,
                                         on_case=lambda c: write({**res, "cold": c}), names=cold_cases)
         write(res)
     return res

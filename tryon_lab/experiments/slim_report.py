@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import embeddings, metrics
+from ..loading import COMPONENTS
 from ..notebook import human_bytes, legend_outside, timed
 from ..pipeline import TryOnResult
 
@@ -67,8 +69,32 @@ def plot_components(reports: dict[str, list[dict]], cpu: bool):
     return fig
 
 
+def pickle_vs_safetensors(model_dir: str | Path, component: str = "transformer", tmp_dir: str | Path | None = None) -> dict:
+    """Load time of the same weights from safetensors (memory-mapped) and from a pickle written for the test."""
+    import tempfile
+    import time
+
+    from safetensors.torch import load_file
+
+    folder = Path(model_dir) / COMPONENTS[component][0] / component
+    shards = sorted(folder.glob("*.safetensors"))
+    start = time.perf_counter()
+    state = {}
+    for s in shards:
+        state.update(load_file(str(s)))
+    st_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as d:
+        pkl = Path(d) / "weights.pt"
+        torch.save(state, pkl)
+        start = time.perf_counter()
+        torch.load(pkl, weights_only=True)
+        pk_s = time.perf_counter() - start
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    return {"component": component, "bytes": nbytes, "safetensors_s": st_s, "pickle_s": pk_s}
+
+
 def pickle_row(pk: dict, cpu: bool) -> dict:
-    """``loading.pickle_vs_safetensors`` in readable units."""
+    """``pickle_vs_safetensors`` in readable units."""
     return {"component": pk["component"], "weights": human_bytes(pk["bytes"]),
             timed("safetensors s", cpu): pk["safetensors_s"], timed("pickle s", cpu): pk["pickle_s"]}
 

@@ -55,7 +55,15 @@ def main(argv=None) -> int:
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
     a.add_argument("--logo-out", default=str(default_model.LOGO_LORA_DIR))
     a.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS))
+    c = sub.add_parser("ceiling", help="the VAE round trip of a training state on the held-out pairs (PSNR)")
+    c.add_argument("--state", required=True, help="a state folder a `train` call wrote")
+    c.add_argument("--pairs", type=int, default=8)
     args = p.parse_args(argv)
+    if args.cmd == "ceiling":
+        import json
+
+        print(json.dumps(default_model.vae_ceiling_of_state(args.state, count=args.pairs), indent=1))
+        return 0
     if args.cmd == "train":
         bad = [kv for kv in args.set + args.model if "=" not in kv]
         if bad:

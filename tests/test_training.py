@@ -172,3 +172,22 @@ def test_a_run_from_scratch_takes_another_model_shape_and_a_resumed_run_refuses_
     with pytest.raises(ValueError, match="keeps the model of the state it resumes"):
         default_model.train_default(tmp_path / "b", "cpu", resume=tmp_path / "a", stages="fill",
                                     model_overrides={"vae_layers_per_block": "2"})
+
+
+def test_vae_ceiling_reproduces_the_quality_files_and_reads_a_training_state(tmp_path):
+    """The bare-VAE round trip gives the committed evaluation's VAE numbers for the committed model, and the
+    same measure reads a training state's VAE (the shape and step it was trained to) without assembling."""
+    from diffusers import AutoencoderKL
+
+    from tryon_lab.checkpoint import TRAINED_DIR
+    from tryon_lab.experiments import default_model, default_quality
+
+    committed = json.loads(default_quality.RESULTS.read_text())["trained"]
+    vae = AutoencoderKL.from_pretrained(TRAINED_DIR / "FLUX.1-Fill-dev" / "vae").eval()
+    ceiling = default_quality.vae_ceiling(vae)
+    for key in ("vae_recon_psnr", "vae_recon_psnr_logo", "vae_recon_psnr_image"):
+        assert ceiling[key] == pytest.approx(committed[key], abs=1e-3), key
+    call(tmp_path / "state", tiny_cfg(call_steps=1))
+    state = default_model.vae_ceiling_of_state(tmp_path / "state", count=1)
+    assert state["step"] == 1 and tuple(state["vae_block_out_channels"]) == TINY.vae_block_out_channels
+    assert 0 < state["vae_recon_psnr"] < 100

@@ -165,6 +165,21 @@ def shipped_weights(state_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return record, {**frozen, **ema}
 
 
+def vae_ceiling_of_state(state_dir: str | Path, seed: int = 999, count: int = 8) -> dict:
+    """``default_quality.vae_ceiling`` of the VAE a training state holds (its EMA while the stage runs), with the
+    state's model shape and step: how far a VAE run got, without assembling a checkpoint."""
+    from .default_quality import vae_ceiling
+
+    record, weights = shipped_weights(Path(state_dir))
+    small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                           for k, v in record["model"].items()})
+    vae = checkpoint.build_models(small)["vae"]
+    vae.load_state_dict({k.removeprefix("vae."): v for k, v in weights.items() if k.startswith("vae.")}, strict=True)
+    stage = record["stages"].get("vae", {})
+    return {"step": stage.get("step"), "done": stage.get("done"), "vae_block_out_channels": small.vae_block_out_channels,
+            "vae_layers_per_block": small.vae_layers_per_block, **vae_ceiling(vae.eval(), seed, count)}
+
+
 def assemble_checkpoint(weights: dict[str, torch.Tensor], record: dict, out_root: Path,
                         base_dir: Path | None = None) -> Path:
     """Build the committed checkpoint: factory models (same text encoders) + trained weights, in bf16.

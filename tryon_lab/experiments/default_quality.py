@@ -43,12 +43,32 @@ def box_iou(a, b) -> float:
 
 
 @torch.no_grad()
+def _roundtrip(vae, processor, image: Image.Image) -> Image.Image:
+    x = processor.preprocess(image).to(vae.device, vae.dtype)
+    z = vae.encode(x).latent_dist.mode()
+    return processor.postprocess(vae.decode(z).sample.float(), output_type="pil")[0]
+
+
 def vae_roundtrip(pipe, image: Image.Image) -> Image.Image:
     """Encode (posterior mode) and decode one image with the pipeline's VAE: the best any latent can give."""
-    fill = pipe.fill
-    x = fill.image_processor.preprocess(image).to(fill.vae.device, fill.vae.dtype)
-    z = fill.vae.encode(x).latent_dist.mode()
-    return fill.image_processor.postprocess(fill.vae.decode(z).sample.float(), output_type="pil")[0]
+    return _roundtrip(pipe.fill.vae, pipe.fill.image_processor, image)
+
+
+def vae_ceiling(vae, seed: int = 999, count: int = 8) -> dict:
+    """A bare VAE's round trip on the held-out targets (masked, logo-box and whole-image PSNR, means), with the
+    image processing the Fill pipeline uses: what a VAE lets the Fill model reach, before training Fill on it."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    processor = VaeImageProcessor(vae_scale_factor=2 ** len(vae.config.block_out_channels))  # Fill's: 2 x the VAE's
+    rows = []
+    for i in range(count):
+        s = make_sample(seed, i)
+        rec = _roundtrip(vae, processor, s.target)
+        rows.append({"vae_recon_psnr": psnr(rec, s.target, mask=np.asarray(s.mask) > 127),
+                     "vae_recon_psnr_logo": psnr(rec, s.target,
+                                                 mask=train_data.box_mask(s.target_logo_boxes, s.target.size)),
+                     "vae_recon_psnr_image": psnr(rec, s.target)})
+    return {k: float(np.mean([min(r[k], 100.0) for r in rows])) for k in rows[0]}
 
 
 def evaluate_pair(pipe, s, index: int, settings: TryOnSettings, logo_lora=None) -> dict:

@@ -179,12 +179,10 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     o = o.resolved()
     check_options(o)
     offload = o.memory is not None and "offload" in o.memory
-    if o.fp8_weights is not None:  # a folder of another mode, dtype, model or QKV fusing fails before any load
-        quant.check_fp8_folder(o.fp8_weights, model_dir / FILL_SUBDIR / "transformer", o.fp8, o.torch_dtype,
-                               o.fuse_qkv)
+    # a saved FP8 folder of another mode, dtype, model or QKV fusing is refused there, before any load
     pipe = load_slim(model_dir, o.torch_dtype, "cpu" if offload else o.device,
                      Path(o.embeddings_file) if o.embeddings_file else None,
-                     (o.fp8_weights, o.fp8) if o.fp8_weights else None)
+                     (o.fp8_weights, o.fp8) if o.fp8_weights else None, o.fuse_qkv)
     return apply_options(pipe, o)
 
 
@@ -196,16 +194,10 @@ def save_fp8_weights(model_dir: str | Path, folder: str | Path, fp8: str, device
     Loading the folder later reads the FP8 bytes straight onto the device and skips the bf16 read and the
     quantization; make it once per model, mode, dtype and fusing, where the mode can run (dynamic FP8: a GPU).
     """
-    o = PipelineOptions(device=device, dtype=dtype, fp8=fp8, fuse_qkv=fuse_qkv).resolved()
-    check_options(o)
     if fp8 == "none":
         raise OptionsError("save_fp8_weights needs an FP8 mode; choose one of " + ", ".join(quant.QUANT_MODES[1:]))
-    model_dir = check_model_dir(model_dir)
-    pipe = load_slim(model_dir, o.torch_dtype, o.device)
-    if fuse_qkv:
-        pipe.transformer.fuse_qkv_projections()
-    quant.quantize_transformer(pipe.transformer, fp8)
-    return quant.save_fp8_transformer(pipe.transformer, folder, source=model_dir / FILL_SUBDIR / "transformer")
+    pipe = build_pipeline(model_dir, device=device, dtype=dtype, fp8=fp8, fuse_qkv=fuse_qkv)
+    return quant.save_fp8_transformer(pipe.transformer, folder, source=pipe.model_dir / FILL_SUBDIR / "transformer")
 
 
 _WARM: dict[tuple[str, str], SlimPipeline] = {}  # the one warm-pipeline cache: (model folder, options) -> pipeline

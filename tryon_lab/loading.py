@@ -294,19 +294,20 @@ class SlimPipeline:
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
               embeddings_file: str | Path | None = None, fp8_weights: tuple[str | Path, str] | None = None,
-              ) -> SlimPipeline:
+              fuse_qkv: bool | None = None) -> SlimPipeline:
     """The slim pipeline: transformer + VAE + scheduler + Redux image encoder/embedder, nothing else.
 
     ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
-    loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype.
-    ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing. Everything that
+    loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype (and with
+    ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing. Everything that
     can be checked without loading weights is checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)
     prefetched = None
     if fp8_weights is not None:  # before anything loads: a mismatched folder fails at once
-        quant.check_fp8_folder(fp8_weights[0], model_dir / FILL_SUBDIR / "transformer", fp8_weights[1], dtype)
+        quant.check_fp8_folder(fp8_weights[0], model_dir / FILL_SUBDIR / "transformer", fp8_weights[1], dtype,
+                               fuse_qkv)
         # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
         prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
     if embeddings_file is None:

@@ -28,6 +28,7 @@ from PIL import Image
 from .. import hotpath, pipeline
 from ..images import PreparedInput
 from ..loading import SlimPipeline
+from ..metrics import rel_l2  # noqa: F401 (callers compare exported against eager with it)
 from . import aoti_run
 from .aoti_run import REDUX, SCHEDULE, TEXT, TRANSFORMER, TRANSFORMER_CONSTANTS, VAE_DECODER, VAE_ENCODER
 
@@ -292,11 +293,6 @@ def write_cold_inputs(path: str | Path, prepared: list[PreparedInput], prompt_em
         tensors.update(prompt_embeds=prompt_embeds.contiguous().cpu(), pooled=pooled.contiguous().cpu())
     save_file(tensors, str(path), metadata={"seeds": json.dumps([int(s) for s in seeds]), "steps": str(steps)})
     return Path(path)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double().flatten(), b.double().flatten()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -293,38 +293,79 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in (x * 255).round().to(torch.uint8).numpy()]
 
 
+HEAVY_MODULES = ("diffusers", "transformers", "peft", "torchao", "tryon_lab.configure", "tryon_lab.loading",
+                 "torch._inductor", "torch._dynamo", "sympy")  # what the cold path exists to leave out
+
+
+@dataclass
+class ColdPackages:
+    """Everything the cold path loads from an export folder, ready to run requests."""
+
+    schedule: Schedule
+    transformer: object
+    encoder: object
+    decoder: object
+    redux: object | None = None  # with ``text``: the conditioning made here (else the caller brings it)
+    text: dict[str, torch.Tensor] | None = None
+    weights_bytes: int = 0  # the transformer's weights read from beside its package
+
+
+def load_packages(folder: str | Path, lean: bool = True, with_redux: bool = True, on_stage=None) -> ColdPackages:
+    """The packages of ``folder`` (``on_stage("artifacts")`` after the compiled code), then the transformer's
+    weights when they were exported apart and the saved text embeddings (``on_stage("weights")``)."""
+    folder, on_stage = Path(folder), on_stage or (lambda name: None)
+    schedule = load_schedule(folder / SCHEDULE)
+    names = (TRANSFORMER, VAE_ENCODER, VAE_DECODER, *((REDUX,) if with_redux else ()))
+    transformer, encoder, decoder, *redux = (load_package(folder / n, lean) for n in names)
+    on_stage("artifacts")
+    p = ColdPackages(schedule, transformer, encoder, decoder, redux[0] if redux else None)
+    if (folder / TRANSFORMER_CONSTANTS).exists():
+        p.weights_bytes = load_constants(transformer, folder / TRANSFORMER_CONSTANTS, schedule.device)
+    if with_redux:
+        from safetensors.torch import load_file
+
+        p.text = load_file(str(folder / TEXT), device=str(schedule.device))
+    if schedule.device.type == "cuda":
+        torch.cuda.synchronize(schedule.device)
+    on_stage("weights")
+    return p
+
+
+@torch.no_grad()
+def run_request(p: ColdPackages, images: list[Image.Image], masks: list[Image.Image], seeds: list[int], steps: int,
+                prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None, on_stage=None,
+                transformer=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request batch of diptychs: conditioning (the Redux tokens of each garment half, unless the caller gives
+    ``prompt_embeds``/``pooled``), inputs, the Fill loop, the decode; ``on_stage(name)`` after each ("redux",
+    "prepare", "denoise", "decode"). ``transformer``: a stand-in for ``p.transformer`` (a timing wrapper).
+    Returns (packed latents, images in [-1, 1] as (B, 3, H, W))."""
+    on_stage, m = on_stage or (lambda name: None), p.schedule.meta
+    if prompt_embeds is None or pooled is None:
+        garments = [i.crop((0, 0, m["width"] // 2, m["height"])) for i in images]
+        prompt_embeds, pooled = conditioning(p.redux, p.text, garments, m["redux_size"], p.schedule.dtype)
+        on_stage("redux")
+    inputs = prepare_inputs(p.encoder, p.schedule, images, masks, prompt_embeds, pooled, seeds)
+    on_stage("prepare")
+    latents = denoise_exported(transformer or p.transformer, inputs, p.schedule, steps)
+    on_stage("denoise")
+    image = p.decoder(latents)
+    on_stage("decode")
+    return latents, image
+
+
 def cold_tryon(folder: str | Path, images: list[Image.Image], masks: list[Image.Image], seeds: list[int], steps: int,
                prompt_embeds: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
                lean: bool = True) -> dict:
-    """Load the packages from ``folder`` and run one request batch; returns tensors and stage seconds.
+    """``load_packages`` + ``run_request`` for one batch (``lean``: as ``load_package``); tensors, stage seconds."""
+    seconds, clock = {}, [time.perf_counter()]
 
-    ``prompt_embeds``/``pooled`` None: the saved text embeddings + Redux tokens of each diptych's garment (left)
-    half. ``lean``: as ``load_package``.
-    """
-    folder, seconds = Path(folder), {}
-    start = time.perf_counter()
-    schedule = load_schedule(folder / SCHEDULE)
-    transformer = load_transformer(folder / TRANSFORMER, schedule.device, lean)
-    encoder, decoder = (load_package(folder / n, lean) for n in (VAE_ENCODER, VAE_DECODER))
-    seconds["load_packages"] = time.perf_counter() - start
-    if prompt_embeds is None or pooled is None:
-        from safetensors.torch import load_file
+    def stage(name: str) -> None:
+        now, key = time.perf_counter(), "load_packages" if name in ("artifacts", "weights") else name
+        seconds[key] = seconds.get(key, 0.0) + now - clock[0]
+        clock[0] = now
 
-        start = time.perf_counter()
-        redux, text = load_package(folder / REDUX, lean), load_file(str(folder / TEXT), device=str(schedule.device))
-        half = schedule.meta["width"] // 2
-        garments = [i.crop((0, 0, half, schedule.meta["height"])) for i in images]
-        prompt_embeds, pooled = conditioning(redux, text, garments, schedule.meta["redux_size"], schedule.dtype)
-        seconds["redux"] = time.perf_counter() - start
-    start = time.perf_counter()
-    inputs = prepare_inputs(encoder, schedule, images, masks, prompt_embeds, pooled, seeds)
-    seconds["prepare"] = time.perf_counter() - start
-    start = time.perf_counter()
-    latents = denoise_exported(transformer, inputs, schedule, steps)
-    seconds["denoise"] = time.perf_counter() - start
-    start = time.perf_counter()
-    image = decoder(latents)
-    seconds["decode"] = time.perf_counter() - start
+    p = load_packages(folder, lean, with_redux=prompt_embeds is None or pooled is None, on_stage=stage)
+    latents, image = run_request(p, images, masks, seeds, steps, prompt_embeds, pooled, on_stage=stage)
     return {"latents": latents, "image": image, "seconds": seconds}
 
 
@@ -349,10 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     result = cold_tryon(folder, images, masks, json.loads(meta["seeds"]), int(meta["steps"]), t.get("prompt_embeds"),
                         t.get("pooled"), lean="--inductor-loader" not in args)
     save_file({"latents": result["latents"].contiguous(), "image": result["image"].contiguous()}, out)
-    heavy = ("diffusers", "transformers", "peft", "torchao", "tryon_lab.configure", "tryon_lab.loading",
-             "torch._inductor", "torch._dynamo", "sympy")
     print(json.dumps({"seconds": result["seconds"], "main_s": time.perf_counter() - start,
-                      "modules": [m for m in heavy if m in sys.modules]}))
+                      "modules": [m for m in HEAVY_MODULES if m in sys.modules]}))
 
 
 if __name__ == "__main__":

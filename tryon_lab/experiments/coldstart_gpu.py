@@ -39,75 +39,50 @@ def aoti_child(t: float) -> None:
     imports = _count_imports()
     a = json.loads(sys.argv[1])
     marks, lap = _laps(t, imports, a["spawned"])
-    import torch
-
     from ..images import paste_back, prepare_input
+    from ..metrics import rel_l2
+    from ..timers import sync
     from . import aoti_run
     lap("imports")
     _cuda_init()
     lap("cuda_init")
-    folder = Path(a["aoti_dir"])
-    schedule = aoti_run.load_schedule(folder / aoti_run.SCHEDULE)
-    device = schedule.device
-    transformer = aoti_run.load_package(folder / aoti_run.TRANSFORMER)
-    encoder, decoder, redux = (aoti_run.load_package(folder / n) for n in
-                               (aoti_run.VAE_ENCODER, aoti_run.VAE_DECODER, aoti_run.REDUX))
-    lap("artifacts")  # the compiled code: each package's shared library and kernels
-    from safetensors.torch import load_file
-
-    marks["weights_bytes"] = aoti_run.load_constants(transformer, folder / aoti_run.TRANSFORMER_CONSTANTS, device)
-    text = load_file(str(folder / aoti_run.TEXT), device=str(device))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    lap("weights")
+    p = aoti_run.load_packages(a["aoti_dir"], on_stage=lap)  # "artifacts" (compiled code), then "weights"
+    marks["weights_bytes"] = p.weights_bytes
     person, garment, mask = _request_images(a)
     calls: list[float] = []
 
-    def timed_transformer(*args):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def timed_transformer(*args):  # the first call holds the kernels' loading: "compile" beside a steady call
+        sync(p.schedule.device)
         start = time.perf_counter()
-        out = transformer(*args)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        out = p.transformer(*args)
+        sync(p.schedule.device)
         calls.append(time.perf_counter() - start)
         return out
 
-    def image(first: bool):
-        step = lap if first else (lambda _: None)
+    def image(step=lambda name: None):
         prepared = prepare_input(person, garment, mask)
-        width, height = prepared.diptych.size
-        garments = [prepared.diptych.crop((0, 0, width // 2, height))]
         step("prepare")
-        prompt_embeds, pooled = aoti_run.conditioning(redux, text, garments, schedule.meta["redux_size"],
-                                                      schedule.dtype)
-        step("redux")
-        inputs = aoti_run.prepare_inputs(encoder, schedule, [prepared.diptych], [prepared.mask], prompt_embeds,
-                                         pooled, [a["seed"]])
-        step("prepare")
-        latents = aoti_run.denoise_exported(timed_transformer, inputs, schedule, a["steps"])
-        step("denoise")
-        out = paste_back(aoti_run.to_pil(decoder(latents))[0], prepared)
+        latents, decoded = aoti_run.run_request(p, [prepared.diptych], [prepared.mask], [a["seed"]], a["steps"],
+                                                on_stage=step, transformer=timed_transformer)
+        paste_back(aoti_run.to_pil(decoded)[0], prepared)
         step("decode")
-        return latents, out
+        return latents
 
-    with torch.no_grad():
-        latents, _ = image(first=True)
+    latents = image(lap)
     marks["to_first_image"] = time.time() - a["spawned"]
     steady = statistics.median(calls[1:]) if len(calls) > 1 else 0.0
     _split(marks, "denoise", {"compile": max(0.0, calls[0] - steady) if calls else 0.0})
     start = time.perf_counter()
-    with torch.no_grad():
-        image(first=False)
+    image()
     marks["steady_image"] = time.perf_counter() - start
     marks["steady_step_ms"] = 1000 * statistics.median(calls[1:]) if len(calls) > 1 else None
-    reference = folder / "reference_latents.safetensors"
+    reference = Path(a["aoti_dir"]) / "reference_latents.safetensors"
     if reference.exists():
-        ref = load_file(str(reference))["latents"].to(latents.device)
-        marks["rel_l2_vs_slim_eager"] = float((latents.double() - ref.double()).norm() / ref.double().norm())
+        from safetensors.torch import load_file
+
+        marks["rel_l2_vs_slim_eager"] = rel_l2(latents, load_file(str(reference))["latents"])
     marks["imports_by_package"] = _by_package(imports)
-    heavy = ("diffusers", "transformers", "peft", "torchao", "torch._dynamo", "torch._inductor", "sympy")
-    marks["heavy_modules_loaded"] = [m for m in heavy if m in sys.modules]
+    marks["heavy_modules_loaded"] = [m for m in aoti_run.HEAVY_MODULES if m in sys.modules]
     for k in PHASES:  # phases this path does not have (configure, quantize) are zero, not missing
         marks.setdefault(k, 0.0)
     print("COLD " + json.dumps(marks, default=str), flush=True)

@@ -105,6 +105,11 @@ def model_config(overrides: dict[str, str] | None = None) -> checkpoint.SmallMod
     return dataclasses.replace(small, **values)
 
 
+def recorded_model(record: dict) -> checkpoint.SmallModelConfig:
+    """The model shape a training record holds (JSON lists back to the config's tuples)."""
+    return checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in record["model"].items()})
+
+
 def _record(folder: Path) -> dict:
     path = Path(folder) / train_state.STATE_FILE
     if not path.exists():
@@ -133,8 +138,7 @@ def train_default(out: str | Path, device: str, embeddings_file: str | Path = TR
         raise ValueError(f"--model {sorted(model_overrides)}: a resumed run keeps the model of the state it resumes; "
                          "start a new run (no --resume) to train another shape.")
     if resume is not None:
-        small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                               for k, v in _record(resume)["model"].items()})
+        small = recorded_model(_record(resume))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     earlier = (resume / "train_log.txt").read_text() if resume and (resume / "train_log.txt").exists() else ""
@@ -171,8 +175,7 @@ def vae_ceiling_of_state(state_dir: str | Path, seed: int = 999, count: int = 8)
     from .default_quality import vae_ceiling
 
     record, weights = shipped_weights(Path(state_dir))
-    small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in record["model"].items()})
+    small = recorded_model(record)
     vae = checkpoint.build_models(small)["vae"]
     vae.load_state_dict({k.removeprefix("vae."): v for k, v in weights.items() if k.startswith("vae.")}, strict=True)
     stage = record["stages"].get("vae", {})
@@ -186,8 +189,7 @@ def assemble_checkpoint(weights: dict[str, torch.Tensor], record: dict, out_root
 
     ``base_dir``: the random checkpoint whose text encoders made the embeddings used in training.
     """
-    small = checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                           for k, v in record["model"].items()})
+    small = recorded_model(record)
     models = checkpoint.build_models(small)
     if base_dir is not None:  # reuse the exact text encoders the training embeddings came from
         from transformers import CLIPTextModel, T5EncoderModel

@@ -343,9 +343,13 @@ def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps
         run_image(pipe.fill, s, x, 2)
         with profile(activities=[ProfilerActivity.CUDA if s.device == "cuda" else ProfilerActivity.CPU]) as prof:
             pipe.fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
+    return time_by_kind(prof, s.device == "cuda", steps)
+
+
+def time_by_kind(prof, cuda: bool, steps: int) -> list[dict]:
+    """A profile's time per step by ``kernel_kind``, most first (on CUDA: kernels only, none counted twice)."""
     kinds: dict[str, dict] = {}
-    cuda = s.device == "cuda"
-    for e in prof.key_averages():  # on CUDA: kernels only (device events), so nothing is counted twice
+    for e in prof.key_averages():
         if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
             continue
         t = e.self_device_time_total if cuda else e.self_cpu_time_total

@@ -92,23 +92,17 @@ def profile_steps(fill, s: fullsize.Shape, steps: int = 3) -> dict:
     on the other rank), after a warm-up image."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .gpu_bench import kernel_kind
+    from .gpu_bench import time_by_kind
 
     cuda = s.device == "cuda"
     x = fullsize.diptych_inputs(s)
     run_image(fill, s, x, 2)
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         timed = run_image(fill, s, x, steps)
-    kinds: dict[str, float] = {}
-    for e in prof.key_averages():  # on CUDA, device events only, so nothing is counted twice
-        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if t:
-            kinds[kernel_kind(e.key)] = kinds.get(kernel_kind(e.key), 0.0) + t / 1e3 / steps
+    kinds = {r["kind"]: r["ms_per_step"] for r in time_by_kind(prof, cuda, steps)}
     step_ms = 1e3 * statistics.median(timed["per_step"])
     busy = sum(kinds.values()) if cuda else None  # CPU events overlap (nested), so no idle share there
-    return {"ms_per_step": step_ms, "device_ms_per_step_by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])),
+    return {"ms_per_step": step_ms, "device_ms_per_step_by_kind": kinds,
             "idle_share": None if busy is None else max(0.0, 1 - busy / step_ms)}
 
 

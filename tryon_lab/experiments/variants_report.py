@@ -161,15 +161,17 @@ def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
 STEP_TOLERANCE = 0.02  # final-latent rel-L2 against bf16 eager for a variant to count as equivalent
 
 
-def gpu_steps(results_file=None, key: str = "bench_gpu") -> tuple[list[dict], str]:
+def gpu_steps(results_file=None, key: str = "bench_gpu", entry: dict | None = None) -> tuple[list[dict], str]:
     """The measured H200 step-speed and per-image rows of one run (``key``: its entry in the results file) with a
     verdict each: equivalent to bf16 eager within ``STEP_TOLERANCE`` or not; step-cache rows are judged on the
-    trained model (notebook 02), not here."""
-    entry = _gpu_entry(results_file, key)
+    trained model (notebook 02), not here. ``entry``: that run's entry, already read."""
+    from .gpu_bench import table  # the benchmark's own rows (speed-ups against its eager), one verdict added
+
+    entry = entry or _gpu_entry(results_file, key)
     v = entry["steps"]["variants"]
-    eager = v["eager"]
     rows = []
-    for name, r in v.items():
+    named = {"variants": {n: {"variant": n, **r} for n, r in v.items()}}  # a row's name is its key
+    for (name, r), row in zip(v.items(), table(named), strict=True):
         if r.get("status") != "ok":
             verdict = f"{r.get('status')}: {r.get('reason', '')[:90]}"
         elif r.get("cache"):
@@ -180,11 +182,8 @@ def gpu_steps(results_file=None, key: str = "bench_gpu") -> tuple[list[dict], st
             err = r["latent_rel_l2_vs_eager"]
             verdict = (f"equivalent (rel-L2 {err:.4f} <= {STEP_TOLERANCE})" if err <= STEP_TOLERANCE
                        else f"NOT equivalent (rel-L2 {err:.4f} > {STEP_TOLERANCE})")
-        rows.append({"variant": name, "ms/step": r.get("ms_per_step", ""),
-                     "vs eager": eager["ms_per_step"] / r["ms_per_step"] if r.get("ms_per_step") else "",
-                     "s/image": r.get("image_s", ""),
-                     "image vs eager": eager["image_s"] / r["image_s"] if r.get("image_s") else "",
-                     "peak GiB": r["peak_bytes"] / 2**30 if "peak_bytes" in r else "", "verdict": verdict})
+        rows.append({"variant": name, **{k: row[k] for k in ("ms/step", "vs eager", "s/image", "image vs eager",
+                                                             "peak GiB")}, "verdict": verdict})
     rows.sort(key=lambda r: (r["variant"] != "eager", r["ms/step"] == "", r["ms/step"] or 0.0))
     return rows, _where(entry, entry["stamp"])
 
@@ -197,8 +196,8 @@ def gpu_per_image(results_file=None) -> tuple[list[dict], list[str]]:
     FP8 with our cache in another; returns rows (with the run's time) and where each run was measured."""
     rows, where = [], []
     for key in PER_IMAGE_RUNS:
-        steps, measured = gpu_steps(results_file, key)
-        stamp = _gpu_entry(results_file, key)["stamp"]["date"]
-        rows += [{"run": stamp, **r} for r in steps if r["variant"] == "eager" or "cache" in r["variant"]]
+        entry = _gpu_entry(results_file, key)
+        steps, measured = gpu_steps(entry=entry)
+        rows += [{"run": entry["stamp"]["date"], **r} for r in steps if r["variant"] == "eager" or "cache" in r["variant"]]
         where.append(measured)
     return rows, where

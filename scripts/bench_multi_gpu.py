@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=",".join(multi_gpu_bench.SIZES), help="diptych sizes, WxH")
     ap.add_argument("--steps", type=int, default=None, help="28 (tiny: 3)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=3, help="throughput: requests per GPU")
+    ap.add_argument("--requests", type=int, default=3, help="throughput: requests per GPU (0: skip)")
     ap.add_argument("--ring", type=int, default=1, help="ring degree (the rest is Ulysses)")
     ap.add_argument("--config", default=str(fullsize.CONFIG_FILE))
     ap.add_argument("--work", default="/tmp/bench_multi_gpu", help="reference latents of the 1-GPU run")
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU (gloo): the same code path")
     ap.add_argument("--summarise", action="store_true", help="combine the per-count entries (no torchrun)")
     ap.add_argument("--variant", default="fp8", choices=list(multi_gpu_bench.VARIANTS),
-                    help="fp8: FP8 + fused QKV + regional compile (the best one-GPU path); eager: bf16 eager")
+                    help="fp8: FP8 + fused QKV + regional compile (the best one-GPU path); fp8_full: whole-model compile; "
+                         "fp8_cudagraphs: whole-model compile with CUDA graphs; eager: bf16 eager")
     ap.add_argument("--text-multiple", type=int, default=2,
                     help="pad the text tokens to a multiple of this (use the largest GPU count you compare)")
     ap.add_argument("--profile", action="store_true",

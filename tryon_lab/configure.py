@@ -148,7 +148,10 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         start = time.perf_counter()
         pipe.build_report["artifacts"] = compiling.load_compile_artifacts(o.compile_artifacts)
         seconds["artifacts"] = time.perf_counter() - start
-    compiling.compile_transformer(transformer, o.compile, o.compile_backend,
+    # whole-model compile under context parallelism: the output gather (torch's all_gather along the sequence
+    # dim) is not traceable, so dynamo may break the graph there, after every block
+    whole_cp = o.compile == "full" and o.context_parallel is not None
+    compiling.compile_transformer(transformer, o.compile, o.compile_backend, fullgraph=not whole_cp,
                                   **({"mode": o.compile_mode} if o.compile_mode else {}))
     if o.teacache is not None:
         from .teacache import apply_teacache

@@ -35,8 +35,8 @@ from . import fullsize
 from .gpu_bench import run_image
 
 SIZES = {"1024x768": (768, 1024), "2048x1536": (1536, 2048)}  # diptych (height, width)
-COLUMNS = ["gpus", "size", "ms_per_step", "s_per_image", "efficiency", "peak_gib_per_gpu", "requests_per_min",
-           "rel_l2_vs_1gpu"]
+COLUMNS = ["run (UTC)", "gpus", "variant", "size", "ms_per_step", "s_per_image", "speedup", "efficiency", "peak_gib_per_gpu",
+           "requests_per_min", "rel_l2_vs_1gpu"]
 RESULTS = REPO_ROOT / "benchmarks" / "results.json"
 
 
@@ -86,27 +86,73 @@ def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | 
     return out, lat
 
 
-def profile_steps(fill, s: fullsize.Shape, steps: int = 3) -> dict:
-    """Where a split step's time goes on this rank: device time by kernel kind (GEMM, attention, NCCL, fused
-    rest, other) per step, and the share of the step's wall time the device spends idle (waiting on the host or
-    on the other rank), after a warm-up image."""
+def device_lag(fill, x: dict, steps: int) -> dict:
+    """How far the device runs behind the host at each step's end (ms, CUDA only). Near zero: the GPU waits for
+    the host to issue its kernels (host-bound: CUDA graphs or fewer launches help); growing: the host is ahead
+    and the GPU is the limit."""
+    start, marks = torch.cuda.Event(enable_timing=True), []
+
+    def mark(_p, _i, _t, kw):
+        marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True)))
+        marks[-1][1].record()
+        return kw
+
+    torch.cuda.synchronize()
+    start.record()
+    h0 = time.perf_counter()
+    fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=mark)
+    torch.cuda.synchronize()
+    lag = [start.elapsed_time(ev) - 1e3 * (h - h0) for h, ev in marks]
+    host = [1e3 * (b[0] - a[0]) for a, b in zip(marks, marks[1:], strict=False)]
+    return {"host_ms_per_step": statistics.median(host), "device_lag_ms": [round(v, 2) for v in lag]}
+
+
+def busy_ms(prof) -> float:
+    """Device time covered by at least one kernel or copy (the union of their intervals, every stream), ms."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        total += max(0.0, b - max(a, end))
+        end = max(end, b)
+    return total / 1e3
+
+
+def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
+    """Where a split step's time goes on this rank, denoising only (the decode is not split, so it is left out):
+    device time by kernel kind per step, the time a kernel runs on any stream per step, and on CUDA the device's
+    lag behind the host (``device_lag``), after a warm-up. Under the profiler kernels run a little longer."""
     from torch.profiler import ProfilerActivity, profile
 
     from .gpu_bench import time_by_kind
 
     cuda = s.device == "cuda"
     x = fullsize.diptych_inputs(s)
-    run_image(fill, s, x, 2)
+    fill(**x, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(0))
+    out = device_lag(fill, x, steps) if cuda else {}
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        timed = run_image(fill, s, x, steps)
+        t0 = time.perf_counter()
+        fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
     kinds = {r["kind"]: r["ms_per_step"] for r in time_by_kind(prof, cuda, steps)}
-    step_ms = 1e3 * statistics.median(timed["per_step"])
-    busy = sum(kinds.values()) if cuda else None  # CPU events overlap (nested), so no idle share there
-    return {"ms_per_step": step_ms, "device_ms_per_step_by_kind": kinds,
-            "idle_share": None if busy is None else max(0.0, 1 - busy / step_ms)}
+    top = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
+                 key=lambda e: -e.self_device_time_total)[:15]
+    out["top_kernels_ms_per_step"] = {e.key[:100]: e.self_device_time_total / 1e3 / steps for e in top}
+    # CPU events nest, so busy time means something on CUDA only
+    return out | {"wall_ms_per_step_profiled": wall_ms, "device_ms_per_step_by_kind": kinds,
+                  "busy_ms_per_step": busy_ms(prof) / steps if cuda else None}
 
 
-VARIANTS = {"eager": {}, "fp8": {"fp8": "fp8_dynamic_row", "fuse_qkv": True, "compile": "regional"}}
+FP8 = {"fp8": "fp8_dynamic_row", "fuse_qkv": True}
+VARIANTS = {"eager": {}, "fp8": FP8 | {"compile": "regional"},  # fp8: the best one-GPU path
+            "fp8_full": FP8 | {"compile": "full"},  # one compiled graph a step: fewer host calls than 57 blocks
+            "fp8_cudagraphs": FP8 | {"compile": "full", "compile_mode": "reduce-overhead"}}  # no launches at all
+
+
+def entry_name(world: int, variant: str) -> str:
+    return f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}")
 
 
 @torch.no_grad()  # inference only; restores the caller's grad mode on return
@@ -132,7 +178,8 @@ def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repea
            "options": VARIANTS[variant], "text_tokens_padded_to_multiple_of": text_multiple,
            "model": "tiny FLUX Fill (CPU smoke run)" if tiny else "full-size FLUX Fill, random bf16 weights",
            "decode": "every rank decodes the whole image (not split)", "sizes": {}}
-    res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
+    if requests:
+        res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
     options = PipelineOptions(device=s0.device, dtype=s0.dtype, **VARIANTS[variant] if not tiny else {})
     if world > 1 and torch.accelerator.device_count() == 0:  # the CPU smoke run: the code paths, no splitting
         res["context_parallel"] = "not applied: context parallelism needs an accelerator (each rank runs whole)"
@@ -153,43 +200,72 @@ def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repea
         if profile:
             res["sizes"][size]["profile_per_rank"] = gather(profile_steps(pipe.fill, s))
         if rank == 0:
-            if world == 1:
+            if world == 1 and variant == "fp8":  # the reference: the best one-GPU path
                 torch.save(lat, ref)
             print(size, json.dumps(res["sizes"][size]), flush=True)
     if rank == 0:
-        write_results(results, f"multi_gpu_{world}gpu", res)
-        print(f"wrote multi_gpu_{world}gpu to {results}; requests/min {res['throughput']['requests_per_min']:.2f}")
+        write_results(results, entry_name(world, variant), res)
+        print(f"wrote {entry_name(world, variant)} to {results}", res.get("throughput", ""))
     dist.barrier()
     dist.destroy_process_group()
     return res
 
 
+TARGETS = {"1024x768": 1.6, "2048x1536": 1.8}  # per-image speedup of 2 GPUs over the best one-GPU path
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """One line per size: the best multi-GPU speedup per image against its target, and its rel-L2."""
+    out = []
+    for size, target in TARGETS.items():
+        multi = [r for r in rows if r["size"] == size and r["gpus"] > 1 and r["speedup"]]
+        if multi:
+            b = max(multi, key=lambda r: r["speedup"])
+            met = "met" if b["speedup"] >= target else "NOT met"
+            out.append(f"- {size}: best {b['gpus']} GPUs `{b['variant']}` {b['speedup']:.2f}x per image "
+                       f"({b['s_per_image']:.2f} s), target >= {target}x: **{met}**; final-latent rel-L2 against "
+                       f"one GPU {b['rel_l2_vs_1gpu']:.3g}")
+    return out
+
+
 def summarise(results: str | Path = RESULTS) -> list[dict]:
-    """Scaling efficiency and throughput against GPU count from the per-count entries."""
+    """Scaling efficiency against the best one-GPU path, and throughput, from the per-count (and per-variant)
+    entries."""
     data = json.loads(Path(results).read_text())
-    runs = {e["gpus"]: e for k, e in data.items() if k.startswith("multi_gpu_") and k.endswith("gpu")}
-    if 1 not in runs:
+    runs = {k: e for k, e in data.items() if k.startswith("multi_gpu_") and "gpu" in k.split("_")[2]}
+    if "multi_gpu_1gpu" not in runs:
         raise SystemExit("no 1-GPU entry (multi_gpu_1gpu): run torchrun --nproc-per-node 1 first")
-    rows = []
-    for n in sorted(runs):
-        for size, r in runs[n]["sizes"].items():
-            t1 = runs[1]["sizes"].get(size, {}).get("s_per_image")
-            rows.append({"gpus": n, "size": size, "ms_per_step": r["ms_per_step"], "s_per_image": r["s_per_image"],
-                         "efficiency": t1 / (n * r["s_per_image"]) if t1 else None,
+    best_one = runs["multi_gpu_1gpu"]["sizes"]
+    rows, profiled = [], []
+    for e in sorted(runs.values(), key=lambda e: (e["gpus"], e["stamp"]["date"])):
+        for size, r in e["sizes"].items():
+            t1 = best_one.get(size, {}).get("s_per_image")
+            rows.append({"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": e.get("variant", "fp8"),
+                         "size": size,
+                         "ms_per_step": r["ms_per_step"], "s_per_image": r["s_per_image"],
+                         "speedup": t1 / r["s_per_image"] if t1 else None,
+                         "efficiency": t1 / (e["gpus"] * r["s_per_image"]) if t1 else None,
                          "peak_gib_per_gpu": max(r["peak_bytes_per_rank"]) / 2**30,
-                         "requests_per_min": runs[n]["throughput"]["requests_per_min"],
+                         "requests_per_min": e.get("throughput", {}).get("requests_per_min", ""),
                          "rel_l2_vs_1gpu": r.get("rel_l2_vs_1gpu", "")})
-    title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nefficiency = t(1 GPU) / (N x t(N GPUs)) "
-             "per image; requests_per_min: one request per GPU at a time (a Ray sweep's steady state), at "
-             f"{runs[1]['throughput']['size']}.\n\n")
-    md = title + markdown_table(rows, COLUMNS)
-    profiled = [{"gpus": n, "size": size, "rank": i, "ms/step": p["ms_per_step"], "device idle share": p["idle_share"],
-                 **{f"{k} ms": v for k, v in p["device_ms_per_step_by_kind"].items()}}
-                for n in sorted(runs) for size, r in runs[n]["sizes"].items()
-                for i, p in enumerate(r.get("profile_per_rank", []))]
+            profiled += [{"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": e.get("variant", "fp8"),
+                          "size": size, "rank": i,
+                          "ms/step": r["ms_per_step"], "host ms/step": p.get("host_ms_per_step"),
+                          "device lag ms (last step)": (p.get("device_lag_ms") or [None])[-1],
+                          "busy ms/step (profiled)": p.get("busy_ms_per_step"),
+                          **{f"{k} ms": v for k, v in p["device_ms_per_step_by_kind"].items()}}
+                         for i, p in enumerate(r.get("profile_per_rank", []))]
+    title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nspeedup = t(best one-GPU path) / "
+             "t(N GPUs) per image, efficiency = speedup / N; the best one-GPU path is FP8 + fused QKV + regional "
+             "compile (`multi_gpu_1gpu`). requests_per_min: one model per GPU, one request per GPU at a time (a "
+             "sweep's steady state).\n\n")
+    md = title + markdown_table(rows, COLUMNS) + "\n\n" + "\n".join(verdicts(rows))
     if profiled:
-        md += "\n\n## Where a step's time goes, per rank (device time by kernel kind; `--profile`)\n\n" + \
-            markdown_table(profiled)
+        md += ("\n\n## Where a step's time goes, per rank (`--profile`: denoising steps only)\n\nhost ms/step: "
+               "how long the host takes to issue a step; device lag: how far the GPU runs behind the host at the "
+               "last step's end (near 0: host-bound: the GPU waits for work); busy: the time a kernel runs on any stream, "
+               "then device time by kernel kind, both under the profiler (which slows kernels a little).\n\n"
+               + markdown_table(profiled, list(dict.fromkeys(k for r in profiled for k in r))))
     write_results(results, "multi_gpu", {"stamp": stamp(), "rows": rows, "profile": profiled}, md)
     print(md)
     return rows

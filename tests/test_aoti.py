@@ -133,3 +133,12 @@ def test_fp8_transformer_with_its_weights_beside_the_package(exported, tmp_path)
     save_file({fqns[0]: torch.zeros(1)}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(ValueError, match="export the package and its weights together"):
         aoti_run.load_constants(bare, tmp_path / "partial.safetensors", torch.device("cpu"))
+
+
+def test_loader_check_runs_a_package_in_a_torch_only_process(tmp_path):
+    """The check the GPU export runs first: here (CPU) a two-layer package loads and runs in a fresh process."""
+    from tryon_lab.experiments.aoti import loader_check
+
+    check = loader_check(tmp_path, "cpu")
+    assert check["ok"] and check["returncode"] == 0 and check["reason"] == "", check
+    assert (tmp_path / "loader_check.pt2").is_file()

@@ -128,6 +128,28 @@ def constant_fqns(path: str | Path) -> list[str]:
     return json.loads(lines[-1][5:])
 
 
+def loader_check(work: str | Path, device: str) -> dict:
+    """Whether this machine's torch loads an AOTInductor package at all: a two-layer module packaged here and
+    run once in a process that imports torch alone. On the H200 image (torch 2.11, CUDA 13, gcc 13) this load
+    crashes (segmentation fault), so the full-size export (minutes) is not worth starting there."""
+    import subprocess
+    import sys
+
+    from torch._inductor import aoti_compile_and_package
+
+    start = time.perf_counter()
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()).to(device).eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (torch.randn(8, 64, device=device),))
+        path = aoti_compile_and_package(program, package_path=str(Path(work) / "loader_check.pt2"))
+    code = (f"import sys, torch; run = torch._inductor.aoti_load_package(sys.argv[1]);"
+            f" print('RAN', tuple(run(torch.randn(8, 64, device='{device}')).shape))")
+    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True, text=True)
+    ok = p.returncode == 0 and "RAN (8, 64)" in p.stdout
+    return {"ok": ok, "returncode": p.returncode, "seconds": time.perf_counter() - start,
+            "reason": "" if ok else p.stderr[-1500:]}
+
+
 def package_constant(module: torch.nn.Module, fqn: str, lifted: dict | None = None) -> torch.Tensor:
     """The tensor a package expects under ``fqn``: a parameter or buffer, a constant the export lifted
     (``lifted``: ``ExportedProgram.constants``), or for a tensor-subclass weight (torchao's Float8Tensor) one of its

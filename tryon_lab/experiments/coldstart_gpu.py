@@ -127,8 +127,17 @@ def prepare_aoti(model_dir: Path, work: Path, base: dict, timeout: float) -> dic
     """Export the AOTInductor packages in a process of their own (its GPU memory is gone before the cases)."""
     args = {**base, "model_dir": str(model_dir), "aoti_dir": str(work / "aoti"),
             "options": {**{k: v for k, v in SLIM.items() if k != "compile"}, **base.get("options", {})}}
+    import torch
+
+    from . import aoti
+
     shutil.rmtree(work / "aoti", ignore_errors=True)
     start = time.perf_counter()
+    check = aoti.loader_check(work, "cuda" if torch.cuda.is_available() else "cpu")
+    if not check["ok"]:
+        return {"status": "failed", "seconds": time.perf_counter() - start, "loader_check": check,
+                "reason": f"torch's AOTInductor loader fails on a two-layer package in a torch-only process here "
+                          f"(exit {check['returncode']}), so the full-size export was not started"}
     try:
         p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", "import sys; from tryon_lab.experiments.coldstart_gpu "
                             "import aoti_export; aoti_export(sys.argv[1])", json.dumps(args)], capture_output=True,

@@ -47,6 +47,7 @@ class PipelineOptions:
     compile: str = "none"  # compiling.COMPILE_MODES: "regional" (repeated blocks) or "full"
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     compile_backend: str = "inductor"
+    compile_exact_casts: bool = True  # whole-model compile rounds like eager (compiling.compile_transformer)
     compile_artifacts: str | None = None  # a mega-cache file loaded before compiling (compiling.load_compile_artifacts)
     attention: str = "native"  # diffusers attention backend ("native" = torch SDPA, picks cuDNN/flash on a GPU)
     memory: str | None = None  # memory.MemoryMode name, e.g. "bf16+group-offload" or "fp8+vae-tiling"
@@ -152,6 +153,7 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     # dim) is not traceable, so dynamo may break the graph there, after every block
     whole_cp = o.compile == "full" and o.context_parallel is not None
     compiling.compile_transformer(transformer, o.compile, o.compile_backend, fullgraph=not whole_cp,
+                                  exact_casts=o.compile_exact_casts,
                                   **({"mode": o.compile_mode} if o.compile_mode else {}))
     if o.teacache is not None:
         from .teacache import apply_teacache

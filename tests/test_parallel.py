@@ -361,3 +361,22 @@ def test_busy_time_counts_overlapping_kernels_once():
     prof = SimpleNamespace(events=lambda: [ev(0, 1000), ev(500, 1500), ev(3000, 4000), ev(3200, 3300),
                                            ev(0, 9000, cpu)])  # us; the CPU event is not device time
     assert busy_ms(prof) == 2.5
+
+
+def test_ray_sweep_bench_counts_points_per_slot(tmp_path):
+    """The sweep-throughput benchmark's own path on the CPU: one fresh Ray instance per count (1 and 2 CPUs here,
+    GPUs on a GPU machine), every point run by ``runs.sweep(executor="ray")``, points per minute per count."""
+    from tryon_lab.experiments import ray_sweep_bench
+
+    (tmp_path / "nbs").mkdir()
+    nb = write_test_notebooks(tmp_path / "nbs")["nb_ok"]
+    res = ray_sweep_bench.bench((1, 2), nb, {"input_file": ""}, {"seed": [1, 2], "size": [4]}, tmp_path / "runs",
+                                tmp_path / "results.json")
+    rows = res["rows"]
+    assert [r["slots"] for r in rows] == [1, 2] and all(r["slot_kind"] == "CPU" for r in rows)
+    assert all(r["points"] == r["ok"] == 2 and r["points_per_min"] > 0 for r in rows)
+    assert rows[0]["speedup_vs_1"] == 1.0
+    for r in rows:  # each count's sweep is a real sweep folder, run by Ray
+        assert json.loads((Path(r["sweep_dir"]) / "sweep.json").read_text())["executor"] == "ray"
+    assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["grid"] == {"seed": [1, 2], "size": [4]}
+    assert "points_per_min" in (tmp_path / "ray_sweep.md").read_text()

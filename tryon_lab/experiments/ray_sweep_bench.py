@@ -1,0 +1,82 @@
+"""Sweep throughput on Ray against GPU count, measured through ``runs.sweep(executor="ray")`` itself.
+
+Each GPU count runs the same grid in a fresh process that starts a local Ray instance over that many GPUs
+(``CUDA_VISIBLE_DEVICES``), so Ray runs at most that many points at once, one GPU each. On a machine without
+GPUs each count is that many CPUs instead (one CPU per point): the same code path, not a GPU number.
+Points per minute = points / the sweep's wall time (Ray's own start is not counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..plots import markdown_table
+from ..provenance import REPO_ROOT, stamp, write_results
+
+RESULTS = REPO_ROOT / "benchmarks" / "results.json"
+DEFAULT_NOTEBOOK = REPO_ROOT / "notebooks" / "01_slim_pipeline.ipynb"
+DEFAULT_GRID = {"seed": [0, 1, 2, 3, 4, 5]}
+
+
+def sweep_with(slots: int, notebook: str, base: dict, grid: dict, runs_root: str) -> dict:
+    """One sweep on a new local Ray instance of ``slots`` GPUs (CPUs where there is none); run in a fresh process."""
+    import ray
+    import torch
+
+    from ..runs import sweep
+
+    gpus = torch.cuda.device_count()
+    if gpus and gpus < slots:
+        raise SystemExit(f"{slots} GPUs asked for, {gpus} visible: run on a machine with {slots} GPUs.")
+    ray.init(num_gpus=slots if gpus else 0, num_cpus=None if gpus else slots, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        sweep_dir = sweep([notebook], base, grid, name=f"ray-{slots}", runs_root=runs_root, progress=False,
+                          executor="ray")
+        wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    points = json.loads((sweep_dir / "sweep.json").read_text())["points"]
+    return {"slots": slots, "slot_kind": "GPU" if gpus else "CPU", "points": len(points),
+            "ok": sum(p["status"] == "ok" for p in points), "wall_s": wall,
+            "points_per_min": 60 * len(points) / wall, "sweep_dir": str(sweep_dir)}
+
+
+def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEBOOK, base: dict | None = None,
+          grid: dict | None = None, runs_root: str | Path = "runs", results: str | Path = RESULTS) -> dict:
+    """The same sweep over each GPU count (fresh process each); writes ``ray_sweep`` and ``ray_sweep.md``."""
+    import torch
+
+    grid = grid or DEFAULT_GRID
+    rows = []
+    for n in counts:
+        env = dict(os.environ)
+        if torch.cuda.is_available():
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(n))
+        args = json.dumps([n, str(notebook), base or {}, grid, str(runs_root)])
+        code = ("import json, sys; from tryon_lab.experiments.ray_sweep_bench import sweep_with; "
+                "print('SWEEP ' + json.dumps(sweep_with(*json.loads(sys.argv[1]))))")
+        p = subprocess.run([sys.executable, "-c", code, args], env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("SWEEP ")]
+        if p.returncode or not lines:
+            raise RuntimeError(f"the {n}-slot sweep failed (exit {p.returncode}): {p.stderr[-2000:]}")
+        rows.append(json.loads(lines[-1][6:]))
+        print(f"{n} slot(s): {rows[-1]['points']} points in {rows[-1]['wall_s']:.1f} s", flush=True)
+    one = rows[0]["points_per_min"] / rows[0]["slots"]
+    for r in rows:
+        r["speedup_vs_1"] = r["points_per_min"] / one
+    res = {"stamp": stamp(), "notebook": Path(notebook).name, "base_params": base or {}, "grid": grid, "rows": rows,
+           "what": "runs.sweep(executor='ray'), one GPU (or CPU) per point, a fresh local Ray instance per count"}
+    md = (f"# Sweep throughput on Ray\n\n`{Path(notebook).name}` over {grid} (base {base or {}}), one "
+          f"{rows[0]['slot_kind']} per point, a fresh local Ray instance per count; {res['stamp']['device']}, "
+          f"{res['stamp']['date']}.\n\n" + markdown_table(
+              rows, ["slots", "slot_kind", "points", "ok", "wall_s", "points_per_min", "speedup_vs_1"]) + "\n")
+    write_results(results, "ray_sweep", res, md)
+    print(md)
+    return res

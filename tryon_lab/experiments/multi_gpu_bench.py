@@ -159,13 +159,15 @@ def entry_name(world: int, variant: str) -> str:
 def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
           work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
           config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2,
-          profile: bool = False) -> dict:
+          profile: bool = False, teardown: bool = True) -> dict:
     """One launch (every rank calls it): throughput (eager, one model per GPU), then latency of ``variant`` (the
     best one-GPU path: FP8 + fused QKV + regional compile) with context parallelism over all ranks.
 
     ``text_multiple``: the text tokens are padded (T5 padding positions) to a multiple of this, the same in every
     launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like.
-    ``profile``: after each size's latency, where the split step's time goes (``profile_steps``)."""
+    ``profile``: after each size's latency, where the split step's time goes (``profile_steps``).
+    ``teardown=False`` leaves the process group as it is: after CUDA graphs captured the collectives, the closing
+    barrier hung on two H200s, so the script exits those ranks without it once the results are written."""
     import torch.distributed as dist
 
     rank, world, device = init_distributed()
@@ -206,8 +208,9 @@ def bench(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repea
     if rank == 0:
         write_results(results, entry_name(world, variant), res)
         print(f"wrote {entry_name(world, variant)} to {results}", res.get("throughput", ""))
-    dist.barrier()
-    dist.destroy_process_group()
+    if teardown:
+        dist.barrier()
+        dist.destroy_process_group()
     return res
 
 

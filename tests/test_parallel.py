@@ -193,12 +193,24 @@ def _rank_env(rank: int, world: int, port: int) -> None:
 
 
 def _tiny_variant(model, quant: str, compile: str):
-    """FP8 weights and regional compilation, as the pipeline applies them (aot_eager: no C++ toolchain needed)."""
+    """FP8 weights and regional compilation, as the pipeline applies them (aot_eager: no C++ toolchain needed;
+    ``regional+overlap``: inductor, reordering the collectives against independent compute)."""
     from tryon_lab import compiling
     from tryon_lab import quant as quantization
 
     quantization.quantize_transformer(model, quant)
-    return model, lambda: compiling.compile_transformer(model, compile, backend="aot_eager")
+    how, _, overlap = compile.partition("+")
+    backend = "inductor" if overlap else "aot_eager"
+    return model, lambda: compiling.compile_transformer(model, how, backend=backend)
+
+
+def _compile_settings(compile: str):
+    """Inductor's settings while a ``_tiny_variant`` model compiles (at its first call)."""
+    from torch._inductor import config as inductor_config
+
+    from tryon_lab.experiments.multi_gpu_bench import comm_overlap_config
+
+    return inductor_config.patch(comm_overlap_config() if compile.endswith("+overlap") else {})
 
 
 def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, compile: str, text: int) -> None:
@@ -213,7 +225,7 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
         parallel.enable_context_parallel(model, parallel.ContextParallel(ulysses_degree=world,
                                                                          anything=compile == "none"))
         compile_now()
-        with torch.no_grad():
+        with torch.no_grad(), _compile_settings(compile):
             for _ in range(2):  # a compiled model: the second call is the steady one
                 sample = model(**_tiny_inputs(model))[0]
         torch.save(sample.clone(), f"{out}/rank{rank}.pt")  # clone: a gathered output may still be an async tensor
@@ -262,14 +274,15 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize(("quant", "compile", "text"), [("none", "none", 15), ("fp8_weight_only", "regional", 16)],
-                         ids=["eager-odd-tokens", "fp8-regional-compile"])
+@pytest.mark.parametrize(("quant", "compile", "text"), [("none", "none", 15), ("fp8_weight_only", "regional", 16),
+                                                     ("none", "regional+overlap", 16)],
+                         ids=["eager-odd-tokens", "fp8-regional-compile", "inductor-comm-overlap"])
 def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch, quant, compile, text):
     monkeypatch.setattr(sys.modules[__name__], "TEXT_TOKENS", text)
     model, compile_now = _tiny_variant(_tiny_transformer(), quant, compile)
     compile_now()
     assert model.config.num_attention_heads % 2 == 0
-    with torch.no_grad():
+    with torch.no_grad(), _compile_settings(compile):
         ref = model(**_tiny_inputs(model))[0]
     _spawn(_transformer_worker, (str(tmp_path), quant, compile, text))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -12,13 +12,14 @@
 # ---
 
 # %% [markdown]
-# # 05 · Smaller GPUs and a clean hot path
+# # 05 · Smaller GPUs, a clean hot path, and past one GPU
 #
 # Not every card has 80 GB. This notebook reads the **measured** VRAM budget (written on an H100 by
 # `scripts/bench_memory_gpu.py`, full-size FLUX Fill + Redux shapes with random weights), shows what each of
 # diffusers' memory modes costs in memory and time, and asks the planner which mode a given card should use.
 # Then it runs the **hot-path** denoise loop (buffers made once, the Euler step in place, no allocation per
 # step outside the transformer) on this machine's model and checks it against the stock loop bit for bit.
+# Last, it shows what a second GPU buys for one image, measured on two H200s, and where each step's time goes.
 #
 # The modes are diffusers' own: model CPU offload (`enable_model_cpu_offload`), sequential offload
 # (`enable_sequential_cpu_offload`), group offloading with CUDA streams (`enable_group_offload`, leaf level),
@@ -32,6 +33,7 @@ device = "auto"  # "auto", "cpu", "cuda"
 dtype = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32"
 budget_file = "benchmarks/memory_budget.json"  # the planner's table, measured on the GPU
 raw_file = "benchmarks/memory_gpu_raw.json"  # everything that run measured (capped runs, hot path)
+results_file = "benchmarks/results.json"  # the two-GPU runs (scripts/bench_multi_gpu.py), for section 5
 limits_gb = [80, 24, 16, 8]  # cards to plan for (GB, as vendors count: 1e9 bytes)
 logos = 4  # logos per garment the logo pass should batch
 sample = "s000"  # the hot-path request: an id from data/manifest.json
@@ -45,7 +47,7 @@ from tryon_lab import notebook
 lab = notebook.setup(model, device, dtype, output_dir, sample_ids=(sample,))  # header; quiets library noise
 
 from tryon_lab import memory, pipeline, runs, samples
-from tryon_lab.experiments import loops, memory_report
+from tryon_lab.experiments import loops, memory_report, multi_gpu_bench
 
 budget = memory.load_budget(budget_file)
 raw = memory_report.load_raw(raw_file)
@@ -101,6 +103,21 @@ hot_rows, identical = loops.compare_denoise_loops(slim, request, pipeline.TryOnS
 notebook.table(memory_report.loop_rows(hot_rows, lab.cpu), note=f"Final latents bit-identical: **{identical}**")
 assert identical, "the hot path must reproduce the stock loop exactly"
 notebook.markdown(memory_report.gpu_hot_path_text(raw, budget))
+
+# %% [markdown]
+# ## 5. Beyond one GPU: one image split over two
+# Measured on two H200s (full-size shapes, random weights) by `scripts/bench_multi_gpu.py`: diffusers' context
+# parallelism (Ulysses) splits each image's tokens over the GPUs, against the best one-GPU path on one GPU.
+# Speed-up is per image; rel-L2 compares the final latents with the one-GPU run's. The bars show where a
+# profiled step's device time goes on each rank; *host* is how long the host takes to issue that step. When the
+# host takes longer than the GPU's work, the GPU waits for it (regional compile at 1024x768), and CUDA graphs
+# take the host out of the step.
+
+# %%
+mg_rows, mg_profile, mg_report = multi_gpu_bench.summary(results_file)
+notebook.table(mg_rows, multi_gpu_bench.COLUMNS, note="\n".join(multi_gpu_bench.verdicts(mg_rows)))
+if mg_profile:
+    fig = multi_gpu_bench.plot_profile(mg_profile)
 
 # %%
 runs.record_inputs(output_dir, {"model": str(lab.model_dir), "budget": budget_file})

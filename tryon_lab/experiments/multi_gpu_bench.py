@@ -253,9 +253,9 @@ def verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
-def summarise(results: str | Path = RESULTS) -> list[dict]:
-    """Scaling efficiency against the best one-GPU path, and throughput, from the per-count (and per-variant)
-    entries."""
+def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]:
+    """Scaling rows (speed-up and efficiency against the best one-GPU path, throughput), per-rank profile rows and
+    the markdown report, from the per-count (and per-variant) entries."""
     data = json.loads(Path(results).read_text())
     runs = {k: e for k, e in data.items() if k.startswith("multi_gpu_") and "gpu" in k.split("_")[2]}
     if "multi_gpu_1gpu" not in runs:
@@ -291,6 +291,25 @@ def summarise(results: str | Path = RESULTS) -> list[dict]:
                "last step's end (near 0: host-bound: the GPU waits for work); busy: the time a kernel runs on any stream, "
                "then device time by kernel kind, both under the profiler (which slows kernels a little).\n\n"
                + markdown_table(profiled, list(dict.fromkeys(k for r in profiled for k in r))))
+    return rows, profiled, md
+
+
+def summarise(results: str | Path = RESULTS) -> list[dict]:
+    """``summary`` written as the ``multi_gpu`` entry and ``multi_gpu.md`` beside the results file."""
+    rows, profiled, md = summary(results)
     write_results(results, "multi_gpu", {"stamp": stamp(), "rows": rows, "profile": profiled}, md)
     print(md)
     return rows
+
+
+def plot_profile(profiled: list[dict]):
+    """Device time per step by kernel kind, one stacked bar per rank and run, beside the host's time per step."""
+    from ..plots import phase_bars
+
+    short = {"fused elementwise / norm / quantize (Triton)": "Triton (fused)", "communication (NCCL)": "NCCL"}
+    kinds = list(dict.fromkeys(k[:-3] for r in profiled for k in r if k.endswith(" ms") and k != "host ms"))
+    rows = [{**{short.get(k, k): r.get(f"{k} ms") for k in kinds},
+             "case": f"{r['gpus']} GPU {r['variant']} {r['size']} rank {r['rank']}: step {r['ms/step']:.0f} ms, "
+                     f"host {r['host ms/step'] or 0:.0f} ms"} for r in profiled]
+    return phase_bars(rows, [short.get(k, k) for k in kinds], unit="ms",
+                      title="device time per denoising step, by kernel kind (under the profiler)")

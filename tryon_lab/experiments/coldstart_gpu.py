@@ -161,6 +161,9 @@ GPU_CASES = {
     "slim, warm artefacts": Case(options=SLIM, artifacts="load:bf16"),
     "slim + FP8 weights, empty cache": Case(options=SLIM, fp8_weights=True, artifacts="save:fp8"),
     "slim + FP8 weights, warm artefacts": Case(options=SLIM, fp8_weights=True, artifacts="load:fp8"),
+    # the empty-cache case's inductor folder kept, as an image would bake it in: no mega-cache file to unpack
+    "slim + FP8 weights, warm inductor folder": Case(options=SLIM, fp8_weights=True,
+                                                     cache="slim + FP8 weights, empty cache"),
     "slim, all levers (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True, artifacts="load:fp8",
                                                        cuda_thread=True),
     "AOTInductor packages, torch only": Case(aoti=True),

@@ -119,10 +119,11 @@ def busy_ms(prof) -> float:
 
 
 def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
-    """Where a split step's time goes on this rank, denoising only (the decode is not split, so it is left out):
-    device time by kernel kind per step, the time a kernel runs on any stream per step, and on CUDA the device's
-    lag behind the host (``device_lag``), after a warm-up. Under the profiler kernels run a little longer."""
-    from torch.profiler import ProfilerActivity, profile
+    """Where a split step's time goes on this rank, denoising steps only (not the pipeline's VAE encode before
+    them, nor the first two steps: the profiler waits one and warms up on one): device time by kernel kind per step, the time a
+    kernel runs on any stream per step, and on CUDA the device's lag behind the host (``device_lag``), after a
+    warm-up. Under the profiler kernels run a little longer."""
+    from torch.profiler import ProfilerActivity, profile, schedule
 
     from .gpu_bench import time_by_kind
 
@@ -130,18 +131,30 @@ def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
     x = fullsize.diptych_inputs(s)
     fill(**x, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(0))
     out = device_lag(fill, x, steps) if cuda else {}
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
+    started: list[float] = []
+
+    def step_end(_p, i, _t, kw):
+        if i == 1:  # what came before (image preparation, VAE encode, two steps) is done before the window opens
+            if cuda:
+                torch.cuda.synchronize()
+            started.append(time.perf_counter())
+        prof.step()
+        return kw
+
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU],
+                 schedule=schedule(wait=1, warmup=1, active=steps, repeat=1)) as prof:
+        fill(**x, num_inference_steps=steps + 2, generator=torch.Generator("cpu").manual_seed(0),
+             callback_on_step_end=step_end)
         if cuda:
             torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+        wall_ms = 1e3 * (time.perf_counter() - started[0]) / steps
     kinds = {r["kind"]: r["ms_per_step"] for r in time_by_kind(prof, cuda, steps)}
     top = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
                  key=lambda e: -e.self_device_time_total)[:15]
     out["top_kernels_ms_per_step"] = {e.key[:100]: e.self_device_time_total / 1e3 / steps for e in top}
     # CPU events nest, so busy time means something on CUDA only
-    return out | {"wall_ms_per_step_profiled": wall_ms, "device_ms_per_step_by_kind": kinds,
+    return out | {"window": f"{steps} steps", "wall_ms_per_step_profiled": wall_ms,
+                  "device_ms_per_step_by_kind": kinds,
                   "busy_ms_per_step": busy_ms(prof) / steps if cuda else None}
 
 
@@ -277,7 +290,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                           "size": size, "rank": i,
                           "ms/step": r["ms_per_step"], "host ms/step": p.get("host_ms_per_step"),
                           "device lag ms (last step)": (p.get("device_lag_ms") or [None])[-1],
-                          "busy ms/step (profiled)": p.get("busy_ms_per_step"),
+                          "busy ms/step (profiled)": p.get("busy_ms_per_step"), "profiled window": p.get("window"),
                           **{f"{k} ms": v for k, v in p["device_ms_per_step_by_kind"].items()}}
                          for i, p in enumerate(r.get("profile_per_rank", []))]
     title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nspeedup = t(best one-GPU path) / "
@@ -286,7 +299,9 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
              "sweep's steady state).\n\n")
     md = title + markdown_table(rows, COLUMNS) + "\n\n" + "\n".join(verdicts(rows))
     if profiled:
-        md += ("\n\n## Where a step's time goes, per rank (`--profile`: denoising steps only)\n\nhost ms/step: "
+        md += ("\n\n## Where a step's time goes, per rank (`--profile`)\n\nprofiled window: what the profile "
+               "covered (\"+ VAE encode\": the pipeline's VAE encode of the masked image too, once per image, "
+               "spread over the steps under \"other\"); host ms/step: "
                "how long the host takes to issue a step; device lag: how far the GPU runs behind the host at the "
                "last step's end (near 0: host-bound: the GPU waits for work); busy: the time a kernel runs on any stream, "
                "then device time by kernel kind, both under the profiler (which slows kernels a little).\n\n"

@@ -364,7 +364,7 @@ def test_busy_time_counts_overlapping_kernels_once():
     """The profile's busy share: kernels on two streams that overlap count once, gaps not at all."""
     from types import SimpleNamespace
 
-    from tryon_lab.experiments.multi_gpu_bench import busy_ms
+    from tryon_lab.experiments.step_profile import busy_ms
 
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
 

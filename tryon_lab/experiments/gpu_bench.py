@@ -25,7 +25,7 @@ from ..metrics import rel_l2
 from ..pipeline import decode
 from ..quant import weight_bytes
 from ..timers import measure, peak_memory_bytes
-from . import fullsize
+from . import fullsize, step_profile
 
 
 @dataclass
@@ -317,52 +317,17 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
     return res
 
 
-def kernel_kind(name: str) -> str:
-    n = name.lower()
-    if "nccl" in n or "all_to_all" in n or "alltoall" in n or "allgather" in n:
-        return "communication (NCCL)"
-    if any(k in n for k in ("gemm", "scaled_mm", "cutlass", "sm90_xmma", "matmul", "nvjet")):
-        return "GEMM"
-    if any(k in n for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):
-        return "attention"
-    if "triton" in n or "fused" in n:
-        return "fused elementwise / norm / quantize (Triton)"
-    return "other"
-
-
 def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps: int = 3) -> list[dict]:
     """Where one denoising step's GPU time goes, by kernel kind (GEMM, attention, Triton-fused rest, other),
-    after warm-up; the transformer only (the VAE decode is not inside the profiled steps)."""
-    from torch.profiler import ProfilerActivity, profile
-
+    after warm-up; the denoising steps only (``step_profile.profile_window``)."""
     s = fullsize.shape(tiny=tiny)
     pipe = fullsize.slim_pipeline(s)
     apply_options(pipe, for_shape(RECIPES[name].options, s))
     x = fullsize.diptych_inputs(s)
     with torch.no_grad():
         run_image(pipe.fill, s, x, 2)
-        with profile(activities=[ProfilerActivity.CUDA if s.device == "cuda" else ProfilerActivity.CPU]) as prof:
-            pipe.fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0))
-    return time_by_kind(prof, s.device == "cuda", steps)
-
-
-def time_by_kind(prof, cuda: bool, steps: int) -> list[dict]:
-    """A profile's time per step by ``kernel_kind``, most first (on CUDA: kernels only, none counted twice)."""
-    kinds: dict[str, dict] = {}
-    for e in prof.key_averages():
-        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        t = e.self_device_time_total if cuda else e.self_cpu_time_total
-        if not t:
-            continue
-        k = kinds.setdefault(kernel_kind(e.key), {"kind": kernel_kind(e.key), "ms_per_step": 0.0, "kernels": 0,
-                                                   "top": ("", 0.0)})
-        k["ms_per_step"] += t / 1e3 / steps
-        k["kernels"] += e.count // steps
-        if t > k["top"][1]:
-            k["top"] = (e.key[:60], t)
-    rows = sorted(kinds.values(), key=lambda r: -r["ms_per_step"])
-    return [{**r, "top": r["top"][0]} for r in rows]
+        prof, _ = step_profile.profile_window(pipe.fill, x, steps, s.device == "cuda")
+    return step_profile.time_by_kind(prof, s.device == "cuda", steps)
 
 
 @torch.no_grad()  # inference only; restores the caller's grad mode on return

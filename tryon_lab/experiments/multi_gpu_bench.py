@@ -31,7 +31,7 @@ from ..parallel import ContextParallel, init_distributed
 from ..plots import markdown_table
 from ..provenance import REPO_ROOT, stamp, write_results
 from ..timers import peak_memory_bytes
-from . import fullsize
+from . import fullsize, step_profile
 from .gpu_bench import run_image
 
 SIZES = {"1024x768": (768, 1024), "2048x1536": (1536, 2048)}  # diptych (height, width)
@@ -86,76 +86,24 @@ def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | 
     return out, lat
 
 
-def device_lag(fill, x: dict, steps: int) -> dict:
-    """How far the device runs behind the host at each step's end (ms, CUDA only). Near zero: the GPU waits for
-    the host to issue its kernels (host-bound: CUDA graphs or fewer launches help); growing: the host is ahead
-    and the GPU is the limit."""
-    start, marks = torch.cuda.Event(enable_timing=True), []
-
-    def mark(_p, _i, _t, kw):
-        marks.append((time.perf_counter(), torch.cuda.Event(enable_timing=True)))
-        marks[-1][1].record()
-        return kw
-
-    torch.cuda.synchronize()
-    start.record()
-    h0 = time.perf_counter()
-    fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=mark)
-    torch.cuda.synchronize()
-    lag = [start.elapsed_time(ev) - 1e3 * (h - h0) for h, ev in marks]
-    host = [1e3 * (b[0] - a[0]) for a, b in zip(marks, marks[1:], strict=False)]
-    return {"host_ms_per_step": statistics.median(host), "device_lag_ms": [round(v, 2) for v in lag]}
-
-
-def busy_ms(prof) -> float:
-    """Device time covered by at least one kernel or copy (the union of their intervals, every stream), ms."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    total, end = 0.0, float("-inf")
-    for a, b in spans:
-        total += max(0.0, b - max(a, end))
-        end = max(end, b)
-    return total / 1e3
-
-
 def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
-    """Where a split step's time goes on this rank, denoising steps only (not the pipeline's VAE encode before
-    them, nor the first two steps: the profiler waits one and warms up on one): device time by kernel kind per step, the time a
-    kernel runs on any stream per step, and on CUDA the device's lag behind the host (``device_lag``), after a
-    warm-up. Under the profiler kernels run a little longer."""
-    from torch.profiler import ProfilerActivity, profile, schedule
-
-    from .gpu_bench import time_by_kind
-
+    """Where a split step's time goes on this rank, denoising steps only (``step_profile.profile_window``): device
+    time by kernel kind per step, the time a kernel runs on any stream per step, the top kernels, and on CUDA the
+    device's lag behind the host (``step_profile.device_lag``), after a warm-up. Under the profiler kernels run a
+    little longer."""
     cuda = s.device == "cuda"
     x = fullsize.diptych_inputs(s)
     fill(**x, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(0))
-    out = device_lag(fill, x, steps) if cuda else {}
-    started: list[float] = []
-
-    def step_end(_p, i, _t, kw):
-        if i == 1:  # what came before (image preparation, VAE encode, two steps) is done before the window opens
-            if cuda:
-                torch.cuda.synchronize()
-            started.append(time.perf_counter())
-        prof.step()
-        return kw
-
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU],
-                 schedule=schedule(wait=1, warmup=1, active=steps, repeat=1)) as prof:
-        fill(**x, num_inference_steps=steps + 2, generator=torch.Generator("cpu").manual_seed(0),
-             callback_on_step_end=step_end)
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - started[0]) / steps
-    kinds = {r["kind"]: r["ms_per_step"] for r in time_by_kind(prof, cuda, steps)}
+    out = step_profile.device_lag(fill, x, steps) if cuda else {}
+    prof, wall_ms = step_profile.profile_window(fill, x, steps, cuda)
+    kinds = {r["kind"]: r["ms_per_step"] for r in step_profile.time_by_kind(prof, cuda, steps)}
     top = sorted((e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA),
                  key=lambda e: -e.self_device_time_total)[:15]
     out["top_kernels_ms_per_step"] = {e.key[:100]: e.self_device_time_total / 1e3 / steps for e in top}
     # CPU events nest, so busy time means something on CUDA only
     return out | {"window": f"{steps} steps", "wall_ms_per_step_profiled": wall_ms,
                   "device_ms_per_step_by_kind": kinds,
-                  "busy_ms_per_step": busy_ms(prof) / steps if cuda else None}
+                  "busy_ms_per_step": step_profile.busy_ms(prof) / steps if cuda else None}
 
 
 FP8 = {"fp8": "fp8_dynamic_row", "fuse_qkv": True}

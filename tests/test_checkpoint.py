@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -64,3 +65,12 @@ def test_resolve_model_dir(monkeypatch, tmp_path, model_dir):
     assert checkpoint.resolve_model_dir("default") == tmp_path
     assert checkpoint.resolve_model_dir("random") == model_dir
     assert "random weights" in checkpoint.describe_model(model_dir)
+
+
+def test_committed_results_name_no_machine_folders():
+    """Results files that are committed say where a model is relative to the checkout, and ~ for the home folder."""
+    line = checkpoint.describe_model(checkpoint.TRAINED_DIR)
+    assert str(provenance.REPO_ROOT) in line  # the live line names the folder as it is here
+    shown = provenance.portable(line)
+    assert "at checkpoints/toy-tryon [fingerprint " in shown and str(provenance.REPO_ROOT) not in shown
+    assert provenance.portable(f"{Path.home()}/.cache/tryon_lab/x") == "~/.cache/tryon_lab/x"

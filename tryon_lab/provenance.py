@@ -127,6 +127,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+def portable(text: str) -> str:
+    """Text for a committed results file: paths inside this checkout made relative to it, the home folder as ``~``
+    (so a file says the same on every machine, and names no machine's folders)."""
+    return text.replace(f"{REPO_ROOT}/", "").replace(f"{Path.home()}/", "~/")
+
+
 def stamp(device: str | torch.device | None = None) -> dict:
     """Where and when a number was measured: device, commit, date, library versions."""
     import diffusers

@@ -142,10 +142,10 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
     data throughput and a stamp, written to ``results``; the trained model's grid to ``grid`` when given."""
     model_dir = checkpoint.check_model_dir(model)
     res: dict = {"settings": {"seed": seed, "pairs": count, "steps": steps, "match_threshold": "locate_logos default",
-                              "logo_lora": str(logo_lora) if logo_lora else None}}
+                              "logo_lora": provenance.portable(str(logo_lora)) if logo_lora else None}}
     for name, folder, lora in (("trained", model_dir, logo_lora), ("random", checkpoint.random_checkpoint(), None)):
         summary, rows = evaluate_model(folder, seed, count, steps, lora)
-        summary["model"] = checkpoint.describe_model(folder)
+        summary["model"] = provenance.portable(checkpoint.describe_model(folder))
         res[name] = summary
         print(f"{name}: masked PSNR {summary['masked_psnr']:.2f} dB, SSIM {summary['masked_ssim']:.3f}, logos matched "
               f"{summary['logo_match_rate']:.0%} (found anywhere {summary['logo_found_rate']:.0%}), logo PSNR {summary['logo_psnr_before']:.2f} -> "

@@ -14,31 +14,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tryon_lab.experiments import ray_sweep_bench  # noqa: E402
-from tryon_lab.runs.cli import parse_value  # noqa: E402
-
-
-def assignments(items: list[str], grid: bool = False) -> dict:
-    """NAME=VALUE (or NAME=V1,V2,... for a grid) as the runner's CLI reads them."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"expected NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = [parse_value(x) for x in v.split(",")] if grid else parse_value(v)
-    return out
+from tryon_lab.runs.cli import key_value, parse_grid, parse_value  # noqa: E402
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--counts", default="1,2", help="GPU counts (CPU counts where there is no GPU)")
     ap.add_argument("--notebook", default=str(ray_sweep_bench.DEFAULT_NOTEBOOK))
-    ap.add_argument("-p", "--param", action="append", default=[], help="base parameter NAME=VALUE")
-    ap.add_argument("--grid", action="append", default=[], help="grid NAME=V1,V2,... (default: seed=0..5)")
+    ap.add_argument("-p", "--param", action="append", type=key_value, default=[], help="base parameter NAME=VALUE")
+    ap.add_argument("--grid", action="append", type=key_value, default=[],
+                    help="grid NAME=V1,V2,... (default: seed=0..5)")
     ap.add_argument("--runs-root", default="runs")
     ap.add_argument("--results", default=str(ray_sweep_bench.RESULTS))
     a = ap.parse_args(argv)
-    ray_sweep_bench.bench(tuple(int(c) for c in a.counts.split(",")), a.notebook, assignments(a.param),
-                          assignments(a.grid, grid=True) or None, a.runs_root, a.results)
+    ray_sweep_bench.bench(tuple(int(c) for c in a.counts.split(",")), a.notebook,
+                          {k: parse_value(v) for k, v in a.param}, parse_grid(a.grid) or None, a.runs_root, a.results)
     return 0
 
 

@@ -108,6 +108,16 @@ def _compile(module: torch.nn.Module, args: tuple, out_path: str | Path, constan
     return path
 
 
+def _torch_only(code: str, path: str | Path):
+    """``code`` in a fresh process that imports torch alone, the package path as its argument; a crash there
+    leaves its Python stack in stderr (faulthandler)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True,
+                          text=True)
+
+
 def constant_fqns(path: str | Path) -> list[str]:
     """The names of the weights a package takes from outside, read by a process that imports torch alone.
 
@@ -116,12 +126,10 @@ def constant_fqns(path: str | Path) -> list[str]:
     (segmentation fault, with the weights inside the package or not, bf16 or FP8).
     """
     import json
-    import subprocess
-    import sys
 
     code = ("import json, sys, torch; loader = torch._C._aoti.AOTIModelPackageLoader(sys.argv[1], 'model', False, 1, -1);"
             " print('FQNS ' + json.dumps(loader.get_constant_fqns()))")
-    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True, text=True)
+    p = _torch_only(code, path)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("FQNS ")]
     if p.returncode or not lines:
         raise RuntimeError(f"loading {path} in a torch-only process failed (exit {p.returncode}): {p.stderr[-2000:]}")
@@ -132,9 +140,6 @@ def loader_check(work: str | Path, device: str) -> dict:
     """Whether this machine's torch loads an AOTInductor package at all: a two-layer module packaged here and
     run once in a process that imports torch alone. On the H200 image (torch 2.11, CUDA 13, gcc 13) this load
     crashes (segmentation fault), so the full-size export (minutes) is not worth starting there."""
-    import subprocess
-    import sys
-
     from torch._inductor import aoti_compile_and_package
 
     start = time.perf_counter()
@@ -144,7 +149,7 @@ def loader_check(work: str | Path, device: str) -> dict:
         path = aoti_compile_and_package(program, package_path=str(Path(work) / "loader_check.pt2"))
     code = (f"import sys, torch; run = torch._inductor.aoti_load_package(sys.argv[1]);"
             f" print('RAN', tuple(run(torch.randn(8, 64, device='{device}')).shape))")
-    p = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code, str(path)], capture_output=True, text=True)
+    p = _torch_only(code, path)
     ok = p.returncode == 0 and "RAN (8, 64)" in p.stdout
     return {"ok": ok, "returncode": p.returncode, "seconds": time.perf_counter() - start,
             "reason": "" if ok else p.stderr[-1500:]}

@@ -33,11 +33,17 @@ def parse_value(text: str) -> Any:
     return v
 
 
-def _kv(text: str) -> tuple[str, str]:
+def key_value(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` from the command line (an argparse ``type``); the value stays text."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     k, v = text.split("=", 1)
     return k.strip(), v
+
+
+def parse_grid(pairs: Sequence[tuple[str, str]]) -> dict[str, list]:
+    """``--grid KEY=V1,V2`` pairs as a sweep grid: each value list parsed like a parameter."""
+    return {k: [parse_value(x) for x in v.split(",")] for k, v in pairs}
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
@@ -51,7 +57,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     stems = [p.stem for p in paths]
     file_params = (yaml.safe_load(Path(a.params_file).read_text()) or {}) if a.params_file else {}
     grid = dict(file_params.pop("grid", None) or {})
-    grid.update({k: [parse_value(x) for x in v.split(",")] for k, v in a.grid})
+    grid.update(parse_grid(a.grid))
     params = merge_params(file_params, {k: parse_value(v) for k, v in a.param}, stems)
     name = a.name or ("all" if a.all else stems[0] if len(stems) == 1 else a.cmd)
     common = dict(name=name, runs_root=a.runs_root, kernel=a.kernel, progress=not a.no_progress,
@@ -84,10 +90,10 @@ def _parser() -> argparse.ArgumentParser:
                            else "one run per --grid point, plus summary.csv / summary.md")
         p.add_argument("notebooks", nargs="*")
         p.add_argument("--all", action="store_true", help="every notebooks/[0-9][0-9]_*.ipynb in order")
-        p.add_argument("-p", "--param", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+        p.add_argument("-p", "--param", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                        help="a parameter some notebook declares (others are refused, exit code 2)")
         p.add_argument("--params-file", help="YAML: global keys, per-notebook sections, optional grid:")
-        p.add_argument("--grid", action="append", type=_kv, default=[], metavar="KEY=V1,V2")
+        p.add_argument("--grid", action="append", type=key_value, default=[], metavar="KEY=V1,V2")
         p.add_argument("--name")
         p.add_argument("--runs-root", default="runs")
         p.add_argument("--kernel", default="python3")

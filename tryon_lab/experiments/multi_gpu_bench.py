@@ -219,11 +219,14 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
     the markdown report, from the per-count (and per-variant) entries."""
     data = json.loads(Path(results).read_text())
     runs = {k: e for k, e in data.items() if k.startswith("multi_gpu_") and "gpu" in k.split("_")[2]}
-    if "multi_gpu_1gpu" not in runs:
-        raise SystemExit("no 1-GPU entry (multi_gpu_1gpu): run torchrun --nproc-per-node 1 first")
-    best_one = runs["multi_gpu_1gpu"]["sizes"]
+    refs = sorted((e for e in runs.values() if e["gpus"] == 1 and e.get("variant", "fp8") == "fp8"),
+                  key=lambda e: e["stamp"]["date"])
+    if not refs:
+        raise SystemExit("no 1-GPU FP8 entry (multi_gpu_1gpu): run torchrun --nproc-per-node 1 first")
     rows, profiled = [], []
-    for e in sorted(runs.values(), key=lambda e: (e["gpus"], e["stamp"]["date"])):
+    for e in sorted(runs.values(), key=lambda e: (e["stamp"]["date"], e["gpus"])):
+        # the reference: the best one-GPU path measured last before this entry (same session), else the first one
+        best_one = ([r for r in refs if r["stamp"]["date"] <= e["stamp"]["date"]] or refs)[-1]["sizes"]
         for size, r in e["sizes"].items():
             t1 = best_one.get(size, {}).get("s_per_image")
             rows.append({"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": e.get("variant", "fp8"),
@@ -243,9 +246,12 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                          for i, p in enumerate(r.get("profile_per_rank", []))]
     title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nspeedup = t(best one-GPU path) / "
              "t(N GPUs) per image, efficiency = speedup / N; the best one-GPU path is FP8 + fused QKV + regional "
-             "compile (`multi_gpu_1gpu`). requests_per_min: one model per GPU, one request per GPU at a time (a "
-             "sweep's steady state).\n\n")
-    md = title + markdown_table(rows, COLUMNS) + "\n\n" + "\n".join(verdicts(rows))
+             "compile (`multi_gpu_1gpu`), measured last before the row (the same session). requests_per_min: one "
+             "model per GPU, one request per GPU at a time (a sweep's steady state).\n\n")
+    notes = [f"- {e['stamp']['date'][5:16]} {e['gpus']} GPUs `{e.get('variant', 'fp8')}` {size}: {r['source']}"
+             for e in runs.values() for size, r in e["sizes"].items() if r.get("source")]
+    md = (title + markdown_table(rows, COLUMNS) + "\n\n" + "\n".join(notes + [""] if notes else [])
+          + "\n".join(verdicts(rows)))
     if profiled:
         md += ("\n\n## Where a step's time goes, per rank (`--profile`)\n\nprofiled window: what the profile "
                "covered (\"+ VAE encode\": the pipeline's VAE encode of the masked image too, once per image, "

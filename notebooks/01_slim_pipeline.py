@@ -44,8 +44,9 @@ from tryon_lab.experiments import slim_report
 
 # %% [markdown]
 # ## 1. The text-embedding cache
-# Built once per model and dtype (this is the only time the text encoders load); afterwards the
-# file is checked against the transformer that consumes it.
+# Built once per model, dtype and device type (this is the only time the text encoders load; a GPU's
+# encoders round differently from the CPU's, so each keeps its own file); afterwards the file is checked
+# against the transformer that consumes it.
 
 # %%
 emb_file = embeddings.ensure_embeddings(lab.model_dir, lab.dtype, lab.device)

@@ -22,6 +22,23 @@ def test_round_trip(tmp_path, model_dir, tcfg):
     assert "clothing" in meta["prompt"]
 
 
+def test_cache_per_device_type(tmp_path, model_dir, monkeypatch):
+    """A GPU's encoders round unlike the CPU's: their caches are kept apart, except for a folder without encoders
+    (its tensors came from elsewhere); the built file names its device."""
+    from tryon_lab.checkpoint import TRAINED_DIR
+
+    cpu, gpu = (embeddings.embeddings_path(model_dir, torch.bfloat16, d) for d in ("cpu", "cuda:1"))
+    assert cpu != gpu and gpu.name.endswith("-bfloat16.safetensors") and "-cuda" in gpu.name
+    assert embeddings.embeddings_path(TRAINED_DIR, torch.bfloat16, "cuda").name == "toy-tryon-bfloat16-cuda.safetensors"
+    assert embeddings.embeddings_path(TRAINED_DIR, torch.bfloat16).name == "toy-tryon-bfloat16.safetensors"
+    monkeypatch.setattr(embeddings, "has_text_encoders", lambda _: False)
+    assert embeddings.embeddings_path(model_dir, torch.float32, "cuda") == embeddings.embeddings_path(model_dir,
+                                                                                                   torch.float32)
+    monkeypatch.undo()
+    path = embeddings.build_embeddings(model_dir, torch.float32, path=tmp_path / "e.safetensors")
+    assert embeddings.read_metadata(path)["device"] == "cpu" and not list(tmp_path.glob("*.tmp"))
+
+
 def _save(tmp_path, pe, pooled, fp="x"):
     return embeddings.save_embeddings(tmp_path / "bad.safetensors", pe, pooled, "p", fp)
 

@@ -15,6 +15,7 @@ Kinds (``scripts/compute_embeddings.py``):
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -83,16 +84,21 @@ def no_encoder_error(model_dir: str | Path, what: str) -> NoTextEncodersError:
         + NO_ENCODER_FIX.format(model=model_dir, jad=jad, ppd=ppd))
 
 
-def embeddings_path(model_dir: str | Path, dtype: torch.dtype) -> Path:
-    """Where the cache for this model and dtype lives: ``embeddings/`` for the committed model, else the cache
-    (keyed by the text encoders' fingerprint, or for a folder without them by its transformer config)."""
+def embeddings_path(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Path:
+    """Where the cache for this model, dtype and device type lives: ``embeddings/`` for the committed model, else
+    the cache (keyed by the text encoders' fingerprint, or for a folder without them by its transformer config).
+    Encoder outputs round differently on a GPU than on the CPU (other GEMM kernels), so what the encoders made on a
+    GPU is kept apart (``-cuda``): the slim path then reproduces live encoding bit for bit on either. A folder
+    without encoders has one cache whatever the device: its tensors came from elsewhere."""
     import hashlib
 
     model_dir = Path(model_dir)
+    kind = torch.device(device).type
+    on = "" if kind == "cpu" else f"-{kind}"
     if model_dir.resolve() == TRAINED_DIR.resolve():
-        return EMBEDDINGS_DIR / f"toy-tryon-{dtype_name(dtype)}.safetensors"
+        return EMBEDDINGS_DIR / f"toy-tryon-{dtype_name(dtype)}{on}.safetensors"
     if has_text_encoders(model_dir):
-        key = encoder_fingerprint(model_dir)[:16]
+        key = encoder_fingerprint(model_dir)[:16] + on
     else:
         cfg = Path(model_dir) / FILL_SUBDIR / "transformer" / "config.json"
         text = cfg.read_bytes() if cfg.is_file() else str(model_dir.resolve()).encode()
@@ -137,7 +143,7 @@ def save_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled: torch
     if encoder_fp is not None:  # safetensors metadata must be str -> str
         meta["encoder_fingerprint"] = str(encoder_fp)
     meta.update({k: str(v) for k, v in (extra or {}).items()})
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: sweep points may build the same cache at once
     save_file({"prompt_embeds": prompt_embeds.contiguous().cpu(), "pooled_prompt_embeds": pooled.contiguous().cpu()},
               str(tmp), metadata=meta)
     tmp.replace(path)
@@ -148,8 +154,9 @@ def build_embeddings(model_dir: str | Path, dtype: torch.dtype, device: str = "c
                      prompt: str = TRYON_PROMPT) -> Path:
     """Encode the prompt with the model's own text encoders and save the cache file."""
     prompt_embeds, pooled = encode_prompt(model_dir, prompt, dtype, device)
-    path = path or embeddings_path(model_dir, dtype)
-    return save_embeddings(path, prompt_embeds, pooled, prompt, encoder_fingerprint(model_dir))
+    path = path or embeddings_path(model_dir, dtype, device)
+    return save_embeddings(path, prompt_embeds, pooled, prompt, encoder_fingerprint(model_dir),
+                           extra={"device": torch.device(device).type})
 
 
 def embeddings_from_tensors(model_dir: str | Path, source: str | Path, dtype: torch.dtype,
@@ -190,9 +197,9 @@ def shape_only_embeddings(model_dir: str | Path, dtype: torch.dtype, path: str |
 
 
 def ensure_embeddings(model_dir: str | Path, dtype: torch.dtype, device: str = "cpu") -> Path:
-    """The cache file for this model and dtype, built once if missing (the only time text encoders load).
+    """The cache file for this model, dtype and device type, built once if missing (the only time text encoders load).
     A folder without text encoders and no cache file: ``NoTextEncodersError`` naming the ways to make one."""
-    path = embeddings_path(model_dir, dtype)
+    path = embeddings_path(model_dir, dtype, device)
     if not path.exists():
         if not has_text_encoders(model_dir):
             raise no_encoder_error(model_dir, f"no text-embedding cache at {path}")

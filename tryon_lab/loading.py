@@ -299,7 +299,7 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
 
     ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
     loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype (and with
-    ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model and dtype, built once if missing. Everything that
+    ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model, dtype and device type, built once if missing. Everything that
     can be checked without loading weights is checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
@@ -311,7 +311,7 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
         # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
         prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
     if embeddings_file is None:
-        embeddings_file = ensure_embeddings(model_dir, dtype)
+        embeddings_file = ensure_embeddings(model_dir, dtype, device)
     with measure(device) as m:
         prompt_embeds, pooled, meta = load_embeddings(
             embeddings_file, transformer_config(model_dir), dtype, device,

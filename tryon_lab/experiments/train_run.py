@@ -33,7 +33,7 @@ from .training import (
     stage_params,
 )
 
-MAX_STATE_BYTES = 48 * 2**20  # what one call may carry into the next beside the code and wheels
+MAX_STATE_BYTES = 24 * 2**20  # a state travels to the next GPU job beside the repo (29 MiB) and wheels in 64 MiB
 
 
 def new_record(cfg: TrainConfig, small: SmallModelConfig) -> dict:

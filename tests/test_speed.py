@@ -266,3 +266,23 @@ def test_whole_model_compile_rounds_like_eager():
     inductor_default = rel_l2(latents(compile="full", compile_exact_casts=False), eager)
     print(f"whole-model compile vs eager (bf16): exact casts {exact:.4f}, inductor default {inductor_default:.4f}")
     assert exact < 0.008 and exact < 0.6 * inductor_default
+
+
+def test_profile_files_triton_kernels_by_prefix_and_refiles_old_profiles():
+    """Inductor names Triton kernels after the ops they fuse: an FP8 activation-quantize kernel carries
+    ``scaled_mm``, a copy before a collective ``all_to_all``; neither is a GEMM or NCCL. Old profiles are refiled
+    from their top kernels, their totals kept."""
+    from tryon_lab.experiments.step_profile import TRITON, kernel_kind, refiled
+
+    quant = "triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_15"
+    rope = "triton_red_fused__fused_rms_norm__scaled_dot_product_cudnn_attention__to_copy_add_mul_neg_permute_sp"
+    copy = "triton_poi_fused_all_to_all_single_clone_permute_view_19"
+    assert {kernel_kind(k) for k in (quant, rope, copy)} == {TRITON}
+    assert kernel_kind("triton_tem_fused__scaled_mm_0") == "GEMM"
+    assert kernel_kind("nvjet_sm90_qqtst_128x128_128x6_4x2_h_bz_ovscale_bias_TNT") == "GEMM"
+    assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication (NCCL)"
+    assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    old = {"GEMM": 55.0, "attention": 29.0, TRITON: 8.0, "communication (NCCL)": 12.0}
+    new = refiled(old, {quant: 2.5, rope: 3.0, copy: 1.0, "nvjet_x": 19.0})
+    assert new == pytest.approx({"GEMM": 52.5, "attention": 26.0, TRITON: 14.5, "communication (NCCL)": 11.0})
+    assert sum(new.values()) == pytest.approx(sum(old.values()))

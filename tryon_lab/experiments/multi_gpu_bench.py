@@ -101,7 +101,7 @@ def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
                  key=lambda e: -e.self_device_time_total)[:15]
     out["top_kernels_ms_per_step"] = {e.key[:100]: e.self_device_time_total / 1e3 / steps for e in top}
     # CPU events nest, so busy time means something on CUDA only
-    return out | {"window": f"{steps} steps", "wall_ms_per_step_profiled": wall_ms,
+    return out | {"window": f"{steps} steps", "kind_rule": step_profile.KIND_RULE, "wall_ms_per_step_profiled": wall_ms,
                   "device_ms_per_step_by_kind": kinds,
                   "busy_ms_per_step": step_profile.busy_ms(prof) / steps if cuda else None}
 
@@ -197,6 +197,14 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
     return res
 
 
+def by_kind(p: dict) -> dict[str, float]:
+    """A rank's device time per step by kernel kind, profiles filed by the old rule refiled from their top kernels."""
+    kinds = p["device_ms_per_step_by_kind"]
+    if p.get("kind_rule") == step_profile.KIND_RULE:
+        return kinds
+    return step_profile.refiled(kinds, p.get("top_kernels_ms_per_step", {}))
+
+
 TARGETS = {"1024x768": 1.6, "2048x1536": 1.8}  # per-image speedup of 2 GPUs over the best one-GPU path
 
 
@@ -242,7 +250,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                           "ms/step": r["ms_per_step"], "host ms/step": p.get("host_ms_per_step"),
                           "device lag ms (last step)": (p.get("device_lag_ms") or [None])[-1],
                           "busy ms/step (profiled)": p.get("busy_ms_per_step"), "profiled window": p.get("window"),
-                          **{f"{k} ms": v for k, v in p["device_ms_per_step_by_kind"].items()}}
+                          **{f"{k} ms": v for k, v in by_kind(p).items()}}
                          for i, p in enumerate(r.get("profile_per_rank", []))]
     title = ("# Past one GPU: context-parallel latency and sweep throughput\n\nspeedup = t(best one-GPU path) / "
              "t(N GPUs) per image, efficiency = speedup / N; the best one-GPU path is FP8 + fused QKV + regional "
@@ -258,7 +266,11 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                "spread over the steps under \"other\"); host ms/step: "
                "how long the host takes to issue a step; device lag: how far the GPU runs behind the host at the "
                "last step's end (near 0: host-bound: the GPU waits for work); busy: the time a kernel runs on any stream, "
-               "then device time by kernel kind, both under the profiler (which slows kernels a little).\n\n"
+               "then device time by kernel kind, both under the profiler (which slows kernels a little). Triton "
+               "kernels are filed by their prefix: inductor names them after the ops they fuse, so an FP8 "
+               "activation-quantize kernel's name says `scaled_mm`. Profiles recorded before that rule are refiled "
+               "from the top kernels they list; those that list none (before 05:00 on 11-30) still count Triton "
+               "quantize and RoPE kernels under GEMM and attention.\n\n"
                + markdown_table(profiled, list(dict.fromkeys(k for r in profiled for k in r))))
     return rows, profiled, md
 
@@ -275,7 +287,7 @@ def plot_profile(profiled: list[dict]):
     """Device time per step by kernel kind, one stacked bar per rank and run, beside the host's time per step."""
     from ..plots import phase_bars
 
-    short = {"fused elementwise / norm / quantize (Triton)": "Triton (fused)", "communication (NCCL)": "NCCL"}
+    short = {step_profile.TRITON: "Triton (fused)", "communication (NCCL)": "NCCL"}
     kinds = list(dict.fromkeys(k[:-3] for r in profiled for k in r if k.endswith(" ms") and k != "host ms"))
     rows = [{**{short.get(k, k): r.get(f"{k} ms") for k in kinds},
              "case": f"{r['gpus']} GPU {r['variant']} {r['size']} rank {r['rank']}: step {r['ms/step']:.0f} ms, "

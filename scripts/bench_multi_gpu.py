@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap.add_argument("--summarise", action="store_true", help="combine the per-count entries (no torchrun)")
     ap.add_argument("--variant", default="fp8", choices=list(multi_gpu_bench.VARIANTS),
                     help="fp8: FP8 + fused QKV + regional compile (the best one-GPU path); fp8_full: whole-model compile; "
-                         "fp8_cudagraphs: whole-model compile with CUDA graphs; eager: bf16 eager; *_overlap: inductor "
+                         "fp8_cudagraphs: whole-model compile with CUDA graphs; fp8_step_graph: regional compile, each "
+                         "transformer call one CUDA graph; eager: bf16 eager; *_overlap: inductor "
                          "reorders the collectives against independent compute")
     ap.add_argument("--text-multiple", type=int, default=2,
                     help="pad the text tokens to a multiple of this (use the largest GPU count you compare)")
@@ -47,7 +48,8 @@ def main(argv=None) -> int:
     if a.summarise:
         multi_gpu_bench.summarise(a.results)
     else:
-        graphs = "compile_mode" in multi_gpu_bench.VARIANTS[a.variant]  # CUDA graphs hold the collectives
+        v = multi_gpu_bench.VARIANTS[a.variant]
+        graphs = "compile_mode" in v or v.get("step_graph", False)  # CUDA graphs hold the collectives
         multi_gpu_bench.bench(tuple(a.sizes.split(",")), a.steps, a.repeats, a.requests, a.ring, a.work, a.results,
                               a.tiny, a.config, variant=a.variant, text_multiple=a.text_multiple, profile=a.profile,
                               teardown=not graphs)

@@ -9,6 +9,7 @@ Every knob of the slim pipeline is an option here, applied in the one order that
     -> context parallelism                  hooks split the inputs around whatever the blocks are
     -> compile artefacts, then compile      regional or full
     -> TeaCache hook                        on the transformer itself, never on a compiled block
+    -> step graph                           last: one CUDA graph around all of the above, per transformer call
 
 Widget, notebooks, scripts, context parallelism and tests all call ``build_pipeline`` (or ``get_pipeline``, the
 one warm-pipeline cache keyed by model and options); nothing else composes load -> quantize -> compile.
@@ -57,6 +58,7 @@ class PipelineOptions:
     teacache: TeaCacheConfig | None = None  # TeaCache for the pipeline's lifetime (per call: teacache.enabled)
     hot_path: bool = False  # the preallocated denoise loop by default (TryOnSettings.hot_path overrides)
     embeddings_file: str | None = None  # cached text embeddings; default: the model's own cache
+    step_graph: bool = False  # each transformer call replayed as one CUDA graph after warm-up (step_graph.py)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -107,8 +109,26 @@ def check_options(options: PipelineOptions) -> None:
 
         if problem := compile_problem(o.context_parallel, o.compile):
             raise OptionsError(problem)
+    if o.step_graph:
+        if (problem := step_graph_problem(o)) is not None:
+            raise OptionsError(f"step_graph=True: {problem}")
     if o.hotswap_rank is not None and o.hotswap_rank < 1:
         raise OptionsError(f"hotswap_rank must be >= 1 (the largest adapter rank you will swap in), got {o.hotswap_rank}.")
+
+
+def step_graph_problem(o: PipelineOptions) -> str | None:
+    """Why these options cannot replay the transformer as one CUDA graph, or None."""
+    from .memory import MemoryMode
+
+    if o.resolved().device != "cuda":
+        return "CUDA graphs need a GPU (device 'cuda'); leave it off on the CPU."
+    if o.teacache is not None:
+        return "TeaCache decides on the host whether a step runs the blocks, which a recorded graph cannot; pick one."
+    if o.compile_mode and "reduce-overhead" in o.compile_mode:
+        return f"compile_mode={o.compile_mode!r} records CUDA graphs already; use one or the other."
+    if o.memory is not None and MemoryMode.parse(o.memory).offload != "none":
+        return f"memory={o.memory!r} moves weights between calls, which a graph cannot follow; use a mode without offload."
+    return None
 
 
 def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
@@ -159,6 +179,10 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         from .teacache import apply_teacache
 
         apply_teacache(transformer, o.teacache)
+    if o.step_graph:  # last, so context parallelism's split and gather run inside the graph
+        from .step_graph import apply_step_graph
+
+        apply_step_graph(transformer)
     pipe.hot_path, pipe.options = o.hot_path, o
     return pipe
 

@@ -55,6 +55,10 @@ RECIPES = {
     "fp8_row_fused_full": Recipe(PipelineOptions(compile="full", **FP8_FUSED), 150),
     "fp8_row_fused_full_cudagraphs": Recipe(PipelineOptions(compile="full", compile_mode="reduce-overhead",
                                                             **FP8_FUSED), 180),
+    # the whole transformer call as one CUDA graph around regional compile (step_graph.py): no launches per block
+    "fp8_row_fused_regional_step_graph": Recipe(PipelineOptions(compile="regional", step_graph=True, **FP8_FUSED), 70),
+    "fp8_static_fused_regional_step_graph": Recipe(PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True),
+                                                   80, extra="static_fp8"),
     "fp8_row_fused_regional_tuned": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 200,
                                            inductor=FLUX_FAST_INDUCTOR),
     # static per-tensor activation scales, calibrated once (no amax pass per call)
@@ -77,7 +81,8 @@ def for_shape(options: PipelineOptions, s: fullsize.Shape) -> PipelineOptions:
     """A recipe's options on this shape's device and dtype (the CPU smoke run compiles with aot_eager: no C++)."""
     cpu = s.device != "cuda"
     fp8 = "fp8_weight_only" if cpu and options.fp8.startswith("fp8_dynamic") else options.fp8  # no FP8 matmuls
-    return replace(options, device=s.device, dtype=s.dtype, fp8=fp8, compile_backend="aot_eager" if cpu else "inductor")
+    return replace(options, device=s.device, dtype=s.dtype, fp8=fp8, compile_backend="aot_eager" if cpu else "inductor",
+                   step_graph=options.step_graph and not cpu)  # no CUDA graphs on the CPU
 
 
 def free() -> None:
@@ -132,12 +137,16 @@ def configure(pipe, r: Recipe, opts: PipelineOptions, s: fullsize.Shape, x: dict
     from . import peers_gpu
 
     report: dict = {}
-    if r.extra == "static_fp8":  # observers need the uncompiled model; compile after converting
-        apply_options(pipe, replace(opts, compile="none"))
+    if r.extra == "static_fp8":  # observers need the uncompiled, ungraphed model; compile and graph after converting
+        apply_options(pipe, replace(opts, compile="none", step_graph=False))
         report = peers_gpu.static_fp8(pipe, lambda: run_image(pipe.fill, s, x, 2))
         from ..compiling import compile_transformer
 
         compile_transformer(pipe.transformer, opts.compile, opts.compile_backend)
+        if opts.step_graph:
+            from ..step_graph import apply_step_graph
+
+            apply_step_graph(pipe.transformer)
     else:
         apply_options(pipe, opts)
     if r.extra == "flux_fast_vae":

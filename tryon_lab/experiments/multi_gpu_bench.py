@@ -109,7 +109,8 @@ def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
 FP8 = {"fp8": "fp8_dynamic_row", "fuse_qkv": True}
 VARIANTS = {"eager": {}, "fp8": FP8 | {"compile": "regional"},  # fp8: the best one-GPU path
             "fp8_full": FP8 | {"compile": "full"},  # one compiled graph a step: fewer host calls than 57 blocks
-            "fp8_cudagraphs": FP8 | {"compile": "full", "compile_mode": "reduce-overhead"}}  # no launches at all
+            "fp8_cudagraphs": FP8 | {"compile": "full", "compile_mode": "reduce-overhead"},  # no launches at all
+            "fp8_step_graph": FP8 | {"compile": "regional", "step_graph": True}}  # regional's rounding, one launch
 VARIANTS |= {f"{k}_overlap": v for k, v in VARIANTS.items() if "compile" in v}  # + comm_overlap_config
 OVERLAP_PASSES = ("reorder_communication_preserving_peak_memory", "sink_waits_iterative",
                   "reorder_communication_preserving_peak_memory")  # inductor's recommended sequence

@@ -52,3 +52,29 @@ def write_test_notebooks(d: Path, extra: dict[str, str] | None = None) -> dict[s
         out[stem] = d / f"{stem}.ipynb"
         jupytext.write(jupytext.reads(text, fmt="py:percent"), out[stem], fmt="ipynb")
     return out
+
+
+class RecordedGraph:
+    """A CUDA graph's contract on the CPU, for the step-graph hook: replay reruns the recorded call on the same
+    input tensors and writes into the same output tensors (``graph_on_the_cpu`` puts it in place of a capture)."""
+
+    def __init__(self, forward, args, kwargs):
+        self.run = lambda: forward(*args, **kwargs)
+        self.out = self.run()
+
+    def replay(self):
+        from torch.utils._pytree import tree_leaves
+
+        for kept, new in zip(tree_leaves(self.out), tree_leaves(self.run()), strict=True):
+            kept.copy_(new)
+
+
+def graph_on_the_cpu(patch) -> None:
+    """Make ``StepGraphHook`` record ``RecordedGraph``s; ``patch(obj, name, value)``: a monkeypatch's setattr."""
+    from tryon_lab.step_graph import StepGraphHook
+
+    def capture(self, forward, args, kwargs):
+        g = RecordedGraph(forward, args, kwargs)
+        return g, g.out
+
+    patch(StepGraphHook, "capture", capture)

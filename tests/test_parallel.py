@@ -199,8 +199,8 @@ def _tiny_variant(model, quant: str, compile: str):
     from tryon_lab import quant as quantization
 
     quantization.quantize_transformer(model, quant)
-    how, _, overlap = compile.partition("+")
-    backend = "inductor" if overlap else "aot_eager"
+    how, _, extra = compile.partition("+")
+    backend = "inductor" if extra == "overlap" else "aot_eager"
     return model, lambda: compiling.compile_transformer(model, how, backend=backend)
 
 
@@ -225,9 +225,20 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
         parallel.enable_context_parallel(model, parallel.ContextParallel(ulysses_degree=world,
                                                                          anything=compile == "none"))
         compile_now()
+        graphed = compile.endswith("+graph")  # the step-graph hook outside the split and gather hooks
+        if graphed:
+            from unittest import mock
+
+            from tests.conftest import graph_on_the_cpu
+            from tryon_lab.step_graph import apply_step_graph
+
+            graph_on_the_cpu(lambda obj, name, value: mock.patch.object(obj, name, value).start())
+            hook = apply_step_graph(model)
         with torch.no_grad(), _compile_settings(compile):
-            for _ in range(2):  # a compiled model: the second call is the steady one
+            for _ in range(4 if graphed else 2):  # compiled: the second call is steady; graphed: the 4th replays
                 sample = model(**_tiny_inputs(model))[0]
+        if graphed:
+            assert (hook.state.captures, hook.state.replays) == (1, 2)
         torch.save(sample.clone(), f"{out}/rank{rank}.pt")  # clone: a gathered output may still be an async tensor
     finally:
         dist.destroy_process_group()
@@ -275,8 +286,8 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(("quant", "compile", "text"), [("none", "none", 15), ("fp8_weight_only", "regional", 16),
-                                                     ("none", "regional+overlap", 16)],
-                         ids=["eager-odd-tokens", "fp8-regional-compile", "inductor-comm-overlap"])
+                                                     ("none", "regional+overlap", 16), ("none", "regional+graph", 16)],
+                         ids=["eager-odd-tokens", "fp8-regional-compile", "inductor-comm-overlap", "step-graph"])
 def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch, quant, compile, text):
     monkeypatch.setattr(sys.modules[__name__], "TEXT_TOKENS", text)
     model, compile_now = _tiny_variant(_tiny_transformer(), quant, compile)

@@ -9,30 +9,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._pytree import tree_leaves
 
-from tests.conftest import make_request_images
+from tests.conftest import graph_on_the_cpu, make_request_images
 from tryon_lab import configure, pipeline
-from tryon_lab.step_graph import StepGraphHook, apply_step_graph, step_graph_hook
-
-
-class _Recorded:
-    def __init__(self, forward, args, kwargs):
-        self.run = lambda: forward(*args, **kwargs)
-        self.out = self.run()
-
-    def replay(self):
-        for kept, new in zip(tree_leaves(self.out), tree_leaves(self.run()), strict=True):
-            kept.copy_(new)
+from tryon_lab.step_graph import apply_step_graph, step_graph_hook
 
 
 @pytest.fixture
 def recorded(monkeypatch):
-    def capture(self, forward, args, kwargs):
-        r = _Recorded(forward, args, kwargs)
-        return r, r.out
-
-    monkeypatch.setattr(StepGraphHook, "capture", capture)
+    graph_on_the_cpu(monkeypatch.setattr)
 
 
 def _tryon(pipe, height: int = 192, steps: int = 4):

@@ -299,8 +299,9 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
 
     ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
     loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype (and with
-    ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model, dtype and device type, built once if missing. Everything that
-    can be checked without loading weights is checked first (folder, shard headers, Redux widths, embeddings).
+    ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model, dtype and
+    device type, built once if missing. Everything that can be checked without loading weights is checked first
+    (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)

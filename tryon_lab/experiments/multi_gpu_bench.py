@@ -35,8 +35,8 @@ from . import fullsize, step_profile
 from .gpu_bench import run_image
 
 SIZES = {"1024x768": (768, 1024), "2048x1536": (1536, 2048)}  # diptych (height, width)
-COLUMNS = ["run (UTC)", "gpus", "variant", "size", "ms_per_step", "s_per_image", "s_outside_steps", "speedup", "efficiency", "peak_gib_per_gpu",
-           "requests_per_min", "rel_l2_vs_1gpu"]
+COLUMNS = ["run (UTC)", "gpus", "variant", "size", "ms_per_step", "s_per_image", "s_outside_steps", "speedup",
+           "efficiency", "peak_gib_per_gpu", "requests_per_min", "rel_l2_vs_1gpu"]
 RESULTS = REPO_ROOT / "benchmarks" / "results.json"
 
 
@@ -101,8 +101,8 @@ def profile_steps(fill, s: fullsize.Shape, steps: int = 4) -> dict:
                  key=lambda e: -e.self_device_time_total)[:15]
     out["top_kernels_ms_per_step"] = {e.key[:100]: e.self_device_time_total / 1e3 / steps for e in top}
     # CPU events nest, so busy time means something on CUDA only
-    return out | {"window": f"{steps} steps", "kind_rule": step_profile.KIND_RULE, "wall_ms_per_step_profiled": wall_ms,
-                  "device_ms_per_step_by_kind": kinds,
+    return out | {"window": f"{steps} steps", "kind_rule": step_profile.KIND_RULE,
+                  "wall_ms_per_step_profiled": wall_ms, "device_ms_per_step_by_kind": kinds,
                   "busy_ms_per_step": step_profile.busy_ms(prof) / steps if cuda else None}
 
 

@@ -59,6 +59,12 @@ def test_options_refuse_what_a_graph_cannot_follow(model_dir, monkeypatch):
     assert configure.step_graph_problem(o) is None
     assert "reduce-overhead" in configure.step_graph_problem(configure.PipelineOptions(compile_mode="reduce-overhead"))
     assert "moves weights" in configure.step_graph_problem(configure.PipelineOptions(memory="bf16+group-offload"))
+    from tryon_lab.parallel import ContextParallel
     from tryon_lab.teacache import TeaCacheConfig
+
+    assert "even split" in configure.step_graph_problem(configure.PipelineOptions(
+        context_parallel=ContextParallel(ulysses_degree=2, anything=True)))
+    assert configure.step_graph_problem(configure.PipelineOptions(
+        context_parallel=ContextParallel(ulysses_degree=2, anything=False))) is None
 
     assert "TeaCache" in configure.step_graph_problem(configure.PipelineOptions(teacache=TeaCacheConfig()))

@@ -126,6 +126,9 @@ def step_graph_problem(o: PipelineOptions) -> str | None:
         return "TeaCache decides on the host whether a step runs the blocks, which a recorded graph cannot; pick one."
     if o.compile_mode and "reduce-overhead" in o.compile_mode:
         return f"compile_mode={o.compile_mode!r} records CUDA graphs already; use one or the other."
+    if o.context_parallel is not None and o.context_parallel.anything:
+        return ("ulysses_anything exchanges the split sizes on the host at every call, which a graph cannot replay; "
+                "use the even split (ContextParallel(anything=False): the text is padded to the degree).")
     if o.memory is not None and MemoryMode.parse(o.memory).offload != "none":
         return f"memory={o.memory!r} moves weights between calls, which a graph cannot follow; use a mode without offload."
     return None

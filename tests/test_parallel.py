@@ -366,7 +366,11 @@ def test_multi_gpu_bench_profiles_each_rank_on_the_cpu(tmp_path):
     ranks = data["multi_gpu_2gpu"]["sizes"]["tiny"]["profile_per_rank"]
     assert len(ranks) == 2 and all(r["wall_ms_per_step_profiled"] > 0
                                    and sum(r["device_ms_per_step_by_kind"].values()) > 0 for r in ranks)
-    assert "profile_per_rank" not in data["multi_gpu_1gpu"]["sizes"]["tiny"]  # only when asked
+    one = data["multi_gpu_1gpu"]["sizes"]["tiny"]
+    assert "profile_per_rank" not in one  # only when asked
+    # the image's time outside the steps, by phase: all there, none longer than the image
+    assert set(one["phases_s"]) == {"until_first_step_end_s", "after_last_step_s", "decode_s"}
+    assert all(0 < v < one["s_per_image"] for v in one["phases_s"].values())
     assert [r["gpus"] for r in data["multi_gpu"]["profile"]] == [2, 2]
     assert "Where a step's time goes" in (tmp_path / "multi_gpu.md").read_text()
 

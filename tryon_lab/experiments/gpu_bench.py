@@ -94,11 +94,13 @@ def free() -> None:
 
 
 def run_image(fill, s: fullsize.Shape, x: dict, steps: int) -> dict:
-    """One image: Fill denoising (a CUDA event at every step) + VAE decode; seconds, per-step seconds, latents."""
+    """One image: Fill denoising (a CUDA event at every step) + VAE decode; seconds, per-step seconds, latents, and
+    ``phases``: until the first step ends (preparation, the VAE encode of the masked image, step 1), after the last
+    step until ``fill`` returns, and the decode."""
     cuda = s.device == "cuda"
     marks: list = []
 
-    def mark(_p, _i, _t, kw):
+    def mark(_p=None, _i=None, _t=None, kw=None):
         if cuda:
             marks.append(torch.cuda.Event(enable_timing=True))
             marks[-1].record()
@@ -107,12 +109,16 @@ def run_image(fill, s: fullsize.Shape, x: dict, steps: int) -> dict:
         return kw
 
     with measure(s.device) as m:
+        mark()
         lat = fill(**x, num_inference_steps=steps, generator=torch.Generator("cpu").manual_seed(0),
                    callback_on_step_end=mark).images
+        mark()
         decode(fill, lat, s.height, s.width)
-    pairs = zip(marks, marks[1:], strict=False)
-    per_step = [a.elapsed_time(b) / 1e3 for a, b in pairs] if cuda else [b - a for a, b in pairs]
-    return {"seconds": m["seconds"], "per_step": per_step, "latents": lat.float().cpu()}
+        mark()
+    gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)] if cuda else \
+        [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    phases = {"until_first_step_end_s": gaps[0], "after_last_step_s": gaps[-2], "decode_s": gaps[-1]}
+    return {"seconds": m["seconds"], "per_step": gaps[1:-2], "phases": phases, "latents": lat.float().cpu()}
 
 
 def matmul_ceiling(s: fullsize.Shape) -> dict:

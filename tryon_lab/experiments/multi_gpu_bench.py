@@ -35,8 +35,8 @@ from . import fullsize, step_profile
 from .gpu_bench import run_image
 
 SIZES = {"1024x768": (768, 1024), "2048x1536": (1536, 2048)}  # diptych (height, width)
-COLUMNS = ["run (UTC)", "gpus", "variant", "size", "ms_per_step", "s_per_image", "s_outside_steps", "speedup",
-           "efficiency", "peak_gib_per_gpu", "requests_per_min", "rel_l2_vs_1gpu"]
+COLUMNS = ["run (UTC)", "gpus", "variant", "size", "ms_per_step", "s_per_image", "s_outside_steps", "s_decode",
+           "speedup", "efficiency", "peak_gib_per_gpu", "requests_per_min", "rel_l2_vs_1gpu"]
 RESULTS = REPO_ROOT / "benchmarks" / "results.json"
 
 
@@ -79,6 +79,7 @@ def latency(fill, s: fullsize.Shape, steps: int, repeats: int, ref_file: Path | 
     runs = [run_image(fill, s, x, steps) for _ in range(repeats)]
     out = {"ms_per_step": 1e3 * statistics.median([t for r in runs for t in r["per_step"]]),
            "s_per_image": statistics.median(r["seconds"] for r in runs),
+           "phases_s": {k: statistics.median(r["phases"][k] for r in runs) for k in runs[0]["phases"]},
            "peak_bytes_per_rank": gather(peak_memory_bytes(s.device))}
     lat = runs[-1]["latents"]
     if ref_file is not None and ref_file.is_file():
@@ -243,6 +244,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                          "ms_per_step": r["ms_per_step"], "s_per_image": r["s_per_image"],
                          # what the split does not shrink: preparation, the VAE encode and decode (every rank whole)
                          "s_outside_steps": r["s_per_image"] - e["steps"] * r["ms_per_step"] / 1e3,
+                         "s_decode": r.get("phases_s", {}).get("decode_s", ""),
                          "speedup": t1 / r["s_per_image"] if t1 else None,
                          "efficiency": t1 / (e["gpus"] * r["s_per_image"]) if t1 else None,
                          "peak_gib_per_gpu": max(r["peak_bytes_per_rank"]) / 2**30,

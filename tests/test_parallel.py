@@ -408,3 +408,28 @@ def test_ray_sweep_bench_counts_points_per_slot(tmp_path):
         assert json.loads((Path(r["sweep_dir"]) / "sweep.json").read_text())["executor"] == "ray"
     assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["grid"] == {"seed": [1, 2], "size": [4]}
     assert "points_per_min" in (tmp_path / "ray_sweep.md").read_text()
+
+
+def test_multi_gpu_summary_compares_each_run_with_its_own_sessions_one_gpu_path(tmp_path):
+    """Rows of two sessions: each N-GPU row against the one-GPU FP8 run measured last before it; seconds outside
+    the steps derived; a row read from a log says so; old profiles refiled from their top kernels."""
+    from tryon_lab.experiments import multi_gpu_bench as mg
+    from tryon_lab.experiments.step_profile import TRITON
+
+    def entry(date, gpus, s_img, variant="fp8", **size_extra):
+        size = {"ms_per_step": 100.0, "s_per_image": s_img, "peak_bytes_per_rank": [2**30] * gpus, **size_extra}
+        return {"stamp": {"date": f"2026-11-30 {date} UTC"}, "gpus": gpus, "variant": variant, "steps": 10,
+                "sizes": {"1024x768": size}}
+
+    quant = "triton_red_fused__scaled_mm__to_copy_abs_amax_clamp_div_gelu_t_unsqueeze_view_15"
+    profile = {"device_ms_per_step_by_kind": {"GEMM": 50.0, TRITON: 5.0}, "top_kernels_ms_per_step": {quant: 4.0}}
+    data = {"multi_gpu_1gpu_run1": entry("02:00", 1, 4.0), "multi_gpu_2gpu_run1": entry("02:05", 2, 2.0),
+            "multi_gpu_1gpu": entry("05:00", 1, 3.0),
+            "multi_gpu_2gpu": entry("05:05", 2, 2.0, source="read from its log", profile_per_rank=[profile])}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    rows, profiled, md = mg.summary(tmp_path / "r.json")
+    speedup = {r["run (UTC)"]: r["speedup"] for r in rows if r["gpus"] == 2}
+    assert speedup == {"11-30 02:05": 2.0, "11-30 05:05": 1.5}
+    assert all(r["s_outside_steps"] == pytest.approx(r["s_per_image"] - 1.0) for r in rows)
+    assert "read from its log" in md and "best 2 GPUs `fp8` 2.00x" in md
+    assert profiled[0]["GEMM ms"] == 46.0 and profiled[0][f"{TRITON} ms"] == 9.0

@@ -218,9 +218,10 @@ def verdicts(rows: list[dict]) -> list[str]:
         if multi:
             b = max(multi, key=lambda r: r["speedup"])
             met = "met" if b["speedup"] >= target else "NOT met"
+            err = b["rel_l2_vs_1gpu"]
             out.append(f"- {size}: best {b['gpus']} GPUs `{b['variant']}` {b['speedup']:.2f}x per image "
                        f"({b['s_per_image']:.2f} s), target >= {target}x: **{met}**; final-latent rel-L2 against "
-                       f"one GPU {b['rel_l2_vs_1gpu']:.3g}")
+                       f"one GPU {f'{err:.3g}' if err != '' else 'not measured (no one-GPU latents at hand)'}")
     return out
 
 

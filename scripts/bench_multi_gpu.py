@@ -39,6 +39,8 @@ def main(argv=None) -> int:
                          "fp8_cudagraphs: whole-model compile with CUDA graphs; fp8_step_graph: regional compile, each "
                          "transformer call one CUDA graph; eager: bf16 eager; *_overlap: inductor "
                          "reorders the collectives against independent compute")
+    ap.add_argument("--split-vae", action="store_true",
+                    help="also split the VAE encode and decode over the ranks (a band of rows each, exact)")
     ap.add_argument("--text-multiple", type=int, default=2,
                     help="pad the text tokens to a multiple of this (use the largest GPU count you compare)")
     ap.add_argument("--profile", action="store_true",
@@ -52,6 +54,7 @@ def main(argv=None) -> int:
         graphs = "compile_mode" in v or v.get("step_graph", False)  # CUDA graphs hold the collectives
         multi_gpu_bench.bench(tuple(a.sizes.split(",")), a.steps, a.repeats, a.requests, a.ring, a.work, a.results,
                               a.tiny, a.config, variant=a.variant, text_multiple=a.text_multiple, profile=a.profile,
+                              split_vae=a.split_vae,
                               teardown=not graphs)
         if graphs:  # results are written; the process group's teardown hung after graph replays, so skip it
             sys.stdout.flush()

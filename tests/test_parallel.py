@@ -245,7 +245,7 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
 
 
 def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, anything: bool = True,
-                  compile: str = "none") -> None:
+                  compile: str = "none", split_vae: bool = False) -> None:
     import torch.distributed as dist
 
     from tests.conftest import make_request_images
@@ -253,7 +253,7 @@ def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, an
 
     _rank_env(rank, world, port)
     try:
-        cp = parallel.ContextParallel(ulysses_degree=world, anything=anything)
+        cp = parallel.ContextParallel(ulysses_degree=world, anything=anything, split_vae=split_vae)
         pipe = configure.build_pipeline(model_dir, dtype="float32", context_parallel=cp, compile=compile,
                                         compile_backend="aot_eager")
         assert pipe.text_multiple == (1 if anything else world)
@@ -304,9 +304,10 @@ def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch,
     assert err < 1e-5
 
 
-@pytest.mark.parametrize(("anything", "compile"), [(True, "none"), (False, "none"), (False, "full")],
-                         ids=["ulysses_anything", "even_split", "even_split_whole_model_compile"])
-def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, anything, compile):
+@pytest.mark.parametrize(("anything", "compile", "split_vae"), [(True, "none", False), (False, "none", True),
+                                                              (False, "full", False)],
+                         ids=["ulysses_anything", "even_split_and_vae", "even_split_whole_model_compile"])
+def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, anything, compile, split_vae):
     """Both ways to split: diffusers' ``ulysses_anything`` and the even split (text padded to the degree); and the
     even split under whole-model compile (torch 2.11's dynamo cannot trace the output gather, so the pipeline
     allows one graph break there)."""
@@ -314,7 +315,7 @@ def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, a
     from tryon_lab.pipeline import TryOnRequest, TryOnSettings, tryon
 
     ref = tryon(slim, TryOnRequest(*make_request_images(), seed=5), TryOnSettings(steps=2, progress=False)).latents
-    _spawn(_tryon_worker, (str(tmp_path), str(model_dir), anything, compile))
+    _spawn(_tryon_worker, (str(tmp_path), str(model_dir), anything, compile, split_vae))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1])
     err = _rel_l2(outs[0], ref)
@@ -433,3 +434,50 @@ def test_multi_gpu_summary_compares_each_run_with_its_own_sessions_one_gpu_path(
     assert all(r["s_outside_steps"] == pytest.approx(r["s_per_image"] - 1.0) for r in rows)
     assert "read from its log" in md and "best 2 GPUs `fp8` 2.00x" in md
     assert profiled[0]["GEMM ms"] == 46.0 and profiled[0][f"{TRITON} ms"] == 9.0
+
+
+def _smooth_image(rows: int = 512, cols: int = 256) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.interpolate(torch.rand(1, 3, rows // 32, cols // 32, generator=g), size=(rows, cols),
+                                        mode="bilinear")
+    return x * 2 - 1 + 0.05 * torch.randn(1, 3, rows, cols, generator=g)
+
+
+def _toy_vae():
+    from diffusers import AutoencoderKL
+
+    from tryon_lab.checkpoint import FILL_SUBDIR, TRAINED_DIR
+
+    return AutoencoderKL.from_pretrained(TRAINED_DIR / FILL_SUBDIR / "vae").eval().requires_grad_(False)
+
+
+def _vae_worker(rank: int, world: int, port: int, out: str, halo: int) -> None:
+    import torch.distributed as dist
+
+    _rank_env(rank, world, port)
+    parallel.init_distributed()
+    try:
+        vae = parallel.split_vae(_toy_vae(), halo)
+        with torch.no_grad():
+            z = vae.encode(_smooth_image()).latent_dist.mode()
+            torch.save({"z": z, "image": vae.decode(z).sample}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("halo", "tolerance"), [(12, 1e-5), (2, 0.1)], ids=["halo-covers-field", "halo-too-short"])
+def test_split_vae_equals_one_process_once_the_halo_covers_the_receptive_field(tmp_path, halo, tolerance):
+    """Each rank encodes and decodes its half of a 512-row image (32 latent rows) plus the halo; GroupNorm
+    statistics and the mid-block's attention span the whole image, so with enough halo the result is the unsplit
+    one; with too little it is not (the convolutions then miss rows)."""
+    vae = _toy_vae()
+    with torch.no_grad():
+        z = vae.encode(_smooth_image()).latent_dist.mode()
+        ref = vae.decode(z).sample
+    _spawn(_vae_worker, (str(tmp_path), halo))
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in ("z", "image"))  # every rank holds the whole
+    errs = _rel_l2(outs[0]["z"], z), _rel_l2(outs[0]["image"], ref)
+    print(f"split VAE, halo {halo} latent rows: latents rel-L2 {errs[0]:.3g}, image {errs[1]:.3g}")
+    assert max(errs) < tolerance and (halo > 2 or max(errs) > 1e-3)
+

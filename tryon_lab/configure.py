@@ -6,7 +6,7 @@ Every knob of the slim pipeline is an option here, applied in the one order that
     -> LoRA adapters (+ hotswap rank)      before FP8 (adapters stay in the model dtype) and before compiling
     -> fused QKV                            before FP8, so the fused Linear is quantized
     -> FP8 (torchao)                        or the memory mode's FP8 + offload / VAE tiling
-    -> context parallelism                  hooks split the inputs around whatever the blocks are
+    -> context parallelism                  hooks split the inputs around whatever the blocks are (+ VAE rows)
     -> compile artefacts, then compile      regional or full
     -> TeaCache hook                        on the transformer itself, never on a compiled block
     -> step graph                           last: one CUDA graph around all of the above, per transformer call
@@ -94,6 +94,9 @@ def check_options(options: PipelineOptions) -> None:
                                "compile='none' with offloading, or a memory mode without offload.")
         if mode.offload != "none" and o.context_parallel is not None:
             raise OptionsError("context parallelism with CPU offload is not supported; pick one.")
+        if mode.vae_tiling and o.context_parallel is not None and o.context_parallel.split_vae:
+            raise OptionsError(f"memory={o.memory!r} tiles the VAE, and split_vae splits it over the ranks already "
+                               "(a band each); use one of them.")
     if o.fp8_weights is not None:
         if o.fp8 == "none":
             raise OptionsError(f"fp8_weights={o.fp8_weights!r} holds FP8 weights; set fp8 to the mode it was saved "
@@ -166,6 +169,10 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         from .parallel import enable_context_parallel
 
         enable_context_parallel(transformer, o.context_parallel)
+        if o.context_parallel.split_vae:
+            from .parallel import split_vae
+
+            split_vae(pipe.fill.vae)
         if not o.context_parallel.anything:  # an even split: pad the text with T5 padding tokens
             pipe.text_multiple = o.context_parallel.world_size
     if o.compile != "none" and o.compile_artifacts:

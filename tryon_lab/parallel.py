@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 # attention backends whose kernel returns the log-sum-exp that ring attention merges partial results with
 RING_BACKEND = "_native_cudnn"  # torch's cuDNN SDPA (bf16/fp16 on CUDA); "flash" / "_native_flash" also work
@@ -39,6 +40,7 @@ class ContextParallel:
     ring_degree: int = 1
     attention_backend: str | None = None
     anything: bool = True
+    split_vae: bool = False  # each rank encodes and decodes a band of the image's rows (split_vae, below)
 
     @property
     def world_size(self) -> int:
@@ -109,3 +111,125 @@ def compile_problem(cp: ContextParallel, compile: str) -> str | None:
                 "token counts through the process group); compile needs anything=False, i.e. image and text "
                 "token counts divisible by the degree (the try-on's 512 + 729 text tokens are not divisible by 2).")
     return None
+
+
+# ----------------------------------------------------------------------------- the VAE over the ranks
+VAE_HALO = 16  # latent rows each side of a band; on the FLUX VAE decoder 16 gives the unsplit output to 1.6e-6, 8 to 1e-4
+
+
+class _Band:
+    """The rows a rank's encoder or decoder call runs on (``lo:hi``, input units) and owns (``own_lo:own_hi``)."""
+
+    active = False
+    lo = hi = own_lo = own_hi = 0
+
+    def own(self, x: torch.Tensor) -> tuple[int, int]:
+        """This rank's own rows of ``x``, an activation of the band at any resolution inside the call."""
+        scale = x.shape[-2] / (self.hi - self.lo)
+        return round((self.own_lo - self.lo) * scale), round((self.own_hi - self.lo) * scale)
+
+
+def _gather_rows(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=-2)
+
+
+class SplitRowsHook(ModelHook):
+    """The encoder or decoder on this rank's band of rows plus ``halo`` rows each side; every rank's own rows are
+    gathered into the whole output. Inputs whose rows do not split into bands of whole ``unit`` rows run whole."""
+
+    def __init__(self, band: _Band, halo: int, unit: int) -> None:
+        super().__init__()
+        self.band, self.halo, self.unit = band, halo, unit
+
+    def new_forward(self, module: torch.nn.Module, sample: torch.Tensor, *args, **kwargs):
+        import torch.distributed as dist
+
+        forward, b = self.fn_ref.original_forward, self.band
+        world, rank, rows = dist.get_world_size(), dist.get_rank(), sample.shape[-2]
+        if rows % (world * self.unit) or b.active:
+            return forward(sample, *args, **kwargs)
+        size = rows // world
+        b.own_lo, b.own_hi = rank * size, (rank + 1) * size
+        b.lo, b.hi = max(0, b.own_lo - self.halo), min(rows, b.own_hi + self.halo)
+        b.active = True
+        try:
+            out = forward(sample[..., b.lo:b.hi, :], *args, **kwargs)
+        finally:
+            b.active = False
+        r0, r1 = b.own(out)
+        return _gather_rows(out[..., r0:r1, :])
+
+
+class BandGroupNormHook(ModelHook):
+    """GroupNorm with the statistics of the whole image: sums over every rank's own rows, all-reduced."""
+
+    def __init__(self, band: _Band) -> None:
+        super().__init__()
+        self.band = band
+
+    def new_forward(self, module: torch.nn.GroupNorm, x: torch.Tensor):
+        import torch.distributed as dist
+
+        if not self.band.active:
+            return self.fn_ref.original_forward(x)
+        r0, r1 = self.band.own(x)
+        n, c, groups = x.shape[0], x.shape[1], module.num_groups
+        own = x[..., r0:r1, :].float().reshape(n, groups, -1)
+        sums = torch.stack([own.sum(-1), own.square().sum(-1)])
+        dist.all_reduce(sums)
+        count = own.shape[-1] * dist.get_world_size()
+        mean = sums[0] / count
+        var = sums[1] / count - mean.square()
+        y = ((x.float().reshape(n, groups, -1) - mean[..., None]) * torch.rsqrt(var[..., None] + module.eps))
+        y = y.reshape(x.shape)
+        if module.affine:
+            y = y * module.weight.view(1, c, 1, 1) + module.bias.view(1, c, 1, 1)
+        return y.to(x.dtype)
+
+
+class BandAttentionHook(ModelHook):
+    """The mid-block's self-attention over the whole image: every rank's own rows gathered, the whole input
+    attended (the latent grid is small), this rank's band rows returned."""
+
+    def __init__(self, band: _Band) -> None:
+        super().__init__()
+        self.band = band
+
+    def new_forward(self, module: torch.nn.Module, x: torch.Tensor, *args, **kwargs):
+        b, forward = self.band, self.fn_ref.original_forward
+        if not b.active:
+            return forward(x, *args, **kwargs)
+        r0, r1 = b.own(x)
+        whole = _gather_rows(x[..., r0:r1, :])
+        b.active = False  # inside: plain GroupNorm on the whole input
+        try:
+            y = forward(whole, *args, **kwargs)
+        finally:
+            b.active = True
+        start = round(b.lo * x.shape[-2] / (b.hi - b.lo))
+        return y[..., start:start + x.shape[-2], :]
+
+
+def split_vae(vae: torch.nn.Module, halo: int = VAE_HALO) -> torch.nn.Module:
+    """Encode and decode over the process group, a band of rows per rank (DistVAE's patch parallelism, by rows):
+    each rank runs its band plus ``halo`` latent rows each side; GroupNorm statistics and the mid-block's attention
+    span the whole image through collectives, so a rank's own rows equal the unsplit output once the halo covers
+    the receptive field."""
+    from diffusers.models.attention_processor import Attention
+
+    down = 2 ** (len(vae.config.block_out_channels) - 1)  # pixels per latent row
+    for part, part_halo, unit in ((vae.encoder, halo * down, down), (vae.decoder, halo, 1)):
+        band = _Band()
+        for m in part.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                HookRegistry.check_if_exists_or_initialize(m).register_hook(BandGroupNormHook(band), "band_norm")
+            elif isinstance(m, Attention):
+                HookRegistry.check_if_exists_or_initialize(m).register_hook(BandAttentionHook(band), "band_attention")
+        HookRegistry.check_if_exists_or_initialize(part).register_hook(SplitRowsHook(band, part_halo, unit),
+                                                                       "split_rows")
+    return vae
+

@@ -144,13 +144,14 @@ def bench(*args, variant: str = "fp8", **kwargs) -> dict:
 def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
           work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
           config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2,
-          profile: bool = False, teardown: bool = True) -> dict:
+          profile: bool = False, teardown: bool = True, split_vae: bool = False) -> dict:
     """One launch (every rank calls it): throughput (eager, one model per GPU), then latency of ``variant`` (the
     best one-GPU path: FP8 + fused QKV + regional compile) with context parallelism over all ranks.
 
     ``text_multiple``: the text tokens are padded (T5 padding positions) to a multiple of this, the same in every
     launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like.
     ``profile``: after each size's latency, where the split step's time goes (``profile_steps``).
+    ``split_vae``: the VAE encode and decode split over the ranks too (``parallel.split_vae``).
     ``teardown=False`` leaves the process group as it is: after CUDA graphs captured the collectives, the closing
     barrier hung on two H200s, so the script exits those ranks without it once the results are written."""
     import torch.distributed as dist
@@ -164,7 +165,9 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
     res = {"stamp": stamp(device), "gpus": world, "steps": steps, "repeats": repeats, "variant": variant,
            "options": VARIANTS[variant], "text_tokens_padded_to_multiple_of": text_multiple,
            "model": "tiny FLUX Fill (CPU smoke run)" if tiny else "full-size FLUX Fill, random bf16 weights",
-           "decode": "every rank decodes the whole image (not split)", "sizes": {}}
+           "decode": ("each rank encodes and decodes a band of rows (split_vae)" if split_vae and world > 1 else
+                      "every rank encodes and decodes the whole image (not split)"),
+           "split_vae": split_vae and world > 1, "sizes": {}}
     if requests:
         res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
     options = PipelineOptions(device=s0.device, dtype=s0.dtype, **VARIANTS[variant] if not tiny else {})
@@ -172,7 +175,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
         res["context_parallel"] = "not applied: context parallelism needs an accelerator (each rank runs whole)"
     elif world > 1:
         even = (s0.text_tokens + s0.image_tokens) % world == 0
-        cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even)
+        cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even, split_vae=split_vae)
         options = dataclasses.replace(options, context_parallel=cp)
         res["context_parallel"] = dataclasses.asdict(cp) | {"backend": cp.backend}
     apply_options(pipe, options)
@@ -191,12 +194,18 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
                 torch.save(lat, ref)
             print(size, json.dumps(res["sizes"][size]), flush=True)
     if rank == 0:
-        write_results(results, entry_name(world, variant), res)
-        print(f"wrote {entry_name(world, variant)} to {results}", res.get("throughput", ""))
+        name = entry_name(world, variant) + ("_splitvae" if split_vae and world > 1 else "")
+        write_results(results, name, res)
+        print(f"wrote {name} to {results}", res.get("throughput", ""))
     if teardown:
         dist.barrier()
         dist.destroy_process_group()
     return res
+
+
+def label(e: dict) -> str:
+    """A run's variant as the tables name it (``+splitvae``: the VAE split over the ranks too)."""
+    return e.get("variant", "fp8") + ("+splitvae" if e.get("split_vae") else "")
 
 
 def by_kind(p: dict) -> dict[str, float]:
@@ -240,7 +249,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
         best_one = ([r for r in refs if r["stamp"]["date"] <= e["stamp"]["date"]] or refs)[-1]["sizes"]
         for size, r in e["sizes"].items():
             t1 = best_one.get(size, {}).get("s_per_image")
-            rows.append({"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": e.get("variant", "fp8"),
+            rows.append({"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": label(e),
                          "size": size,
                          "ms_per_step": r["ms_per_step"], "s_per_image": r["s_per_image"],
                          # what the split does not shrink: preparation, the VAE encode and decode (every rank whole)
@@ -251,7 +260,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                          "peak_gib_per_gpu": max(r["peak_bytes_per_rank"]) / 2**30,
                          "requests_per_min": e.get("throughput", {}).get("requests_per_min", ""),
                          "rel_l2_vs_1gpu": r.get("rel_l2_vs_1gpu", "")})
-            profiled += [{"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": e.get("variant", "fp8"),
+            profiled += [{"run (UTC)": e["stamp"]["date"][5:16], "gpus": e["gpus"], "variant": label(e),
                           "size": size, "rank": i,
                           "ms/step": r["ms_per_step"], "host ms/step": p.get("host_ms_per_step"),
                           "device lag ms (last step)": (p.get("device_lag_ms") or [None])[-1],
@@ -262,7 +271,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
              "t(N GPUs) per image, efficiency = speedup / N; the best one-GPU path is FP8 + fused QKV + regional "
              "compile (`multi_gpu_1gpu`), measured last before the row (the same session). requests_per_min: one "
              "model per GPU, one request per GPU at a time (a sweep's steady state).\n\n")
-    notes = [f"- {e['stamp']['date'][5:16]} {e['gpus']} GPUs `{e.get('variant', 'fp8')}` {size}: {r['source']}"
+    notes = [f"- {e['stamp']['date'][5:16]} {e['gpus']} GPUs `{label(e)}` {size}: {r['source']}"
              for e in runs.values() for size, r in e["sizes"].items() if r.get("source")]
     md = (title + markdown_table(rows, COLUMNS) + "\n\n" + "\n".join(notes + [""] if notes else [])
           + "\n".join(verdicts(rows)))

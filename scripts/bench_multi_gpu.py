@@ -37,7 +37,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", default="fp8", choices=list(multi_gpu_bench.VARIANTS),
                     help="fp8: FP8 + fused QKV + regional compile (the best one-GPU path); fp8_full: whole-model compile; "
                          "fp8_cudagraphs: whole-model compile with CUDA graphs; fp8_step_graph: regional compile, each "
-                         "transformer call one CUDA graph; eager: bf16 eager; *_overlap: inductor "
+                         "transformer call one CUDA graph; cache_dit_async(_fp8comm): the peer, cache-dit's own "
+                         "Ulysses (asynchronous, FP8 all-to-alls); eager: bf16 eager; *_overlap: inductor "
                          "reorders the collectives against independent compute")
     ap.add_argument("--split-vae", action="store_true",
                     help="also split the VAE encode and decode over the ranks (a band of rows each, exact)")

@@ -481,3 +481,32 @@ def test_split_vae_equals_one_process_once_the_halo_covers_the_receptive_field(t
     print(f"split VAE, halo {halo} latent rows: latents rel-L2 {errs[0]:.3g}, image {errs[1]:.3g}")
     assert max(errs) < tolerance and (halo > 2 or max(errs) > 1e-3)
 
+
+def _cache_dit_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from tryon_lab.experiments.peers_gpu import cache_dit_parallel
+
+    global TEXT_TOKENS
+    TEXT_TOKENS = 16  # even: cache-dit shards without padding
+    _rank_env(rank, world, port)
+    parallel.init_distributed()
+    try:
+        model = _tiny_transformer()
+        cache_dit_parallel(model, world, ulysses_async=True)
+        with torch.no_grad():
+            torch.save(model(**_tiny_inputs(model))[0].clone(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cache_dit_ulysses_peer_matches_one_process(tmp_path, monkeypatch):
+    """The two-GPU peer (cache-dit's own asynchronous Ulysses) over two gloo ranks: the same output as one process."""
+    monkeypatch.setattr(sys.modules[__name__], "TEXT_TOKENS", 16)
+    model = _tiny_transformer()
+    with torch.no_grad():
+        ref = model(**_tiny_inputs(model))[0]
+    _spawn(_cache_dit_worker, (str(tmp_path),))
+    outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert torch.equal(outs[0], outs[1]) and _rel_l2(outs[0], ref) < 1e-5
+

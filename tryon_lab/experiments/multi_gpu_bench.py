@@ -113,6 +113,11 @@ VARIANTS = {"eager": {}, "fp8": FP8 | {"compile": "regional"},  # fp8: the best 
             "fp8_cudagraphs": FP8 | {"compile": "full", "compile_mode": "reduce-overhead"},  # no launches at all
             "fp8_step_graph": FP8 | {"compile": "regional", "step_graph": True}}  # regional's rounding, one launch
 VARIANTS |= {f"{k}_overlap": v for k, v in VARIANTS.items() if "compile" in v}  # + comm_overlap_config
+# peers: cache-dit's own Ulysses (peers_gpu.cache_dit_parallel) on FP8 + regional compile; no fused QKV, which its
+# asynchronous Ulysses overlaps projection by projection
+PEERS = {"cache_dit_async": {"ulysses_async": True},
+         "cache_dit_async_fp8comm": {"ulysses_async": True, "ulysses_float8": True}}
+VARIANTS |= {k: {"fp8": "fp8_dynamic_row", "compile": "regional"} for k in PEERS}
 OVERLAP_PASSES = ("reorder_communication_preserving_peak_memory", "sink_waits_iterative",
                   "reorder_communication_preserving_peak_memory")  # inductor's recommended sequence
 
@@ -171,14 +176,21 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
     if requests:
         res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
     options = PipelineOptions(device=s0.device, dtype=s0.dtype, **VARIANTS[variant] if not tiny else {})
+    peer = None
     if world > 1 and torch.accelerator.device_count() == 0:  # the CPU smoke run: the code paths, no splitting
         res["context_parallel"] = "not applied: context parallelism needs an accelerator (each rank runs whole)"
+    elif world > 1 and variant in PEERS:
+        peer = PEERS[variant]
     elif world > 1:
         even = (s0.text_tokens + s0.image_tokens) % world == 0
         cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even, split_vae=split_vae)
         options = dataclasses.replace(options, context_parallel=cp)
         res["context_parallel"] = dataclasses.asdict(cp) | {"backend": cp.backend}
     apply_options(pipe, options)
+    if peer is not None:  # the peer's own hooks: after FP8, before the first (compiling) image
+        from .peers_gpu import cache_dit_parallel
+
+        res["context_parallel"] = cache_dit_parallel(pipe.fill, world, **peer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     for size in sizes:

@@ -7,6 +7,7 @@ libraries around an already configured pipeline, so ``gpu_bench`` can time it be
   the decoder compiled with max-autotune.
 - ``cache_dit``: cache-dit's DBCache (Fn=1, Bn=0) + TaylorSeer order 1, forced to a compute/skip mask, as the
   per-image peer of our step cache (same mask, so the timing compares the same number of full passes).
+- ``cache_dit_parallel``: cache-dit's own Ulysses for FLUX, the two-GPU peer of ``parallel``'s.
 """
 
 from __future__ import annotations
@@ -62,3 +63,15 @@ def cache_dit(pipe, mask: list[bool], steps: int) -> dict:
                            calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=1))
     return {"cache_dit": cache_dit.__version__ if hasattr(cache_dit, "__version__") else "installed",
             "computed": int(sum(mask))}
+
+
+def cache_dit_parallel(pipe_or_transformer, world: int, **options) -> dict:
+    """cache-dit's own context parallelism for FLUX (a Fill pipeline or its transformer), no step cache: Ulysses over
+    ``world`` ranks with its options, e.g. ``ulysses_async`` (each of Q, K, V starts its all-to-all while the next
+    one is projected) or ``ulysses_float8`` (FP8 all-to-alls). Call inside the process group, before the first
+    image."""
+    import cache_dit
+
+    cfg = cache_dit.ParallelismConfig(ulysses_size=world, **options)
+    cache_dit.enable_cache(pipe_or_transformer, parallelism_config=cfg)
+    return {"peer": f"cache-dit {cache_dit.__version__}", "ulysses_size": world, **options}

@@ -409,6 +409,7 @@ def test_ray_sweep_bench_counts_points_per_slot(tmp_path):
         assert json.loads((Path(r["sweep_dir"]) / "sweep.json").read_text())["executor"] == "ray"
     assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["grid"] == {"seed": [1, 2], "size": [4]}
     assert "points_per_min" in (tmp_path / "ray_sweep.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["valid"]  # every point ran ok
 
 
 def test_multi_gpu_summary_compares_each_run_with_its_own_sessions_one_gpu_path(tmp_path):
@@ -510,3 +511,14 @@ def test_cache_dit_ulysses_peer_matches_one_process(tmp_path, monkeypatch):
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1]) and _rel_l2(outs[0], ref) < 1e-5
 
+
+
+def test_ray_sweep_bench_says_when_points_failed(tmp_path):
+    """Failed points are rerun by Ray, so their sweep's time is no throughput: the result says so."""
+    from tryon_lab.experiments import ray_sweep_bench
+
+    (tmp_path / "nbs").mkdir()
+    nb = write_test_notebooks(tmp_path / "nbs")["nb_fail"]
+    res = ray_sweep_bench.bench((1,), nb, {}, {"seed": [1]}, tmp_path / "runs", tmp_path / "results.json")
+    assert not res["valid"] and res["rows"][0]["ok"] == 0
+    assert "Not a throughput measurement" in (tmp_path / "ray_sweep.md").read_text()

@@ -77,6 +77,12 @@ def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEB
           f"{rows[0]['slot_kind']} per point, a fresh local Ray instance per count; {res['stamp']['device']}, "
           f"{res['stamp']['date']}.\n\n" + markdown_table(
               rows, ["slots", "slot_kind", "points", "ok", "wall_s", "points_per_min", "speedup_vs_1"]) + "\n")
+    failed = [r for r in rows if r["ok"] < r["points"]]
+    res["valid"] = not failed
+    if failed:  # Ray retries a failed point once: the wall time then counts work twice
+        md += ("\n**Not a throughput measurement:** " + ", ".join(f"{r['points'] - r['ok']} of {r['points']} points "
+               f"failed with {r['slots']} slot(s) (`{r['sweep_dir']}`)" for r in failed)
+               + "; Ray reran each failed point once, so the times are not comparable.\n")
     write_results(results, "ray_sweep", res, md)
     print(md)
     return res

@@ -98,7 +98,9 @@ class StepGraphHook(ModelHook):
     def capture(self, forward, args: tuple, kwargs: dict):
         """(graph, output) of one call recorded as a CUDA graph on ``args``/``kwargs``, which stay its inputs."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads' CUDA calls (the NCCL watchdog's event queries) may go on during the capture,
+        # as inductor's own CUDA graphs allow them
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = forward(*args, **kwargs)
         return graph, out
 

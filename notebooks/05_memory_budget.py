@@ -111,7 +111,9 @@ notebook.markdown(memory_report.gpu_hot_path_text(raw, budget))
 # Speed-up is per image; rel-L2 compares the final latents with the one-GPU run's. The bars show where a
 # profiled step's device time goes on each rank; *host* is how long the host takes to issue that step. When the
 # host takes longer than the GPU's work, the GPU waits for it (regional compile at 1024x768), and CUDA graphs
-# take the host out of the step.
+# take the host out of the step: inductor's (whole-model compile only) or the step graph, one CUDA graph per
+# transformer call around regional compile (`PipelineOptions(step_graph=True)`). `ContextParallel(split_vae=True)`
+# splits the VAE's encode and decode over the GPUs as well, with the unsplit output.
 
 # %%
 mg_rows, mg_profile, mg_report = multi_gpu_bench.summary(results_file)

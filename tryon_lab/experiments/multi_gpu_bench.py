@@ -193,6 +193,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
         res["context_parallel"] = cache_dit_parallel(pipe.fill, world, **peer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
+    name = entry_name(world, variant) + ("_splitvae" if split_vae and world > 1 else "")
     for size in sizes:
         s = shape_for(size, tiny, config)
         s.text_tokens = s0.text_tokens
@@ -205,9 +206,8 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
             if world == 1 and variant == "fp8":  # the reference: the best one-GPU path
                 torch.save(lat, ref)
             print(size, json.dumps(res["sizes"][size]), flush=True)
+            write_results(results, name, res)  # after every size: a run stopped later keeps what it measured
     if rank == 0:
-        name = entry_name(world, variant) + ("_splitvae" if split_vae and world > 1 else "")
-        write_results(results, name, res)
         print(f"wrote {name} to {results}", res.get("throughput", ""))
     if teardown:
         dist.barrier()

@@ -115,8 +115,8 @@ def run_image(fill, s: fullsize.Shape, x: dict, steps: int) -> dict:
         mark()
         decode(fill, lat, s.height, s.width)
         mark()
-    gaps = [a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:], strict=False)] if cuda else \
-        [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    seconds = (lambda a, b: a.elapsed_time(b) / 1e3) if cuda else (lambda a, b: b - a)
+    gaps = [seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
     phases = {"until_first_step_end_s": gaps[0], "after_last_step_s": gaps[-2], "decode_s": gaps[-1]}
     return {"seconds": m["seconds"], "per_step": gaps[1:-2], "phases": phases, "latents": lat.float().cpu()}
 

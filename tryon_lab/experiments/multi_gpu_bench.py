@@ -132,8 +132,8 @@ def comm_overlap_config() -> dict:
             "reorder_for_compute_comm_overlap_passes": [p for p in OVERLAP_PASSES if hasattr(comms, p)]}
 
 
-def entry_name(world: int, variant: str) -> str:
-    return f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}")
+def entry_name(world: int, variant: str, split_vae: bool = False) -> str:
+    return f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}") + ("_splitvae" if split_vae else "")
 
 
 def bench(*args, variant: str = "fp8", **kwargs) -> dict:
@@ -167,12 +167,13 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
     s0 = shape_for(sizes[0], tiny, config)
     s0.text_tokens += -s0.text_tokens % text_multiple
     pipe = fullsize.slim_pipeline(s0)  # the same seeded random weights on every rank
+    split_vae = split_vae and world > 1  # one process has nothing to split
     res = {"stamp": stamp(device), "gpus": world, "steps": steps, "repeats": repeats, "variant": variant,
            "options": VARIANTS[variant], "text_tokens_padded_to_multiple_of": text_multiple,
            "model": "tiny FLUX Fill (CPU smoke run)" if tiny else "full-size FLUX Fill, random bf16 weights",
-           "decode": ("each rank encodes and decodes a band of rows (split_vae)" if split_vae and world > 1 else
+           "decode": ("each rank encodes and decodes a band of rows (split_vae)" if split_vae else
                       "every rank encodes and decodes the whole image (not split)"),
-           "split_vae": split_vae and world > 1, "sizes": {}}
+           "split_vae": split_vae, "sizes": {}}
     if requests:
         res["throughput"] = throughput(pipe.fill, s0, steps, requests) | {"size": sizes[0]}
     options = PipelineOptions(device=s0.device, dtype=s0.dtype, **VARIANTS[variant] if not tiny else {})
@@ -193,7 +194,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
         res["context_parallel"] = cache_dit_parallel(pipe.fill, world, **peer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    name = entry_name(world, variant) + ("_splitvae" if split_vae and world > 1 else "")
+    name = entry_name(world, variant, split_vae)
     for size in sizes:
         s = shape_for(size, tiny, config)
         s.text_tokens = s0.text_tokens

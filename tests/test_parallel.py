@@ -110,6 +110,8 @@ def test_ray_sweep_retries_once_then_records_failure(ray_local, nbs, tmp_path, c
     assert [pt["status"] for pt in rec["points"]] == ["ok", "ok", "failed"]
     attempts = {ft: int((counters / f"attempts-{ft}").read_text()) for ft in (0, 1, 2)}
     assert attempts == {0: 1, 1: 2, 2: 2}  # retried once, and only once
+    assert [pt["attempts"] for pt in rec["points"]] == [1, 2, 2]  # the attempt log agrees, read back by the driver
+    assert all(pt["point_s"] > 0 and pt["ended"] >= pt["started"] for pt in rec["points"])
     failed = rec["points"][2]
     assert "deliberate failure, attempt 2" in failed["error"]
     m = json.loads((sweep_dir / failed["run"] / "manifest.json").read_text())  # the last attempt's folder is kept
@@ -410,6 +412,9 @@ def test_ray_sweep_bench_counts_points_per_slot(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["grid"] == {"seed": [1, 2], "size": [4]}
     assert "points_per_min" in (tmp_path / "ray_sweep.md").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["ray_sweep"]["valid"]  # every point ran ok
+    for r in rows:  # where the time went, from the attempt log: no reruns, slots busy part of the wall time
+        assert r["reruns"] == 0 and 0 < r["point_s_median"] < r["wall_s"] and 0 < r["slots_busy"] <= 1.01
+    assert "target >= 1.9x" in (tmp_path / "ray_sweep.md").read_text()
 
 
 def test_multi_gpu_summary_compares_each_run_with_its_own_sessions_one_gpu_path(tmp_path):

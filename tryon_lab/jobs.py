@@ -10,9 +10,12 @@ recorded as failed and the rest is kept.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
+import socket
 import tarfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +64,28 @@ def error_line(e: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- folders as tasks
+ATTEMPTS_FILE = "attempts.jsonl"
+
+
+def log_attempt(folder: Path, run: str, start: float, error: str | None) -> None:
+    """Append one attempt (which point, when it ran, on which host, how it ended) to ``folder/attempts.jsonl``;
+    a single short append, so concurrent tasks on one filesystem do not interleave."""
+    line = json.dumps({"run": run, "start": start, "end": time.time(), "host": socket.gethostname(),
+                       "error": error})
+    with open(folder / ATTEMPTS_FILE, "a") as f:
+        f.write(line + "\n")
+
+
+def read_attempts(folder: Path) -> dict[str, list[dict]]:
+    """``log_attempt``'s lines by point, in the order they ran; {} where none were written."""
+    out: dict[str, list[dict]] = {}
+    path = folder / ATTEMPTS_FILE
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        a = json.loads(line)
+        out.setdefault(a["run"], []).append(a)
+    return out
+
+
 class PointFailed(RuntimeError):
     """A point whose folder did not finish ok; raising it lets Ray retry, ``archive`` keeps its folder."""
 
@@ -97,7 +122,13 @@ def run_point(run_one: PointRunner, folder: str, marker: str, args: Sequence) ->
     target = Path(folder)
     shared = Path(marker).is_file()
     shutil.rmtree(target, ignore_errors=True)  # a retry starts from a clean folder
-    error = run_one(target, *args)
+    start = time.time()
+    error: str | None = "crashed"
+    try:
+        error = run_one(target, *args)
+    finally:
+        if shared:  # where the time went: one line per attempt, read back into sweep.json by the driver
+            log_attempt(Path(marker).parent, target.name, start, error)
     archive = None
     if not shared:
         archive = pack(target)

@@ -300,6 +300,14 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                "from the top kernels they list; those that list none (before 05:00 on 11-30) still count Triton "
                "quantize and RoPE kernels under GEMM and attention.\n\n"
                + markdown_table(profiled, list(dict.fromkeys(k for r in profiled for k in r))))
+    if sweep := data.get("ray_sweep"):
+        from . import ray_sweep_bench as rs
+
+        md += (f"\n\n## Sweep throughput on Ray (`scripts/bench_ray_sweep.py`, {sweep['stamp']['date']})\n\n"
+               f"`{sweep['notebook']}` over {sweep['grid']} (base {sweep['base_params']}), one GPU per point.\n\n"
+               + markdown_table(sweep["rows"], [c for c in rs.COLUMNS if any(c in r for r in sweep["rows"])])
+               + "\n\n" + rs.verdict(sweep["rows"]) + ("" if sweep.get("valid", True) else
+                                                       " Not a throughput measurement: points failed."))
     return rows, profiled, md
 
 

@@ -21,6 +21,18 @@ from ..provenance import REPO_ROOT, stamp, write_results
 RESULTS = REPO_ROOT / "benchmarks" / "results.json"
 DEFAULT_NOTEBOOK = REPO_ROOT / "notebooks" / "01_slim_pipeline.ipynb"
 DEFAULT_GRID = {"seed": [0, 1, 2, 3, 4, 5]}
+TARGET = 1.9  # two GPUs' points per minute over one GPU's
+COLUMNS = ["slots", "slot_kind", "points", "ok", "reruns", "wall_s", "point_s_median", "slots_busy", "points_per_min",
+           "speedup_vs_1"]
+
+
+def verdict(rows: list[dict]) -> str:
+    """The two-slot row against the target."""
+    two = [r for r in rows if r["slots"] == 2]
+    if not two:
+        return f"Target (2 slots >= {TARGET}x one): no two-slot row."
+    s = two[-1]["speedup_vs_1"]
+    return f"2 {two[-1]['slot_kind']} slots: {s:.2f}x one (target >= {TARGET}x: **{'met' if s >= TARGET else 'NOT met'}**)."
 
 
 def sweep_with(slots: int, notebook: str, base: dict, grid: dict, runs_root: str) -> dict:
@@ -45,7 +57,20 @@ def sweep_with(slots: int, notebook: str, base: dict, grid: dict, runs_root: str
     points = json.loads((sweep_dir / "sweep.json").read_text())["points"]
     return {"slots": slots, "slot_kind": "GPU" if gpus else "CPU", "points": len(points),
             "ok": sum(p["status"] == "ok" for p in points), "wall_s": wall,
-            "points_per_min": 60 * len(points) / wall, "sweep_dir": str(sweep_dir)}
+            "points_per_min": 60 * len(points) / wall, "sweep_dir": str(sweep_dir)} | attempt_stats(sweep_dir, slots, wall)
+
+
+def attempt_stats(sweep_dir: Path, slots: int, wall: float) -> dict:
+    """Where a sweep's wall time went, from its attempt log: reruns, the median point, and how busy the slots
+    were (all attempts' time over slots x wall: below 1, the slots waited for Ray or for the tail)."""
+    from ..jobs import read_attempts
+
+    tries = [a for runs in read_attempts(Path(sweep_dir)).values() for a in runs]
+    if not tries:
+        return {}
+    spans = sorted(a["end"] - a["start"] for a in tries)
+    return {"reruns": len(tries) - len({a["run"] for a in tries}), "point_s_median": spans[len(spans) // 2],
+            "slots_busy": sum(spans) / (slots * wall)}
 
 
 def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEBOOK, base: dict | None = None,
@@ -76,7 +101,7 @@ def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEB
     md = (f"# Sweep throughput on Ray\n\n`{Path(notebook).name}` over {grid} (base {base or {}}), one "
           f"{rows[0]['slot_kind']} per point, a fresh local Ray instance per count; {res['stamp']['device']}, "
           f"{res['stamp']['date']}.\n\n" + markdown_table(
-              rows, ["slots", "slot_kind", "points", "ok", "wall_s", "points_per_min", "speedup_vs_1"]) + "\n")
+              rows, [c for c in COLUMNS if any(c in r for r in rows)]) + "\n\n" + verdict(rows) + "\n")
     failed = [r for r in rows if r["ok"] < r["points"]]
     res["valid"] = not failed
     if failed:  # Ray retries a failed point once: the wall time then counts work twice

@@ -54,7 +54,7 @@ def sweep(notebooks: Sequence[PathLike], base_params: Mapping[str, Any] | None, 
                jobs_for(paths, merge_params(base_params or {}, point, stems))) for i, point in enumerate(expand_grid(grid))]
     try:
         if executor == "ray":
-            from ..jobs import run_sweep_ray
+            from ..jobs import read_attempts, run_sweep_ray
 
             record["points"] = [{"params": point, "run": sub} for sub, point, _ in points]
             write_json(sweep_dir / "sweep.json", record)
@@ -63,6 +63,11 @@ def sweep(notebooks: Sequence[PathLike], base_params: Mapping[str, Any] | None, 
                                    run_sweep_point, address=ray_address, progress=progress)
             for pt in record["points"]:
                 pt.update({"error": errors[pt["run"]]} if pt["run"] in errors else {})
+            tried = read_attempts(sweep_dir)  # where points ran in place (this machine, a shared filesystem)
+            for pt in record["points"]:
+                if tries := tried.get(pt["run"]):
+                    pt.update(attempts=len(tries), point_s=round(tries[-1]["end"] - tries[-1]["start"], 3),
+                              started=tries[0]["start"], ended=tries[-1]["end"])
         else:
             for sub, point, jobs in points:
                 record["points"].append({"params": point, "run": sub})

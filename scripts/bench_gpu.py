@@ -21,6 +21,8 @@ def main(argv=None) -> int:
                     help=f"comma list from: {', '.join(gpu_bench.RECIPES)} (empty: none)")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start processes")
     ap.add_argument("--cold-cases", help="only these cold-start cases, ';'-separated (default: all)")
+    ap.add_argument("--bytecode", action="store_true", help="write the packages' bytecode caches before the cold "
+                    "cases, as an image build does (for packages installed with pip --no-compile)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run (keep under the call limit)")
     ap.add_argument("--work", default="/tmp/bench_gpu_work", help="local disk for weights and compile artefacts")
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
         if a.tiny:  # the CPU smoke run has fewer steps: the same pattern's first steps
             schedule = schedule[: a.steps or 3]
     cold_cases = [c.strip() for c in a.cold_cases.split(";")] if a.cold_cases else None
-    gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work, schedule, cold_cases)
+    gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work, schedule, cold_cases,
+                        a.bytecode)
     return 0
 
 

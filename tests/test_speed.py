@@ -175,7 +175,7 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gpu.py"
     p = subprocess.run([sys.executable, str(script), "--tiny", "--variants", "eager,regional", "--out", str(tmp_path),
-                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=600)
+                        "--work", str(tmp_path / "work"), "--bytecode"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads((tmp_path / "bench_gpu.json").read_text())["bench_gpu"]
     eager, regional = res["steps"]["variants"]["eager"], res["steps"]["variants"]["regional"]
@@ -196,6 +196,34 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert aoti["rel_l2_vs_slim_eager"] < 1e-4 and aoti["weights_bytes"] > 0
     assert "diffusers" not in aoti["imports_by_package"] and "diffusers" in cases["stock eager"]["imports_by_package"]
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
+    assert {"diffusers", "tryon_lab"} <= set(res["cold"]["bytecode_build"]["compiled"])
+    for name, c in cases.items():  # with the bytecode written first, no case compiles the packages' sources itself
+        if not GPU_CASES[name].aoti:  # (the AOTInductor child is a torch-only process of its own)
+            assert c["bytecode"]["python_modules"] > 100
+            assert "diffusers" not in c["bytecode"]["compiled_here_by_package"], c["bytecode"]
+
+
+def test_bytecode_report_finds_modules_compiled_from_source(tmp_path):
+    """A module imported without a bytecode cache (PYTHONDONTWRITEBYTECODE) is reported as compiled in that
+    process; after ``compile_bytecode``-style caching it is not."""
+    import compileall
+
+    (tmp_path / "pkg_x").mkdir()
+    (tmp_path / "pkg_x" / "__init__.py").write_text("VALUE = 1\n")
+    code = ("import time, json; t = time.time(); import pkg_x; "
+            "from tryon_lab.experiments.coldstart import bytecode_report; print(json.dumps(bytecode_report(t)))")
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)])}
+
+    def report() -> dict:
+        p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return json.loads(p.stdout.strip().splitlines()[-1])
+
+    before = report()
+    assert before["dont_write_bytecode"] and before["compiled_here_by_package"].get("pkg_x") == 1
+    assert compileall.compile_dir(tmp_path / "pkg_x", quiet=2)
+    assert "pkg_x" not in report()["compiled_here_by_package"]
 
 
 def test_gpu_bench_levers_and_peers_on_the_tiny_model():

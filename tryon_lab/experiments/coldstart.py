@@ -29,6 +29,9 @@ from pathlib import Path
 
 PHASES = ("interpreter", "imports", "cuda_init", "weights", "quantize", "artifacts", "configure", "prepare", "redux",
           "compile", "denoise", "decode")
+# the cold path's pure-Python packages, byte-compiled at image build by ``compile_bytecode``
+BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingface_hub", "safetensors", "accelerate",
+                     "tryon_lab")
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -192,6 +195,7 @@ def child(t: float) -> None:
     from torch._dynamo.utils import counters
 
     marks["imports_by_package"] = _by_package(imports)
+    marks["bytecode"] = bytecode_report(t)
     marks["cache_counters"] = {f"{g}.{k}": v for g in ("inductor", "aot_autograd") for k, v in counters[g].items()
                                if "cache" in k or "hit" in k or "miss" in k}
     try:  # where dynamo/inductor spent the compile phase (function -> seconds)
@@ -205,6 +209,47 @@ def child(t: float) -> None:
 
         marks["saved"] = save_compile_artifacts(a["artifacts_out"])
     print("COLD " + json.dumps(marks, default=str), flush=True)
+
+
+def bytecode_report(since: float) -> dict:
+    """Imported Python modules that this process compiled from source: no bytecode cache beside them, or one
+    written after ``since`` (the process start). An image built with ``pip install --no-compile``, or read-only
+    packages under ``PYTHONDONTWRITEBYTECODE``, pay that in every fresh process, inside "imports"."""
+    import importlib.util
+
+    compiled: dict[str, int] = {}
+    n = 0
+    for name, module in list(sys.modules.items()):
+        source = getattr(module, "__file__", None)
+        if not source or not source.endswith(".py"):
+            continue
+        n += 1
+        cached = importlib.util.cache_from_source(source)
+        if not os.path.exists(cached) or os.path.getmtime(cached) >= since:
+            top = name.split(".")[0]
+            compiled[top] = compiled.get(top, 0) + 1
+    return {"dont_write_bytecode": sys.dont_write_bytecode, "python_modules": n,
+            "compiled_here": sum(compiled.values()), "compiled_here_by_package": compiled}
+
+
+def compile_bytecode(packages: tuple[str, ...] = BYTECODE_PACKAGES) -> dict:
+    """Write the bytecode caches of ``packages`` (as ``pip install`` does unless told ``--no-compile``): an image
+    build step, timed apart from every cold start. Packages not installed, or read-only, are listed as such."""
+    import compileall
+    import importlib.util
+
+    start, done, skipped, failed_files = time.perf_counter(), [], [], []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        if not roots or not all(os.access(r, os.W_OK) for r in roots):
+            skipped.append(name)
+            continue
+        done.append(name)
+        if not all([compileall.compile_dir(r, quiet=2, workers=0) for r in roots]):
+            failed_files.append(name)  # a file that does not compile (e.g. a template) is left to the import
+    return {"seconds": time.perf_counter() - start, "compiled": done, "not_compiled": skipped,
+            "with_files_that_failed": failed_files}
 
 
 def _by_package(imports: dict) -> dict:

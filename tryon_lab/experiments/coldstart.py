@@ -328,7 +328,9 @@ def phase_rows(cases: dict) -> list[dict]:
             rows.append({"case": name, "status": c.get("status"), "note": c.get("reason", "")[:80]})
             continue
         rows.append({"case": name, **{p: c.get(p, 0.0) for p in PHASES}, "other": c["other"],
-                     "to first image": c["first_image_wall_s"], "steady image": c["steady_image"]})
+                     "to first image": c["first_image_wall_s"], "steady image": c["steady_image"],
+                     # modules compiled from source inside "imports" (no bytecode cache beside them)
+                     "modules compiled": c.get("bytecode", {}).get("compiled_here", "")})
     return rows
 
 

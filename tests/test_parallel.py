@@ -488,7 +488,7 @@ def test_split_vae_equals_one_process_once_the_halo_covers_the_receptive_field(t
     assert max(errs) < tolerance and (halo > 2 or max(errs) > 1e-3)
 
 
-def _cache_dit_worker(rank: int, world: int, port: int, out: str) -> None:
+def _cache_dit_worker(rank: int, world: int, port: int, out: str, graphed: bool = False) -> None:
     import torch.distributed as dist
 
     from tryon_lab.experiments.peers_gpu import cache_dit_parallel
@@ -500,19 +500,33 @@ def _cache_dit_worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         model = _tiny_transformer()
         cache_dit_parallel(model, world, ulysses_async=True)
+        if graphed:  # as the bench's `cache_dit_async_step_graph`: our graph outside the peer's split and gather
+            from unittest import mock
+
+            from tests.conftest import graph_on_the_cpu
+            from tryon_lab.step_graph import apply_step_graph
+
+            graph_on_the_cpu(lambda obj, name, value: mock.patch.object(obj, name, value).start())
+            hook = apply_step_graph(model)
         with torch.no_grad():
-            torch.save(model(**_tiny_inputs(model))[0].clone(), f"{out}/rank{rank}.pt")
+            for _ in range(3 if graphed else 1):  # graphed: warm-up, capture, replay
+                sample = model(**_tiny_inputs(model))[0]
+        if graphed:
+            assert (hook.state.captures, hook.state.replays) == (1, 1)
+        torch.save(sample.clone(), f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_cache_dit_ulysses_peer_matches_one_process(tmp_path, monkeypatch):
-    """The two-GPU peer (cache-dit's own asynchronous Ulysses) over two gloo ranks: the same output as one process."""
+@pytest.mark.parametrize("graphed", [False, True], ids=["peer", "peer+step_graph"])
+def test_cache_dit_ulysses_peer_matches_one_process(tmp_path, monkeypatch, graphed):
+    """The two-GPU peer (cache-dit's own asynchronous Ulysses) over two gloo ranks, alone and under our step
+    graph (its CPU stand-in replays the recorded call): the same output as one process."""
     monkeypatch.setattr(sys.modules[__name__], "TEXT_TOKENS", 16)
     model = _tiny_transformer()
     with torch.no_grad():
         ref = model(**_tiny_inputs(model))[0]
-    _spawn(_cache_dit_worker, (str(tmp_path),))
+    _spawn(_cache_dit_worker, (str(tmp_path), graphed))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1]) and _rel_l2(outs[0], ref) < 1e-5
 

@@ -117,6 +117,8 @@ VARIANTS |= {f"{k}_overlap": v for k, v in VARIANTS.items() if "compile" in v}  
 # asynchronous Ulysses overlaps projection by projection
 PEERS = {"cache_dit_async": {"ulysses_async": True},
          "cache_dit_async_fp8comm": {"ulysses_async": True, "ulysses_float8": True}}
+# the peer's split under our step graph (one CUDA graph per transformer call): its overlap without the host
+PEERS |= {f"{k}_step_graph": v for k, v in PEERS.items()}
 VARIANTS |= {k: {"fp8": "fp8_dynamic_row", "compile": "regional"} for k in PEERS}
 OVERLAP_PASSES = ("reorder_communication_preserving_peak_memory", "sink_waits_iterative",
                   "reorder_communication_preserving_peak_memory")  # inductor's recommended sequence
@@ -192,6 +194,10 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
         from .peers_gpu import cache_dit_parallel
 
         res["context_parallel"] = cache_dit_parallel(pipe.fill, world, **peer)
+        if variant.endswith("_step_graph"):  # registered last: the peer's split and gather run inside the graph
+            from ..step_graph import apply_step_graph
+
+            apply_step_graph(pipe.fill.transformer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     name = entry_name(world, variant, split_vae)

@@ -44,7 +44,7 @@ min_psnr = 35.0  # dB vs full compute: the recommended threshold keeps every ima
 include_diffusers = True  # also sweep diffusers' First Block Cache, MagCache and TaylorSeer
 diffusers_settings = {"first_block_cache": [0.2, 0.45, 0.7], "mag_cache": [0.06, 0.24], "taylorseer": [2, 4]}
 orders = [0, 1]  # TeaCache's skipped residual: 0 reused, 1 extrapolated to first order
-include_cache_dit = True  # cache-dit's DBCache + TaylorSeer (Fn=1, Bn=0, order 1), in a process of its own
+include_cache_dit = True  # the peer: DBCache + TaylorSeer of cache-dit (Fn 1, Bn 0, order 1), in its own process
 cache_dit_thresholds = [0.05, 0.1, 0.2, 0.3, 0.45]  # its residual_diff_threshold values
 more_steps = [28]  # calibrate and sweep again at these step counts (the equal-passes comparison)
 quality_steps = [8, 12, 20, 28]  # steps vs quality (the full grid: steps_quality.FULL_GRID, 8 to 50)

@@ -94,6 +94,17 @@ def test_each_notebook_opens_with_parameters_then_one_setup_call(py):
 
 
 @pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_reads_every_parameter(py):
+    """papermill's own reading of the parameters cell (``--help-notebook``, type hints) finds every assignment: a
+    line it cannot parse (a quote or '=' in a comment can do that) is skipped with a warning to the user."""
+    from papermill.translators import PythonTranslator
+
+    cell = code_cells(py)[0]
+    assigned = [t.id for node in ast.parse(cell.source).body if isinstance(node, ast.Assign) for t in node.targets]
+    assert [p.name for p in PythonTranslator.inspect(cell)] == assigned
+
+
+@pytest.mark.parametrize("py", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebooks_make_pipelines_only_through_configure(py):
     src = "\n".join(c.source for c in code_cells(py))
     assert [f for f in HAND_BUILT if f in src] == []

@@ -45,6 +45,7 @@ include_diffusers = True  # also sweep diffusers' First Block Cache, MagCache an
 diffusers_settings = {"first_block_cache": [0.2, 0.45, 0.7], "mag_cache": [0.06, 0.24], "taylorseer": [2, 4]}
 orders = [0, 1]  # TeaCache's skipped residual: 0 reused, 1 extrapolated to first order
 include_cache_dit = True  # the peer: DBCache + TaylorSeer of cache-dit (Fn 1, Bn 0, order 1), in its own process
+fitted_schedule = True  # also our first-order cache on a compute schedule fitted on the calibration requests
 cache_dit_thresholds = [0.05, 0.1, 0.2, 0.3, 0.45]  # its residual_diff_threshold values
 more_steps = [28]  # calibrate and sweep again at these step counts (the equal-passes comparison)
 quality_steps = [8, 12, 20, 28]  # steps vs quality (the full grid: steps_quality.FULL_GRID, 8 to 50)
@@ -59,7 +60,7 @@ from tryon_lab import notebook
 lab = notebook.setup(model, device, dtype, output_dir)  # model, device, commit; quiets known library noise
 
 from tryon_lab import pipeline, runs, synthetic, teacache
-from tryon_lab.experiments import steps_quality, teacache_fit, teacache_report
+from tryon_lab.experiments import step_schedule, steps_quality, teacache_fit, teacache_report
 
 slim = lab.pipeline()
 
@@ -103,6 +104,8 @@ fig = teacache_report.plot_calibration(calibration, fit)
 # %%
 holdout, targets = teacache_report.held_out(requests, [p.target for p in pairs], calibration_size, holdout_size)
 peers, peer_note = teacache_report.peers(cache_dit_thresholds, include_cache_dit)
+if fitted_schedule:  # fitted at each sweep's step count on the calibration requests, run on the held-out ones
+    peers.append(step_schedule.peer(requests[:calibration_size]))
 sweep_options = dict(include_diffusers=include_diffusers, published_thresholds=published_thresholds,
                      diffusers_params=diffusers_settings, orders=orders, peers=peers)
 rows = teacache_fit.sweep(slim, holdout, thresholds, settings, fit.coefficients, targets=targets,
@@ -129,6 +132,14 @@ fig = teacache_fit.plot_samples(rows, target=targets[0], include=recommended)
 # step size), and every method is swept again. The plot puts all methods on one axis, transformer passes
 # per image; the table reads each method's PSNR at 2x, 3x and 4x fewer passes than steps (linear between
 # the two nearest points of its sweep; empty where its sweep did not reach) and names who leads.
+#
+# `teacache_scheduled` keeps our first-order extrapolation and replaces the run-time decision with a schedule
+# fitted on the calibration requests (`experiments.step_schedule`): replaying the steps cache-dit computes, our
+# extrapolation is as close to full compute as cache-dit, so the choice of steps is what decides quality. For
+# each pass budget a dynamic programme picks the steps whose skipping costs the least first-order extrapolation
+# error on the calibration trajectories (two proxies: the residual's error, the output's error times the step
+# size; the one closer to full compute on the calibration requests is kept). The schedule is static: no
+# decision at run time and no block computed on a skipped step (cache-dit runs its first block on every step).
 
 # %%
 more, more_fits = teacache_report.sweep_at_steps(slim, requests, [p.target for p in pairs], more_steps, settings,

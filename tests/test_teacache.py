@@ -402,3 +402,51 @@ def test_steps_quality_lists_failing_schedulers_and_adds_the_step_cache(slim):
     assert sq.plot(rows, 2).axes
     with pytest.raises(ValueError, match="unknown scheduler"):
         sq.steps_quality(slim, [req], [None], _settings(1), steps=(2,), schedulers=("nope",), reference_steps=2)
+
+
+def _schedule_cost(errors: np.ndarray, schedule: tuple[bool, ...]) -> float:
+    """The summed error of a schedule's skipped steps, predicted from the last two computed steps."""
+    computed, cost = [], 0.0
+    for s, c in enumerate(schedule):
+        if c:
+            computed.append(s)
+        else:
+            a = computed[-2] if len(computed) > 1 else -1
+            cost += errors[a + 1, computed[-1], s]
+    return cost
+
+
+def test_fitted_schedule_is_the_cheapest_of_all_schedules():
+    """The dynamic programme against brute force on a random error table: exactly `passes` computed steps, the
+    first and the last among them, and no other such schedule skips more cheaply."""
+    import itertools
+
+    from tryon_lab.experiments import step_schedule
+
+    n = 8
+    errors = np.random.default_rng(0).random((n + 1, n, n))
+    for passes in range(2, n + 1):
+        sched = step_schedule.fit_schedule(errors, passes)
+        assert sum(sched) == passes and sched[0] and sched[-1]
+        every = [tuple(i in {0, n - 1, *mid} for i in range(n))
+                 for mid in itertools.combinations(range(1, n - 1), passes - 2)]
+        assert math.isclose(_schedule_cost(errors, sched), min(_schedule_cost(errors, s) for s in every))
+    with pytest.raises(ValueError, match="passes"):
+        step_schedule.fit_schedule(errors, 1)
+
+
+def test_fitted_schedules_run_in_the_sweep_with_their_pass_counts(slim):
+    """The fitted schedule as a sweep row: trajectories recorded, both proxies scored, each budget's schedule run
+    on the sweep's requests with exactly that many block-stack passes (counted by the sweep's own hook)."""
+    from tryon_lab.experiments import step_schedule
+
+    reqs = [_req(seed=i) for i in range(3)]
+    trajectories = step_schedule.record(slim, reqs[:2], _settings(6))
+    assert [len(t.residual) for t in trajectories] == [6, 6] and trajectories[0].step_sizes.shape == (6,)
+    for proxy in step_schedule.PROXIES:
+        e = step_schedule.extrapolation_errors(trajectories, slim.transformer, proxy)
+        assert e.shape == (7, 6, 6) and np.all(e >= 0) and e[0, 0, 1] > 0
+    rows = tf.sweep(slim, reqs[2:], [], _settings(6), [1.0, 0.0], include_diffusers=False,
+                    peers=[step_schedule.peer(reqs[:2], factors=(2, 3))])
+    scheduled = [r for r in rows if r["method"] == step_schedule.METHOD]
+    assert [r["computed"] for r in scheduled] == [2, 3] and all(r["psnr"] < 200 for r in scheduled)

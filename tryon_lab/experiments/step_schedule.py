@@ -1,0 +1,172 @@
+"""A compute schedule for the step cache, fitted on calibration trajectories: which steps run the block stack.
+
+On the trained model, our first-order step cache (``TeaCacheConfig(order=1)``) replaying the steps that cache-dit's
+DBCache + TaylorSeer computes is as close to full compute as cache-dit itself, without running a block on the
+skipped steps: at a given number of passes, what decides quality is *which* steps are computed. So the choice is
+fitted offline, once per step count, like TeaCache's coefficients:
+
+1. ``record`` runs the calibration requests with full compute and keeps, per step, the block stack's input and
+   residual (output minus input), the final-norm embedding and the model output, and the step sizes.
+2. ``extrapolation_errors`` scores skipping step s after the computed steps a < b (predicting s's residual from
+   theirs to first order, as the hook does), by one of two proxies: the residual's relative error, or the model
+   output's error times the step size (what it moves the latents by).
+3. ``fit_schedule``: exactly ``passes`` computed steps, the first and the last among them, with the least summed
+   error (dynamic programming over the last two computed steps).
+4. ``fit_schedules`` keeps, per pass budget, the proxy whose schedule is closer to full compute on the
+   calibration requests themselves.
+
+The schedule is static: no decision at run time, the same steps for every request (one CUDA graph per step kind).
+``peer`` puts it into ``teacache_fit.sweep`` as the method ``teacache_scheduled``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from ..metrics import psnr
+from ..pipeline import tryon
+from ..teacache import TeaCacheConfig, enabled
+
+METHOD = "teacache_scheduled"
+PROXIES = ("residual", "output")
+FACTORS = (1.5, 2, 3, 4, 6)  # pass budgets, as steps / passes
+
+
+@dataclass
+class Trajectory:
+    """One full-compute request, per step: stack input, stack residual, final-norm embedding, model output."""
+
+    x: list[torch.Tensor]
+    residual: list[torch.Tensor]
+    temb: list[torch.Tensor]
+    output: list[torch.Tensor]
+    step_sizes: np.ndarray  # |sigma_(s+1) - sigma_s|
+    image: object  # the full-compute image (PIL), the reference of the closed-loop choice
+
+
+def record(pipe, requests, settings) -> list[Trajectory]:
+    """Full compute on each request (one per call), with hooks reading the stack's input and output."""
+    return [_record_one(pipe, r, replace(settings, progress=False)) for r in requests]
+
+
+@torch.no_grad()
+def _record_one(pipe, request, settings) -> Trajectory:
+    tr = pipe.transformer
+    seen: dict[str, list] = {"x": [], "stack": [], "temb": [], "output": []}
+
+    def keep(name):
+        return lambda module, inputs, output: seen[name].append(output.detach().clone())
+
+    def norm_in(module, args):  # the stack output and the embedding the final norm modulates with
+        seen["stack"].append(args[0].detach().clone())
+        seen["temb"].append(args[1].detach().clone())
+
+    hooks = [tr.x_embedder.register_forward_hook(keep("x")), tr.norm_out.register_forward_pre_hook(norm_in),
+             tr.proj_out.register_forward_hook(keep("output"))]
+    try:
+        result = tryon(pipe, [request], settings)
+    finally:
+        for h in hooks:
+            h.remove()
+    sigmas = pipe.fill.scheduler.sigmas.detach().double().cpu().numpy()
+    return Trajectory(seen["x"], [s - x for s, x in zip(seen["stack"], seen["x"], strict=True)], seen["temb"],
+                      seen["output"], np.abs(np.diff(sigmas))[: len(seen["x"])], result.images[0])
+
+
+@torch.no_grad()
+def extrapolation_errors(trajectories: list[Trajectory], transformer, proxy: str = "residual") -> np.ndarray:
+    """``E[a + 1, b, s]``: the error of skipping step s when a < b are the last two computed steps (a = -1: only b,
+    so the residual is reused as it is), averaged over the trajectories."""
+    if proxy not in PROXIES:
+        raise ValueError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+    n = len(trajectories[0].residual)
+    errors = np.zeros((n + 1, n, n))
+    for t in trajectories:
+        r = t.residual
+        for b in range(n):
+            for a in range(-1, b):
+                for s in range(b + 1, n):
+                    pred = r[b] if a < 0 else r[b] + (r[b] - r[a]) * ((s - b) / (b - a))
+                    if proxy == "residual":
+                        e = float((r[s] - pred).norm() / r[s].norm())
+                    else:
+                        out = transformer.proj_out(transformer.norm_out(t.x[s] + pred, t.temb[s]))
+                        e = float(t.step_sizes[s] * (out - t.output[s]).norm())
+                    errors[a + 1, b, s] += e / len(trajectories)
+    return errors
+
+
+def fit_schedule(errors: np.ndarray, passes: int) -> tuple[bool, ...]:
+    """Exactly ``passes`` computed steps, the first and the last among them, with the least summed ``errors`` of
+    the skipped ones. Dynamic programming over (last two computed steps, count)."""
+    n = errors.shape[1]
+    if not 2 <= passes <= n:
+        raise ValueError(f"passes must be between 2 and the {n} steps, got {passes}")
+    # gap[a + 1, b, c]: errors summed over the steps before c, so the steps skipped between b and c sum to
+    # gap[., b, c] - gap[., b, b + 1]
+    gap = np.concatenate([np.zeros((n + 1, n, 1)), np.cumsum(errors, axis=2)], axis=2)
+    best: dict[tuple[int, int, int], tuple[float, tuple | None]] = {(-1, 0, 1): (0.0, None)}
+    for b in range(n - 1):  # states are extended in order of their last computed step
+        for (a, last, k), (cost, _) in [kv for kv in best.items() if kv[0][1] == b]:
+            for c in range(b + 1, n):
+                if k + 1 > passes or (c == n - 1) != (k + 1 == passes):  # the last step ends the schedule
+                    continue
+                total = cost + gap[a + 1, b, c] - gap[a + 1, b, b + 1]
+                if (b, c, k + 1) not in best or total < best[(b, c, k + 1)][0]:
+                    best[(b, c, k + 1)] = (total, (a, last, k))
+    end = min((v[0], key) for key, v in best.items() if key[1] == n - 1 and key[2] == passes)[1]
+    computed = set()
+    while end is not None:
+        computed.add(end[1])
+        end = best[end][1]
+    return tuple(i in computed for i in range(n))
+
+
+def run_schedule(pipe, requests, settings, schedule: tuple[bool, ...]) -> list:
+    """Each request (one per call) with the first-order step cache computing exactly the ``schedule``'s steps."""
+    cfg = TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=settings.steps)
+    with enabled(pipe.transformer, cfg):
+        return [tryon(pipe, [r], replace(settings, progress=False)) for r in requests]
+
+
+def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets) -> dict[int, dict]:
+    """Per pass budget: each proxy's schedule, and the one closer to full compute on the calibration ``requests``
+    (mean PSNR against their recorded images); a proxy whose schedule equals another's is not run twice."""
+    errors = {p: extrapolation_errors(trajectories, pipe.transformer, p) for p in PROXIES}
+    out = {}
+    for k in budgets:
+        candidates = {p: fit_schedule(errors[p], k) for p in PROXIES}
+        scores: dict[tuple, float] = {}
+        for sched in dict.fromkeys(candidates.values()):
+            runs = run_schedule(pipe, requests, settings, sched)
+            scores[sched] = float(np.mean([psnr(r.images[0], t.image) for r, t in zip(runs, trajectories, strict=True)]))
+        proxy = max(PROXIES, key=lambda p: scores[candidates[p]])
+        out[k] = {"schedule": candidates[proxy], "proxy": proxy, "calibration_psnr": scores[candidates[proxy]]}
+    return out
+
+
+def budgets(steps: int, factors=FACTORS) -> list[int]:
+    """Pass counts for steps / factor (at least 2), without repeats."""
+    return sorted({max(2, round(steps / f)) for f in factors})
+
+
+def peer(calibration_requests, factors=FACTORS):
+    """``teacache_fit.sweep(peers=[...])``'s form: fits the schedules at the sweep's step count on
+    ``calibration_requests``, then runs the sweep's requests with each: ``(method, setting, value, results, passes)``."""
+    from .teacache_fit import run_counted
+
+    def run(pipe, requests, settings):
+        trajectories = record(pipe, calibration_requests, settings)
+        fitted = fit_schedules(pipe, trajectories, calibration_requests, settings, budgets(settings.steps, factors))
+        rows = []
+        for k, f in fitted.items():
+            cfg = TeaCacheConfig(schedule=f["schedule"], order=1, num_inference_steps=settings.steps)
+            results, passes = run_counted(pipe, requests, settings, context=lambda c=cfg: enabled(pipe.transformer, c))
+            pattern = "".join("C" if c else "." for c in f["schedule"])
+            rows.append((METHOD, f"{k} passes, {f['proxy']} proxy: {pattern}", float(k), results, passes))
+        return rows
+
+    return run

@@ -450,3 +450,4 @@ def test_fitted_schedules_run_in_the_sweep_with_their_pass_counts(slim):
                     peers=[step_schedule.peer(reqs[:2], factors=(2, 3))])
     scheduled = [r for r in rows if r["method"] == step_schedule.METHOD]
     assert [r["computed"] for r in scheduled] == [2, 3] and all(r["psnr"] < 200 for r in scheduled)
+    assert step_schedule.budgets(28) == [7, 9, 10, 14] and step_schedule.budgets(12) == [3, 4, 6]

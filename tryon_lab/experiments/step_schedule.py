@@ -21,6 +21,7 @@ The schedule is static: no decision at run time, the same steps for every reques
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -32,7 +33,7 @@ from ..teacache import TeaCacheConfig, enabled
 
 METHOD = "teacache_scheduled"
 PROXIES = ("residual", "output")
-FACTORS = (1.5, 2, 3, 4, 6)  # pass budgets, as steps / passes
+FACTORS = (2, 3, 4)  # pass budgets, as steps / passes: the comparison's points (notebook 02's lead table)
 
 
 @dataclass
@@ -149,8 +150,9 @@ def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budg
 
 
 def budgets(steps: int, factors=FACTORS) -> list[int]:
-    """Pass counts for steps / factor (at least 2), without repeats."""
-    return sorted({max(2, round(steps / f)) for f in factors})
+    """The whole pass counts either side of steps / factor (at least 2): the comparison at 28 / 3 = 9.33 passes
+    reads between 9 and 10."""
+    return sorted({max(2, f(steps / k)) for k in factors for f in (math.floor, math.ceil)})
 
 
 def peer(calibration_requests, factors=FACTORS):

@@ -443,9 +443,18 @@ def test_fitted_schedules_run_in_the_sweep_with_their_pass_counts(slim):
     reqs = [_req(seed=i) for i in range(3)]
     trajectories = step_schedule.record(slim, reqs[:2], _settings(6))
     assert [len(t.residual) for t in trajectories] == [6, 6] and trajectories[0].step_sizes.shape == (6,)
-    for proxy in step_schedule.PROXIES:
-        e = step_schedule.extrapolation_errors(trajectories, slim.transformer, proxy)
-        assert e.shape == (7, 6, 6) and np.all(e >= 0) and e[0, 0, 1] > 0
+    errors = {p: step_schedule.extrapolation_errors(trajectories, slim.transformer, p) for p in step_schedule.PROXIES}
+    assert all(e.shape == (7, 6, 6) and np.all(e >= 0) and e[0, 0, 1] > 0 for e in errors.values())
+    a, b, s = 1, 3, 5  # one entry by hand: skip step 5 after computing 1 and 3, averaged over both requests
+    by_hand = {"residual": [], "output": []}
+    with torch.no_grad():
+        for t in trajectories:
+            pred = t.residual[b] + (t.residual[b] - t.residual[a]) * (s - b) / (b - a)
+            by_hand["residual"].append(float((t.residual[s] - pred).norm() / t.residual[s].norm()))
+            v = slim.transformer.proj_out(slim.transformer.norm_out(t.x[s] + pred, t.temb[s]))
+            by_hand["output"].append(float(t.step_sizes[s] * (v - t.output[s]).norm()))
+    for proxy, e in errors.items():
+        assert math.isclose(e[a + 1, b, s], np.mean(by_hand[proxy]), rel_tol=1e-4), proxy
     rows = tf.sweep(slim, reqs[2:], [], _settings(6), [1.0, 0.0], include_diffusers=False,
                     peers=[step_schedule.peer(reqs[:2], factors=(2, 3))])
     scheduled = [r for r in rows if r["method"] == step_schedule.METHOD]

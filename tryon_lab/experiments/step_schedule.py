@@ -15,7 +15,7 @@ fitted offline, once per step count, like TeaCache's coefficients:
 4. ``fit_schedules`` keeps, per pass budget, the proxy whose schedule is closer to full compute on the
    calibration requests themselves.
 
-The schedule is static: no decision at run time, the same steps for every request (one CUDA graph per step kind).
+The schedule is static: no decision at run time, the same steps for every request.
 ``peer`` puts it into ``teacache_fit.sweep`` as the method ``teacache_scheduled``.
 """
 
@@ -129,10 +129,14 @@ def fit_schedule(errors: np.ndarray, passes: int) -> tuple[bool, ...]:
     return tuple(i in computed for i in range(n))
 
 
+def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
+    """The first-order step cache computing exactly the ``schedule``'s steps."""
+    return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
+
+
 def run_schedule(pipe, requests, settings, schedule: tuple[bool, ...]) -> list:
-    """Each request (one per call) with the first-order step cache computing exactly the ``schedule``'s steps."""
-    cfg = TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=settings.steps)
-    with enabled(pipe.transformer, cfg):
+    """Each request (one per call) with ``schedule_config``."""
+    with enabled(pipe.transformer, schedule_config(schedule, settings.steps)):
         return [tryon(pipe, [r], replace(settings, progress=False)) for r in requests]
 
 
@@ -168,7 +172,7 @@ def peer(calibration_requests, factors=FACTORS):
         fitted = fit_schedules(pipe, trajectories, calibration_requests, settings, budgets(settings.steps, factors))
         rows = []
         for k, f in fitted.items():
-            cfg = TeaCacheConfig(schedule=f["schedule"], order=1, num_inference_steps=settings.steps)
+            cfg = schedule_config(f["schedule"], settings.steps)
             results, passes = run_counted(pipe, requests, settings, context=lambda c=cfg: enabled(pipe.transformer, c))
             pattern = "".join("C" if c else "." for c in f["schedule"])
             rows.append((METHOD, f"{k} passes, {f['proxy']} proxy: {pattern}", float(k), results, passes))

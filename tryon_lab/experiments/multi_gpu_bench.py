@@ -311,7 +311,7 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
 
         md += (f"\n\n## Sweep throughput on Ray (`scripts/bench_ray_sweep.py`, {sweep['stamp']['date']})\n\n"
                f"`{sweep['notebook']}` over {sweep['grid']} (base {sweep['base_params']}), one GPU per point.\n\n"
-               + markdown_table(sweep["rows"], [c for c in rs.COLUMNS if any(c in r for r in sweep["rows"])])
+               + rs.table(sweep["rows"])
                + "\n\n" + rs.verdict(sweep["rows"]) + ("" if sweep.get("valid", True) else
                                                        " Not a throughput measurement: points failed."))
     return rows, profiled, md

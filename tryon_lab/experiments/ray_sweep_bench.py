@@ -26,6 +26,11 @@ COLUMNS = ["slots", "slot_kind", "points", "ok", "reruns", "wall_s", "point_s_me
            "speedup_vs_1"]
 
 
+def table(rows: list[dict]) -> str:
+    """The sweep rows as markdown, with the columns they have (older entries lack the attempt-log ones)."""
+    return markdown_table(rows, [c for c in COLUMNS if any(c in r for r in rows)])
+
+
 def verdict(rows: list[dict]) -> str:
     """The two-slot row against the target."""
     two = [r for r in rows if r["slots"] == 2]
@@ -100,8 +105,7 @@ def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEB
            "what": "runs.sweep(executor='ray'), one GPU (or CPU) per point, a fresh local Ray instance per count"}
     md = (f"# Sweep throughput on Ray\n\n`{Path(notebook).name}` over {grid} (base {base or {}}), one "
           f"{rows[0]['slot_kind']} per point, a fresh local Ray instance per count; {res['stamp']['device']}, "
-          f"{res['stamp']['date']}.\n\n" + markdown_table(
-              rows, [c for c in COLUMNS if any(c in r for r in rows)]) + "\n\n" + verdict(rows) + "\n")
+          f"{res['stamp']['date']}.\n\n" + table(rows) + "\n\n" + verdict(rows) + "\n")
     failed = [r for r in rows if r["ok"] < r["points"]]
     res["valid"] = not failed
     if failed:  # Ray retries a failed point once: the wall time then counts work twice

@@ -134,22 +134,19 @@ def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
     return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
 
 
-def run_schedule(pipe, requests, settings, schedule: tuple[bool, ...]) -> list:
-    """Each request (one per call) with ``schedule_config``."""
-    with enabled(pipe.transformer, schedule_config(schedule, settings.steps)):
-        return [tryon(pipe, [r], replace(settings, progress=False)) for r in requests]
-
-
 def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets, judge: int = 2) -> dict[int, dict]:
     """Per pass budget: each proxy's schedule, and the one closer to full compute on the first ``judge``
     calibration ``requests`` (mean PSNR against their recorded images); equal schedules are run once."""
+    from .teacache_fit import run_counted
+
     errors = {p: extrapolation_errors(trajectories, pipe.transformer, p) for p in PROXIES}
     out = {}
     for k in budgets:
         candidates = {p: fit_schedule(errors[p], k) for p in PROXIES}
         scores: dict[tuple, float] = {}
         for sched in dict.fromkeys(candidates.values()):
-            runs = run_schedule(pipe, requests[:judge], settings, sched)
+            cfg = schedule_config(sched, settings.steps)
+            runs, _ = run_counted(pipe, requests[:judge], settings, context=lambda c=cfg: enabled(pipe.transformer, c))
             scores[sched] = float(np.mean([psnr(r.images[0], t.image) for r, t in zip(runs, trajectories, strict=False)]))
         proxy = max(PROXIES, key=lambda p: scores[candidates[p]])
         out[k] = {"schedule": candidates[proxy], "proxy": proxy, "calibration_psnr": scores[candidates[proxy]]}

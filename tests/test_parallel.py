@@ -433,10 +433,13 @@ def test_multi_gpu_summary_compares_each_run_with_its_own_sessions_one_gpu_path(
     data = {"multi_gpu_1gpu_run1": entry("02:00", 1, 4.0), "multi_gpu_2gpu_run1": entry("02:05", 2, 2.0),
             "multi_gpu_1gpu": entry("05:00", 1, 3.0),
             "multi_gpu_2gpu": entry("05:05", 2, 2.0, source="read from its log", profile_per_rank=[profile])}
+    ring = entry("05:06", 2, 2.5) | {"context_parallel": {"ring_degree": 2, "ulysses_degree": 1}, "split_vae": True}
+    data[mg.entry_name(2, "fp8", split_vae=True, ring=2)] = ring
     (tmp_path / "r.json").write_text(json.dumps(data))
     rows, profiled, md = mg.summary(tmp_path / "r.json")
     speedup = {r["run (UTC)"]: r["speedup"] for r in rows if r["gpus"] == 2}
-    assert speedup == {"11-30 02:05": 2.0, "11-30 05:05": 1.5}
+    assert speedup == {"11-30 02:05": 2.0, "11-30 05:05": 1.5, "11-30 05:06": 1.2}
+    assert "multi_gpu_2gpu_splitvae_ring2" in data and "| fp8+splitvae+ring2 |" in md
     assert all(r["s_outside_steps"] == pytest.approx(r["s_per_image"] - 1.0) for r in rows)
     assert "read from its log" in md and "best 2 GPUs `fp8` 2.00x" in md
     assert profiled[0]["GEMM ms"] == 46.0 and profiled[0][f"{TRITON} ms"] == 9.0
@@ -530,6 +533,20 @@ def test_cache_dit_ulysses_peer_matches_one_process(tmp_path, monkeypatch, graph
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1]) and _rel_l2(outs[0], ref) < 1e-5
 
+
+
+def test_cache_dit_fp8_all_to_all_without_cute_dsl_is_refused_clearly(monkeypatch):
+    """cache-dit's FP8 all-to-all imports the CuTe DSL inside each compiled block (the run on two H200s stopped
+    there): without it installed, the peer says so and what to do, before any hook goes in."""
+    import importlib.util
+
+    from tryon_lab.experiments.peers_gpu import cache_dit_parallel
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cutlass" else real(name, *a))
+    model = _tiny_transformer()
+    with pytest.raises(RuntimeError, match="nvidia-cutlass-dsl"):
+        cache_dit_parallel(model, 2, ulysses_async=True, ulysses_float8=True)
 
 
 def test_ray_sweep_bench_says_when_points_failed(tmp_path):

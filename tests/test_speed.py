@@ -203,14 +203,15 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
             assert "diffusers" not in c["bytecode"]["compiled_here_by_package"], c["bytecode"]
 
 
-def test_bytecode_report_finds_modules_compiled_from_source(tmp_path):
-    """A module imported without a bytecode cache (PYTHONDONTWRITEBYTECODE) is reported as compiled in that
-    process; after ``compile_bytecode``-style caching it is not."""
-    import compileall
+def test_bytecode_report_finds_modules_compiled_from_source(tmp_path, monkeypatch):
+    """Modules imported without a bytecode cache (PYTHONDONTWRITEBYTECODE), a package and a one-file module, are
+    reported as compiled in that process; after ``compile_bytecode`` they are not."""
+    from tryon_lab.experiments.coldstart import compile_bytecode
 
     (tmp_path / "pkg_x").mkdir()
     (tmp_path / "pkg_x" / "__init__.py").write_text("VALUE = 1\n")
-    code = ("import time, json; t = time.time(); import pkg_x; "
+    (tmp_path / "mod_y.py").write_text("VALUE = 2\n")
+    code = ("import time, json; t = time.time(); import pkg_x, mod_y; "
             "from tryon_lab.experiments.coldstart import bytecode_report; print(json.dumps(bytecode_report(t)))")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)])}
@@ -221,9 +222,13 @@ def test_bytecode_report_finds_modules_compiled_from_source(tmp_path):
         return json.loads(p.stdout.strip().splitlines()[-1])
 
     before = report()
-    assert before["dont_write_bytecode"] and before["compiled_here_by_package"].get("pkg_x") == 1
-    assert compileall.compile_dir(tmp_path / "pkg_x", quiet=2)
-    assert "pkg_x" not in report()["compiled_here_by_package"]
+    assert before["dont_write_bytecode"]
+    assert before["compiled_here_by_package"].get("pkg_x") == before["compiled_here_by_package"].get("mod_y") == 1
+    monkeypatch.syspath_prepend(str(tmp_path))
+    built = compile_bytecode(("pkg_x", "mod_y", "no_such_package_z"))
+    assert built["compiled"] == ["pkg_x", "mod_y"] and built["not_compiled"] == ["no_such_package_z"]
+    after = report()["compiled_here_by_package"]
+    assert "pkg_x" not in after and "mod_y" not in after
 
 
 def test_gpu_bench_levers_and_peers_on_the_tiny_model():

@@ -29,9 +29,14 @@ from pathlib import Path
 
 PHASES = ("interpreter", "imports", "cuda_init", "weights", "quantize", "artifacts", "configure", "prepare", "redux",
           "compile", "denoise", "decode")
-# the cold path's pure-Python packages, byte-compiled at image build by ``compile_bytecode``
+# the cold path's Python packages, byte-compiled at image build by ``compile_bytecode``: the wheels this project
+# installs, then what the cold processes on the H200 image still compiled from source in every process (its torch
+# ships no bytecode and PYTHONDONTWRITEBYTECODE is set: 2499 modules per slim process, 11-30 fourth session)
 BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingface_hub", "safetensors", "accelerate",
-                     "tryon_lab")
+                     "tryon_lab", "torch", "torchgen", "functorch", "triton", "sympy", "mpmath", "networkx", "numpy",
+                     "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
+                     "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
+                     "scipy", "sklearn")
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -242,11 +247,15 @@ def compile_bytecode(packages: tuple[str, ...] = BYTECODE_PACKAGES) -> dict:
     for name in packages:
         spec = importlib.util.find_spec(name)
         roots = list(spec.submodule_search_locations or []) if spec else []
-        if not roots or not all(os.access(r, os.W_OK) for r in roots):
+        single = spec is not None and not roots and (spec.origin or "").endswith(".py")  # a one-file module
+        where = [os.path.dirname(spec.origin)] if single else roots
+        if not where or not all(os.access(r, os.W_OK) for r in where):
             skipped.append(name)
             continue
         done.append(name)
-        if not all([compileall.compile_dir(r, quiet=2, workers=0) for r in roots]):
+        ok = (compileall.compile_file(spec.origin, quiet=2) if single else
+              all([compileall.compile_dir(r, quiet=2, workers=0) for r in roots]))
+        if not ok:
             failed_files.append(name)  # a file that does not compile (e.g. a template) is left to the import
     return {"seconds": time.perf_counter() - start, "compiled": done, "not_compiled": skipped,
             "with_files_that_failed": failed_files}

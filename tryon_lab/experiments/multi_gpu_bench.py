@@ -134,8 +134,9 @@ def comm_overlap_config() -> dict:
             "reorder_for_compute_comm_overlap_passes": [p for p in OVERLAP_PASSES if hasattr(comms, p)]}
 
 
-def entry_name(world: int, variant: str, split_vae: bool = False) -> str:
-    return f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}") + ("_splitvae" if split_vae else "")
+def entry_name(world: int, variant: str, split_vae: bool = False, ring: int = 1) -> str:
+    return (f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}") + ("_splitvae" if split_vae else "")
+            + (f"_ring{ring}" if ring > 1 else ""))
 
 
 def bench(*args, variant: str = "fp8", **kwargs) -> dict:
@@ -200,7 +201,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
             apply_step_graph(pipe.fill.transformer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    name = entry_name(world, variant, split_vae)
+    name = entry_name(world, variant, split_vae, ring if world > 1 else 1)
     for size in sizes:
         s = shape_for(size, tiny, config)
         s.text_tokens = s0.text_tokens
@@ -223,8 +224,11 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
 
 
 def label(e: dict) -> str:
-    """A run's variant as the tables name it (``+splitvae``: the VAE split over the ranks too)."""
-    return e.get("variant", "fp8") + ("+splitvae" if e.get("split_vae") else "")
+    """A run's variant as the tables name it (``+splitvae``: the VAE split over the ranks too; ``+ring2``: ring
+    attention of degree 2 in the split)."""
+    cp = e.get("context_parallel")
+    ring = cp.get("ring_degree", 1) if isinstance(cp, dict) else 1
+    return e.get("variant", "fp8") + ("+splitvae" if e.get("split_vae") else "") + (f"+ring{ring}" if ring > 1 else "")
 
 
 def by_kind(p: dict) -> dict[str, float]:

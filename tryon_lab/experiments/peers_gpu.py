@@ -70,8 +70,15 @@ def cache_dit_parallel(pipe_or_transformer, world: int, **options) -> dict:
     ``world`` ranks with its options, e.g. ``ulysses_async`` (each of Q, K, V starts its all-to-all while the next
     one is projected) or ``ulysses_float8`` (FP8 all-to-alls). Call inside the process group, before the first
     image."""
+    import importlib.util
+
     import cache_dit
 
+    if options.get("ulysses_float8") and importlib.util.find_spec("cutlass") is None:
+        # measured on two H200s: under regional compile (fullgraph) dynamo stops at that failed import
+        raise RuntimeError("cache-dit's FP8 all-to-all (ulysses_float8) probes the CuTe DSL (`import cutlass.cute`) "
+                           "inside each compiled block, and it is not installed here, so torch.compile stops there. "
+                           "Install `nvidia-cutlass-dsl`, or run the peer without FP8 all-to-alls (cache_dit_async).")
     cfg = cache_dit.ParallelismConfig(ulysses_size=world, **options)
     cache_dit.enable_cache(pipe_or_transformer, parallelism_config=cfg)
     return {"peer": f"cache-dit {cache_dit.__version__}", "ulysses_size": world, **options}

@@ -46,6 +46,7 @@ diffusers_settings = {"first_block_cache": [0.2, 0.45, 0.7], "mag_cache": [0.06,
 orders = [0, 1]  # TeaCache's skipped residual: 0 reused, 1 extrapolated to first order
 include_cache_dit = True  # the peer: DBCache + TaylorSeer of cache-dit (Fn 1, Bn 0, order 1), in its own process
 fitted_schedule = True  # also our first-order cache on a compute schedule fitted on the calibration requests
+schedule_refine_runs = 16  # closed-loop runs per pass budget that refine the fitted schedule (0: the fit alone)
 cache_dit_thresholds = [0.05, 0.1, 0.2, 0.3, 0.45]  # its residual_diff_threshold values
 more_steps = [28]  # calibrate and sweep again at these step counts (the equal-passes comparison)
 quality_steps = [8, 12, 20, 28]  # steps vs quality (the full grid: steps_quality.FULL_GRID, 8 to 50)
@@ -105,7 +106,7 @@ fig = teacache_report.plot_calibration(calibration, fit)
 holdout, targets = teacache_report.held_out(requests, [p.target for p in pairs], calibration_size, holdout_size)
 peers, peer_note = teacache_report.peers(cache_dit_thresholds, include_cache_dit)
 if fitted_schedule:  # fitted at each sweep's step count on the calibration requests, run on the held-out ones
-    peers.append(step_schedule.peer(requests[:calibration_size]))
+    peers.append(step_schedule.peer(requests[:calibration_size], refine_evals=schedule_refine_runs))
 sweep_options = dict(include_diffusers=include_diffusers, published_thresholds=published_thresholds,
                      diffusers_params=diffusers_settings, orders=orders, peers=peers)
 rows = teacache_fit.sweep(slim, holdout, thresholds, settings, fit.coefficients, targets=targets,
@@ -138,7 +139,10 @@ fig = teacache_fit.plot_samples(rows, target=targets[0], include=recommended)
 # extrapolation is as close to full compute as cache-dit, so the choice of steps is what decides quality. For
 # each pass budget a dynamic programme picks the steps whose skipping costs the least first-order extrapolation
 # error on the calibration trajectories (two proxies: the residual's error, the output's error times the step
-# size; the one closer to full compute on the calibration requests is kept). The schedule is static: no
+# size; the one closer to full compute on the calibration requests is kept). Both proxies are open loop (they
+# score each skip as if every earlier step had been computed), so the schedule is then refined in closed loop on
+# two calibration requests: one computed step moved at a time to a skipped neighbour, kept when the images get
+# closer to full compute (`schedule_refine_runs` runs at most per budget). The schedule is static: no
 # decision at run time and no block computed on a skipped step (cache-dit runs its first block on every step).
 
 # %%

@@ -435,6 +435,25 @@ def test_fitted_schedule_is_the_cheapest_of_all_schedules():
         step_schedule.fit_schedule(errors, 1)
 
 
+def test_refine_moves_computed_steps_to_where_the_score_is_higher():
+    """The closed-loop search on a known score (the closer to a target schedule, the higher): it walks there by
+    single moves, keeps the pass count and the first and last steps, and stops at its run budget."""
+    from tryon_lab.experiments import step_schedule
+
+    target = (True, False, False, True, False, True, False, True)
+    start = (True, True, False, False, False, False, True, True)
+
+    def score(s):
+        assert sum(s) == 4 and s[0] and s[-1]
+        return -sum(a != b for a, b in zip(s, target, strict=True))
+
+    best, value, runs = step_schedule.refine(score, start, max_evals=50)
+    assert best == target and value == 0 and runs < 50
+    capped, _, runs = step_schedule.refine(score, start, max_evals=3)
+    assert runs == 3 and capped != target
+    assert step_schedule.refine(score, target)[:2] == (target, 0)  # nothing better: unchanged
+
+
 def test_fitted_schedules_run_in_the_sweep_with_their_pass_counts(slim):
     """The fitted schedule as a sweep row: trajectories recorded, both proxies scored, each budget's schedule run
     on the sweep's requests with exactly that many block-stack passes (counted by the sweep's own hook)."""
@@ -455,8 +474,11 @@ def test_fitted_schedules_run_in_the_sweep_with_their_pass_counts(slim):
             by_hand["output"].append(float(t.step_sizes[s] * (v - t.output[s]).norm()))
     for proxy, e in errors.items():
         assert math.isclose(e[a + 1, b, s], np.mean(by_hand[proxy]), rel_tol=1e-4), proxy
+    fit = step_schedule.fit_schedules(slim, trajectories, reqs[:2], _settings(6), [3], refine_evals=4)[3]
+    assert sum(fit["schedule"]) == sum(fit["fitted"]) == 3 and fit["refine_runs"] <= 4
+    assert fit["calibration_psnr"] >= fit["fitted_psnr"]  # the refinement keeps a move only when it gains
     rows = tf.sweep(slim, reqs[2:], [], _settings(6), [1.0, 0.0], include_diffusers=False,
-                    peers=[step_schedule.peer(reqs[:2], factors=(2, 3))])
+                    peers=[step_schedule.peer(reqs[:2], factors=(2, 3), refine_evals=4)])
     scheduled = [r for r in rows if r["method"] == step_schedule.METHOD]
     assert [r["computed"] for r in scheduled] == [2, 3] and all(r["psnr"] < 200 for r in scheduled)
     assert step_schedule.budgets(28) == [7, 9, 10, 14] and step_schedule.budgets(12) == [3, 4, 6]

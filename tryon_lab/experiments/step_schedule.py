@@ -13,7 +13,9 @@ fitted offline, once per step count, like TeaCache's coefficients:
 3. ``fit_schedule``: exactly ``passes`` computed steps, the first and the last among them, with the least summed
    error (dynamic programming over the last two computed steps).
 4. ``fit_schedules`` keeps, per pass budget, the proxy whose schedule is closer to full compute on the
-   calibration requests themselves.
+   calibration requests themselves, then ``refine``s it there in closed loop: one computed step moved at a time
+   to a skipped neighbour, kept when the images get closer to full compute (the proxies are open loop: they
+   score each skip as if every earlier step had been computed).
 
 The schedule is static: no decision at run time, the same steps for every request.
 ``peer`` puts it into ``teacache_fit.sweep`` as the method ``teacache_scheduled``.
@@ -134,22 +136,57 @@ def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
     return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
 
 
-def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets, judge: int = 2) -> dict[int, dict]:
-    """Per pass budget: each proxy's schedule, and the one closer to full compute on the first ``judge``
-    calibration ``requests`` (mean PSNR against their recorded images); equal schedules are run once."""
+def refine(score, schedule: tuple[bool, ...], max_evals: int = 40, shifts=(-1, 1, -2, 2),
+           min_gain: float = 0.05) -> tuple[tuple[bool, ...], float, int]:
+    """Closed-loop local search from ``schedule``: move one computed step (never the first or the last) by one of
+    ``shifts`` onto a skipped step, and keep the first move that raises ``score(schedule)`` (mean PSNR against
+    full compute) by ``min_gain``; repeat until no move does or ``max_evals`` scores were run. Returns the
+    schedule, its score and the number of scores run (the start's included)."""
+    best, evals = tuple(schedule), 1
+    top = score(best)
+    moved = True
+    while moved and evals < max_evals:
+        moved = False
+        moves = [(i, i + d) for i in range(1, len(best) - 1) if best[i] for d in shifts
+                 if 0 < i + d < len(best) - 1 and not best[i + d]]
+        for i, j in moves:
+            if evals >= max_evals:
+                break
+            trial = tuple(j == m or (c and m != i) for m, c in enumerate(best))
+            value = score(trial)
+            evals += 1
+            if value > top + min_gain:
+                best, top, moved = trial, value, True
+                break
+    return best, top, evals
+
+
+def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets, judge: int = 2,
+                  refine_evals: int = 16) -> dict[int, dict]:
+    """Per pass budget: each proxy's schedule, the one closer to full compute on the first ``judge`` calibration
+    ``requests`` (mean PSNR against their recorded images; equal schedules run once), then ``refine``d on them
+    with at most ``refine_evals`` runs (0: not refined)."""
     from .teacache_fit import run_counted
+
+    cache: dict[tuple, float] = {}
+
+    def score(sched: tuple[bool, ...]) -> float:
+        if sched not in cache:
+            cfg = schedule_config(sched, settings.steps)
+            runs, _ = run_counted(pipe, requests[:judge], settings, context=lambda: enabled(pipe.transformer, cfg))
+            cache[sched] = float(np.mean([psnr(r.images[0], t.image) for r, t in zip(runs, trajectories,
+                                                                                      strict=False)]))
+        return cache[sched]
 
     errors = {p: extrapolation_errors(trajectories, pipe.transformer, p) for p in PROXIES}
     out = {}
     for k in budgets:
         candidates = {p: fit_schedule(errors[p], k) for p in PROXIES}
-        scores: dict[tuple, float] = {}
-        for sched in dict.fromkeys(candidates.values()):
-            cfg = schedule_config(sched, settings.steps)
-            runs, _ = run_counted(pipe, requests[:judge], settings, context=lambda c=cfg: enabled(pipe.transformer, c))
-            scores[sched] = float(np.mean([psnr(r.images[0], t.image) for r, t in zip(runs, trajectories, strict=False)]))
-        proxy = max(PROXIES, key=lambda p: scores[candidates[p]])
-        out[k] = {"schedule": candidates[proxy], "proxy": proxy, "calibration_psnr": scores[candidates[proxy]]}
+        proxy = max(PROXIES, key=lambda p: score(candidates[p]))
+        start = candidates[proxy]
+        sched, value, evals = refine(score, start, refine_evals) if refine_evals else (start, score(start), 0)
+        out[k] = {"schedule": sched, "proxy": proxy, "calibration_psnr": value, "fitted": start,
+                  "fitted_psnr": score(start), "refine_runs": evals}
     return out
 
 
@@ -159,20 +196,23 @@ def budgets(steps: int, factors=FACTORS) -> list[int]:
     return sorted({max(2, f(steps / k)) for k in factors for f in (math.floor, math.ceil)})
 
 
-def peer(calibration_requests, factors=FACTORS):
+def peer(calibration_requests, factors=FACTORS, refine_evals: int = 16):
     """``teacache_fit.sweep(peers=[...])``'s form: fits the schedules at the sweep's step count on
-    ``calibration_requests``, then runs the sweep's requests with each: ``(method, setting, value, results, passes)``."""
+    ``calibration_requests`` (``refine_evals``: see ``fit_schedules``), then runs the sweep's requests with each:
+    ``(method, setting, value, results, passes)``."""
     from .teacache_fit import run_counted
 
     def run(pipe, requests, settings):
         trajectories = record(pipe, calibration_requests, settings)
-        fitted = fit_schedules(pipe, trajectories, calibration_requests, settings, budgets(settings.steps, factors))
+        fitted = fit_schedules(pipe, trajectories, calibration_requests, settings, budgets(settings.steps, factors),
+                               refine_evals=refine_evals)
         rows = []
         for k, f in fitted.items():
             cfg = schedule_config(f["schedule"], settings.steps)
             results, passes = run_counted(pipe, requests, settings, context=lambda c=cfg: enabled(pipe.transformer, c))
             pattern = "".join("C" if c else "." for c in f["schedule"])
-            rows.append((METHOD, f"{k} passes, {f['proxy']} proxy: {pattern}", float(k), results, passes))
+            how = f"{f['proxy']} proxy" + (", refined" if f["schedule"] != f["fitted"] else "")
+            rows.append((METHOD, f"{k} passes, {how}: {pattern}", float(k), results, passes))
         return rows
 
     return run

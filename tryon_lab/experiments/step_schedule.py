@@ -136,7 +136,7 @@ def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
     return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
 
 
-def refine(score, schedule: tuple[bool, ...], max_evals: int = 40, shifts=(-1, 1, -2, 2),
+def refine(score, schedule: tuple[bool, ...], max_evals: int = 16, shifts=(-1, 1, -2, 2),
            min_gain: float = 0.05) -> tuple[tuple[bool, ...], float, int]:
     """Closed-loop local search from ``schedule``: move one computed step (never the first or the last) by one of
     ``shifts`` onto a skipped step, and keep the first move that raises ``score(schedule)`` (mean PSNR against

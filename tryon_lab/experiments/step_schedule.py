@@ -136,7 +136,7 @@ def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
     return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
 
 
-def refine(score, schedule: tuple[bool, ...], max_evals: int = 16, shifts=(-1, 1, -2, 2),
+def refine(score, schedule: tuple[bool, ...], max_evals: int = 8, shifts=(-1, 1, -2, 2),
            min_gain: float = 0.05) -> tuple[tuple[bool, ...], float, int]:
     """Closed-loop local search from ``schedule``: move one computed step (never the first or the last) by one of
     ``shifts`` onto a skipped step, and keep the first move that raises ``score(schedule)`` (mean PSNR against
@@ -162,7 +162,7 @@ def refine(score, schedule: tuple[bool, ...], max_evals: int = 16, shifts=(-1, 1
 
 
 def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets, judge: int = 2,
-                  refine_evals: int = 16) -> dict[int, dict]:
+                  refine_evals: int = 8) -> dict[int, dict]:
     """Per pass budget: each proxy's schedule, the one closer to full compute on the first ``judge`` calibration
     ``requests`` (mean PSNR against their recorded images; equal schedules run once), then ``refine``d on them
     with at most ``refine_evals`` runs (0: not refined)."""
@@ -196,7 +196,7 @@ def budgets(steps: int, factors=FACTORS) -> list[int]:
     return sorted({max(2, f(steps / k)) for k in factors for f in (math.floor, math.ceil)})
 
 
-def peer(calibration_requests, factors=FACTORS, refine_evals: int = 16):
+def peer(calibration_requests, factors=FACTORS, refine_evals: int = 8):
     """``teacache_fit.sweep(peers=[...])``'s form: fits the schedules at the sweep's step count on
     ``calibration_requests`` (``refine_evals``: see ``fit_schedules``), then runs the sweep's requests with each:
     ``(method, setting, value, results, passes)``."""

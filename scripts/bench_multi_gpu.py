@@ -51,9 +51,7 @@ def main(argv=None) -> int:
     if a.summarise:
         multi_gpu_bench.summarise(a.results)
     else:
-        v = multi_gpu_bench.VARIANTS[a.variant]
-        # CUDA graphs hold the collectives (the peer's step graph is applied after its hooks, not through options)
-        graphs = "compile_mode" in v or v.get("step_graph", False) or a.variant.endswith("_step_graph")
+        graphs = multi_gpu_bench.graphed(a.variant)
         multi_gpu_bench.bench(tuple(a.sizes.split(",")), a.steps, a.repeats, a.requests, a.ring, a.work, a.results,
                               a.tiny, a.config, variant=a.variant, text_multiple=a.text_multiple, profile=a.profile,
                               split_vae=a.split_vae,

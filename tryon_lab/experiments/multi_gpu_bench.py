@@ -120,6 +120,15 @@ PEERS = {"cache_dit_async": {"ulysses_async": True},
 # the peer's split under our step graph (one CUDA graph per transformer call): its overlap without the host
 PEERS |= {f"{k}_step_graph": v for k, v in PEERS.items()}
 VARIANTS |= {k: {"fp8": "fp8_dynamic_row", "compile": "regional"} for k in PEERS}
+
+
+def graphed(variant: str) -> bool:
+    """Whether the variant's CUDA graphs hold the collectives: whole-model graphs, our step graph, or the peer's
+    split under our step graph (applied after the peer's hooks, so not through the options)."""
+    v = VARIANTS[variant]
+    return "compile_mode" in v or v.get("step_graph", False) or (variant in PEERS and variant.endswith("_step_graph"))
+
+
 OVERLAP_PASSES = ("reorder_communication_preserving_peak_memory", "sink_waits_iterative",
                   "reorder_communication_preserving_peak_memory")  # inductor's recommended sequence
 

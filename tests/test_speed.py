@@ -231,6 +231,19 @@ def test_bytecode_report_finds_modules_compiled_from_source(tmp_path, monkeypatc
     assert "pkg_x" not in after and "mod_y" not in after
 
 
+def test_cold_cases_run_in_their_table_order_whatever_order_they_are_named_in():
+    """A warm case reads what the empty-cache case wrote: naming it first must not run it first."""
+    from tryon_lab.experiments.coldstart_gpu import GPU_CASES, select_cases
+
+    named = ["slim + FP8 weights, warm inductor folder", "slim + FP8 weights, warm artefacts", "stock eager",
+             "slim + FP8 weights, empty cache"]
+    assert list(select_cases(named)) == [k for k in GPU_CASES if k in named]
+    assert list(select_cases(named))[1] == "slim + FP8 weights, empty cache"
+    assert list(select_cases(None)) == list(GPU_CASES)
+    with pytest.raises(ValueError, match="unknown cold-start cases"):
+        select_cases(["slim, warm"])
+
+
 def test_gpu_bench_levers_and_peers_on_the_tiny_model():
     """The new step-speed rows on the CPU: static FP8 scales and the flux-fast peer stay within tolerance of eager;
     the step-cache rows (ours with first-order extrapolation, and cache-dit) replay the forced schedule and are
@@ -246,6 +259,9 @@ def test_gpu_bench_levers_and_peers_on_the_tiny_model():
     assert res["fp8_static_fused_regional"]["static_fp8_layers"] > 0
     for name in ("fp8_static_fused_regional", "flux_fast_peer"):
         assert 0 < res[name]["latent_rel_l2_vs_eager"] < 0.05, name
+    fast, aten = gpu_bench.RECIPES["flux_fast_peer"], gpu_bench.RECIPES["flux_fast_peer_aten_gemm"]
+    assert aten.options == fast.options and aten.extra == fast.extra  # only the GEMM autotuning differs
+    assert aten.inductor == {**fast.inductor, "max_autotune_gemm_backends": "ATEN"}
     for name in names[3:]:
         assert res[name]["computed"] == 3 and res[name]["cache"] and "ms_per_step" not in res[name]
     assert any("per image" in t for t in gpu_bench.targets({"variants": res}))

@@ -170,6 +170,14 @@ GPU_CASES = {
 }
 
 
+def select_cases(names: list[str] | None = None) -> dict[str, Case]:
+    """``GPU_CASES`` named in ``names`` (all when None), in ``GPU_CASES`` order whatever order they were named in:
+    a warm case reads the cache folder or artefacts that an earlier case wrote."""
+    if unknown := [n for n in names or [] if n not in GPU_CASES]:
+        raise ValueError(f"unknown cold-start cases {unknown}; choose from {list(GPU_CASES)}")
+    return {k: c for k, c in GPU_CASES.items() if names is None or k in names}
+
+
 def prepare_fp8(model_dir: Path, work: Path, options: dict) -> dict:
     """The FP8 transformer saved once before the cases (what a deployment ships beside the bf16 weights), with
     the fusing and mode the cases use."""
@@ -187,8 +195,7 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     """The full-size snapshot (random weights, real layout, local disk) and the ``GPU_CASES`` cases on it
     (``names``: a subset, in ``GPU_CASES`` order), preceded by the saved FP8 transformer they load.
     ``bytecode``: first write the packages' bytecode caches, as an image build would (``compile_bytecode``)."""
-    if unknown := [n for n in names or [] if n not in GPU_CASES]:
-        raise ValueError(f"unknown cold-start cases {unknown}; choose from {list(GPU_CASES)}")
+    chosen = select_cases(names)  # before minutes of snapshot building: a typo fails at once
     from .. import embeddings
     from ..provenance import fingerprint
     from .loading_bench import build_snapshot
@@ -220,9 +227,7 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
                 compile_backend="inductor" if s.device == "cuda" else "aot_eager")
     cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls
     cases = {k: Case(**{**c.__dict__, "options": {**c.options, "fp8": "fp8_weight_only"} if c.options and cpu
-                        else c.options}) for k, c in GPU_CASES.items()}
-    if names:
-        cases = {k: cases[k] for k in names}
+                        else c.options}) for k, c in chosen.items()}
     shutil.rmtree(work / "fp8-transformer", ignore_errors=True)
     shutil.rmtree(work / "aoti", ignore_errors=True)
     if any(c.fp8_weights for c in cases.values()):  # saved only when a case loads it (disk: 16 GiB)

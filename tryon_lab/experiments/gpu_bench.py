@@ -67,6 +67,12 @@ RECIPES = {
     # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
     "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", compile_exact_casts=False,
                                              **FP8_FUSED), 330, inductor=FLUX_FAST_INDUCTOR, extra="flux_fast_vae"),
+    # the same with the GEMMs left to cuBLAS: the recipe's autotuning spent ~113 s per FP8 GEMM shape on the H200 (106
+    # candidates) and picked cuBLAS ``_scaled_mm`` for every shape it finished; fused kernels keep coordinate descent
+    "flux_fast_peer_aten_gemm": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune",
+                                                       compile_exact_casts=False, **FP8_FUSED), 220,
+                                       inductor={**FLUX_FAST_INDUCTOR, "max_autotune_gemm_backends": "ATEN"},
+                                       extra="flux_fast_vae"),
     # per image with the step cache, replaying the schedule recorded on the trained model
     "fp8_row_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 50, cache="teacache1"),
     "fp8_static_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", fuse_qkv=True), 50,

@@ -197,6 +197,10 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert "diffusers" not in aoti["imports_by_package"] and "diffusers" in cases["stock eager"]["imports_by_package"]
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
     assert {"diffusers", "tryon_lab"} <= set(res["cold"]["bytecode_build"]["compiled"])
+    saved, loaded = cases["slim + FP8 weights, AOT blocks, empty cache"], cases["slim + FP8 weights, AOT blocks loaded"]
+    assert all(not r["loaded"] and r["bytes"] > 0 for r in saved["aot_blocks"].values())
+    assert all(r["loaded"] and r["fallback_calls"] == 0 for r in loaded["aot_blocks"].values())
+    assert loaded["dynamo_graphs"] == 0 < saved["dynamo_graphs"]  # the loading process traced nothing
     for name, c in cases.items():  # with the bytecode written first, no case compiles the packages' sources itself
         if not GPU_CASES[name].aoti:  # (the AOTInductor child is a torch-only process of its own)
             assert c["bytecode"]["python_modules"] > 100

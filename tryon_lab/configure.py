@@ -50,6 +50,7 @@ class PipelineOptions:
     compile_backend: str = "inductor"
     compile_exact_casts: bool = True  # whole-model compile rounds like eager (compiling.compile_transformer)
     compile_artifacts: str | None = None  # a mega-cache file loaded before compiling (compiling.load_compile_artifacts)
+    compile_aot: str | None = None  # regional compile as AOT-compiled blocks kept in this folder (aot_blocks.py)
     attention: str = "native"  # diffusers attention backend ("native" = torch SDPA, picks cuDNN/flash on a GPU)
     memory: str | None = None  # memory.MemoryMode name, e.g. "bf16+group-offload" or "fp8+vae-tiling"
     context_parallel: ContextParallel | None = None  # under torchrun: split the sequence over the ranks
@@ -115,8 +116,21 @@ def check_options(options: PipelineOptions) -> None:
     if o.step_graph:
         if (problem := step_graph_problem(o)) is not None:
             raise OptionsError(f"step_graph=True: {problem}")
+    if o.compile_aot is not None and (problem := aot_problem(o)):
+        raise OptionsError(f"compile_aot={o.compile_aot!r}: {problem}")
     if o.hotswap_rank is not None and o.hotswap_rank < 1:
         raise OptionsError(f"hotswap_rank must be >= 1 (the largest adapter rank you will swap in), got {o.hotswap_rank}.")
+
+
+def aot_problem(o: PipelineOptions) -> str | None:
+    """Why these options cannot run AOT-compiled blocks, or None."""
+    if o.compile != "regional" or o.compile_backend != "inductor" or o.compile_mode:
+        return "AOT-compiled blocks are regional compile with inductor's default mode; set compile='regional'."
+    if o.loras or o.hotswap_rank is not None:
+        return "the compiled blocks hold the weights' layout as built, without LoRA adapters; build without LoRA."
+    if o.context_parallel is not None or o.memory is not None:
+        return "not built for context parallelism or memory modes; use compile_aot=None with those."
+    return None
 
 
 def step_graph_problem(o: PipelineOptions) -> str | None:
@@ -182,9 +196,17 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     # whole-model compile under context parallelism: the output gather (torch's all_gather along the sequence
     # dim) is not traceable, so dynamo may break the graph there, after every block
     whole_cp = o.compile == "full" and o.context_parallel is not None
-    compiling.compile_transformer(transformer, o.compile, o.compile_backend, fullgraph=not whole_cp,
-                                  exact_casts=o.compile_exact_casts,
-                                  **({"mode": o.compile_mode} if o.compile_mode else {}))
+    if o.compile_aot is not None:  # loaded now when saved before (counted as artefact loading), else built lazily
+        from .aot_blocks import apply_aot_blocks, report
+
+        start = time.perf_counter()
+        pipe.aot_blocks = apply_aot_blocks(transformer, o.compile_aot, o.compile_backend)
+        seconds["artifacts"] = seconds.get("artifacts", 0.0) + time.perf_counter() - start
+        pipe.build_report["aot_blocks"] = report(pipe.aot_blocks)
+    else:
+        compiling.compile_transformer(transformer, o.compile, o.compile_backend, fullgraph=not whole_cp,
+                                      exact_casts=o.compile_exact_casts,
+                                      **({"mode": o.compile_mode} if o.compile_mode else {}))
     if o.teacache is not None:
         from .teacache import apply_teacache
 

@@ -266,6 +266,7 @@ class SlimPipeline:
     options: object = None  # the configure.PipelineOptions this pipeline was built with
     model_description: str | None = None  # for models built in memory (no folder to fingerprint)
     build_report: dict = field(default_factory=dict)  # what configure applied (e.g. FP8 layer count and bytes)
+    aot_blocks: dict = field(default_factory=dict)  # block class -> aot_blocks.AotBlocksState (compile_aot)
     notes: list[str] = field(default_factory=list)  # what the loader found worth saying (e.g. shape-only embeddings)
     _fingerprint: str | None = None
 

@@ -55,6 +55,7 @@ class Case:
     cuda_thread: bool = False  # create the CUDA context and cuBLAS/cuDNN handles on a thread while importing
     cache: str = "empty"
     aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
+    aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
 
 
 def _cuda_init() -> None:
@@ -199,6 +200,11 @@ def child(t: float) -> None:
     marks["steady_image"] = time.perf_counter() - start
     from torch._dynamo.utils import counters
 
+    marks["dynamo_graphs"] = counters["stats"]["unique_graphs"]  # none when everything compiled came from disk
+    if getattr(pipe, "aot_blocks", None):
+        from ..aot_blocks import report
+
+        marks["aot_blocks"] = report(pipe.aot_blocks)
     marks["imports_by_package"] = _by_package(imports)
     marks["bytecode"] = bytecode_report(t)
     marks["cache_counters"] = {f"{g}.{k}": v for g in ("inductor", "aot_autograd") for k, v in counters[g].items()
@@ -279,6 +285,13 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
         options["compile_artifacts"] = str(art)
     if case.fp8_weights:
         options["fp8_weights"] = str(fp8)
+    if case.aot_blocks:  # the folder a deployment would ship beside the weights
+        blocks = work / "aot-blocks"
+        if case.aot_blocks == "save":
+            shutil.rmtree(blocks, ignore_errors=True)
+        elif not any(blocks.glob("*.bin")):
+            return {"status": "skipped", "reason": "no AOT-compiled blocks (no earlier case saved them)"}
+        options.update(compile_aot=str(blocks), compile_backend="inductor")
     if case.aoti and not (work / "aoti" / "transformer_constants.safetensors").exists():
         return {"status": "skipped", "reason": "no AOTInductor packages (prepare_aoti did not run or failed)"}
     args = {**base, "model_dir": str(model_dir), "stock": case.stock, "options": options,

@@ -166,6 +166,12 @@ GPU_CASES = {
                                                      cache="slim + FP8 weights, empty cache"),
     "slim, all levers (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True, artifacts="load:fp8",
                                                        cuda_thread=True),
+    # regional compile as AOT-compiled blocks (aot_blocks.py): the first case compiles and saves them, the next
+    # loads them with an empty inductor folder (only the blocks' folder ships)
+    "slim + FP8 weights, AOT blocks, empty cache": Case(options=SLIM, fp8_weights=True, aot_blocks="save"),
+    "slim + FP8 weights, AOT blocks loaded": Case(options=SLIM, fp8_weights=True, aot_blocks="load"),
+    "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
+                                                                       aot_blocks="load", cuda_thread=True),
     "AOTInductor packages, torch only": Case(aoti=True),
 }
 

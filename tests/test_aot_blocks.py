@@ -61,3 +61,29 @@ def test_aot_blocks_compile_once_then_load_in_a_fresh_process_without_tracing(tm
 def test_aot_blocks_refuse_what_they_cannot_hold(changes, words):
     with pytest.raises(configure.OptionsError, match=words):
         configure.check_options(configure.PipelineOptions(compile_aot="aot", **changes))
+
+
+def test_a_failed_aot_compile_falls_back_to_regional_compile_and_says_so(tmp_path, monkeypatch):
+    """The experimental API may refuse a block (as it refused one for a guard it cannot serialize): the image
+    still comes, from ordinary regional compile of that class, and the report and a warning say why."""
+    import torch
+
+    from tests.test_speed import tiny_inputs, tiny_transformer
+
+    def refuse(*_):
+        raise RuntimeError("PackageError: ID_MATCH guard cannot be serialized.")
+
+    monkeypatch.setattr(aot_blocks, "_compile", refuse)
+    t, ref_model = tiny_transformer(), tiny_transformer()
+    x = tiny_inputs(t)
+    states = aot_blocks.apply_aot_blocks(t, tmp_path / "aot", backend="eager")
+    assert {r["compile_reason"] for r in aot_blocks.report(states).values()} == {"no saved code"}
+    with torch.no_grad(), pytest.warns(UserWarning, match="AOT compile failed"):
+        out = t(**x)[0]
+    with torch.no_grad():
+        again, ref = t(**x)[0], ref_model(**x)[0]
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    rep = aot_blocks.report(states)
+    assert all("ID_MATCH" in r["error"] for r in rep.values())
+    assert all(b._compiled_call_impl is not None for b in t.transformer_blocks)  # compiled the ordinary way
+    assert not list(tmp_path.glob("aot/*.bin"))

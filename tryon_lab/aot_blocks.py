@@ -14,6 +14,8 @@ the block as an argument, so one file per block class serves all its blocks, eac
 - Guards are not saved (a guard on object identity cannot be checked in another process), so the hook checks
   each call's signature itself; a call with another signature (another image size) runs the class's forward
   under ordinary ``torch.compile`` instead, with a warning, and ``AotBlocksState.fallback_calls`` counts it.
+- If torch refuses to AOT-compile a class (an experimental API), that class gets ordinary regional compile,
+  with a warning and the error in the report; a file torch cannot read back is compiled again.
 - The parameters are the block's as they are when the hook is applied (FP8 tensors included). Adapters added
   later (LoRA) would not be in the compiled code: ``configure`` refuses LoRA with this option.
 """
@@ -123,9 +125,12 @@ def _load(block: torch.nn.Module, st: AotBlocksState) -> str | None:
         if meta.get(key) != now:
             return f"saved for another {key}"
     start = time.perf_counter()
-    with torch._dynamo.config.patch(enable_aot_compile=True):
-        wrapper = torch.compile(block, fullgraph=True, backend=st.backend, options=_options())
-        wrapper._load_aot_compiled_module(binary.read_bytes())
+    try:
+        with torch._dynamo.config.patch(enable_aot_compile=True):
+            wrapper = torch.compile(block, fullgraph=True, backend=st.backend, options=_options())
+            wrapper._load_aot_compiled_module(binary.read_bytes())
+    except Exception as e:  # noqa: BLE001 -- a file torch cannot read back is compiled again
+        return f"could not load ({type(e).__name__}: {str(e)[:300]})"
     st.compiled, st.signature = wrapper.forward.compiled_results[0], meta["signature"]
     st.report.update(loaded_s=time.perf_counter() - start, bytes=binary.stat().st_size)
     return None
@@ -146,10 +151,17 @@ def apply_aot_blocks(transformer: torch.nn.Module, folder: str | Path, backend: 
             st.report["compile_reason"] = why
 
             def compile_first(block, args, kwargs, st=st, blocks=blocks):
-                if st.compiled is None:  # this call runs eager (its forward was chosen before this hook ran)
+                st.report.pop("pre_hook").remove()  # this call runs eager (its forward was chosen before this hook)
+                try:
                     _compile(block, st, args, kwargs)
-                    _install(blocks, st)
-                    st.report["pre_hook"].remove()
+                except Exception as e:  # noqa: BLE001 -- an experimental torch API: the image must still come
+                    st.report["error"] = f"{type(e).__name__}: {e}"[:500]
+                    warnings.warn(f"{st.name}: AOT compile failed ({st.report['error']}); using ordinary regional "
+                                  "compile for this class.", stacklevel=2)
+                    for b in blocks:
+                        b.compile(fullgraph=True, backend=st.backend)
+                    return
+                _install(blocks, st)
 
             st.report["pre_hook"] = blocks[0].register_forward_pre_hook(compile_first, with_kwargs=True)
         else:

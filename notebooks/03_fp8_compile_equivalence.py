@@ -133,11 +133,13 @@ if cold:
 # %% [markdown]
 # ### On the GPU: where a cold start's time goes
 # The same question at full size, measured on an H200 (`scripts/bench_gpu.py`, committed in
-# `benchmarks/bench_gpu.json`): stock loading and eager denoising against the slim FP8 + regional-compile path,
-# each phase of a fresh process to its first image, with the levers: compile artefacts, the FP8 transformer
-# saved already quantized, CUDA initialised on a thread. Imports dominate every case: diffusers, with what it
-# imports itself (transformers, peft, torchao), takes about 10 s, torch with its compiler about 5 s; a warm
-# compile cache still leaves about 4 s of tracing and cache loading in the first image.
+# `benchmarks/bench_gpu.json`, its latest cold-start run): stock loading and eager denoising against the slim
+# FP8 + regional-compile path, each phase of a fresh process to its first image, with the levers: compile
+# artefacts, the FP8 transformer saved already quantized, CUDA initialised on a thread, and the packages'
+# bytecode written at image build (without it each process compiled ~2500 modules from source). Imports still
+# take the largest share of every case, 9-13 s: diffusers with what it imports itself (`torch._dynamo`,
+# transformers, peft, torchao), then torch. A warm compile cache still leaves about 4.5 s of tracing and cache
+# loading in the first image; AOT-compiled blocks (`compile_aot`) are the lever for that.
 
 # %%
 gpu_cold, phases, measured_on = variants_report.gpu_cold_start()

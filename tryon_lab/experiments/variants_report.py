@@ -150,10 +150,14 @@ def _where(entry: dict, stamp: dict) -> str:
             f"{entry['model']}; {entry['shape']}")
 
 
-def gpu_cold_start(results_file=None) -> tuple[list[dict], list[str], str]:
+GPU_COLD_KEY = "bench_gpu_cold_bytecode"  # the latest cold-start run in benchmarks/bench_gpu.json (run 11)
+
+
+def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:
     """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
-    ``scripts/bench_gpu.py``): rows, the phase names in order, and a line saying where they were measured."""
-    entry = _gpu_entry(results_file)
+    ``scripts/bench_gpu.py``; ``key``: which run): rows, the phase names in order, and a line saying where they
+    were measured."""
+    entry = _gpu_entry(results_file, key)
     rows = [r for r in coldstart.phase_rows(entry["cold"]["cases"]) if "interpreter" in r]
     return rows, [*coldstart.PHASES, "other"], _where(entry, entry.get("cold_stamp", entry["stamp"]))
 

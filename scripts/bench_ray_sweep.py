@@ -26,9 +26,12 @@ def main(argv=None) -> int:
                     help="grid NAME=V1,V2,... (default: seed=0..5)")
     ap.add_argument("--runs-root", default="runs")
     ap.add_argument("--results", default=str(ray_sweep_bench.RESULTS))
+    ap.add_argument("--bytecode", action="store_true", help="write the packages' bytecode first, as an image build "
+                    "does (for packages installed with pip --no-compile: each point is a fresh process)")
     a = ap.parse_args(argv)
     ray_sweep_bench.bench(tuple(int(c) for c in a.counts.split(",")), a.notebook,
-                          {k: parse_value(v) for k, v in a.param}, parse_grid(a.grid) or None, a.runs_root, a.results)
+                          {k: parse_value(v) for k, v in a.param}, parse_grid(a.grid) or None, a.runs_root, a.results,
+                          a.bytecode)
     return 0
 
 

@@ -79,12 +79,21 @@ def attempt_stats(sweep_dir: Path, slots: int, wall: float) -> dict:
 
 
 def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEBOOK, base: dict | None = None,
-          grid: dict | None = None, runs_root: str | Path = "runs", results: str | Path = RESULTS) -> dict:
-    """The same sweep over each GPU count (fresh process each); writes ``ray_sweep`` and ``ray_sweep.md``."""
+          grid: dict | None = None, runs_root: str | Path = "runs", results: str | Path = RESULTS,
+          bytecode: bool = False) -> dict:
+    """The same sweep over each GPU count (fresh process each); writes ``ray_sweep`` and ``ray_sweep.md``.
+    ``bytecode``: first write the packages' bytecode, as an image build would: every point's kernel is a fresh
+    process, which otherwise compiles torch and the rest from source when the image ships no bytecode."""
     import torch
 
     grid = grid or DEFAULT_GRID
     rows = []
+    built = None
+    if bytecode:
+        from .coldstart import compile_bytecode
+
+        built = compile_bytecode()
+        print(f"bytecode written in {built['seconds']:.0f} s", flush=True)
     for n in counts:
         env = dict(os.environ)
         if torch.cuda.is_available():
@@ -102,7 +111,8 @@ def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEB
     for r in rows:
         r["speedup_vs_1"] = r["points_per_min"] / one
     res = {"stamp": stamp(), "notebook": Path(notebook).name, "base_params": base or {}, "grid": grid, "rows": rows,
-           "what": "runs.sweep(executor='ray'), one GPU (or CPU) per point, a fresh local Ray instance per count"}
+           "what": "runs.sweep(executor='ray'), one GPU (or CPU) per point, a fresh local Ray instance per count",
+           "bytecode_build": built}
     md = (f"# Sweep throughput on Ray\n\n`{Path(notebook).name}` over {grid} (base {base or {}}), one "
           f"{rows[0]['slot_kind']} per point, a fresh local Ray instance per count; {res['stamp']['device']}, "
           f"{res['stamp']['date']}.\n\n" + table(rows) + "\n\n" + verdict(rows) + "\n")

@@ -87,3 +87,17 @@ def test_a_failed_aot_compile_falls_back_to_regional_compile_and_says_so(tmp_pat
     assert all("ID_MATCH" in r["error"] for r in rep.values())
     assert all(b._compiled_call_impl is not None for b in t.transformer_blocks)  # compiled the ordinary way
     assert not list(tmp_path.glob("aot/*.bin"))
+
+
+def test_lora_is_refused_on_a_transformer_with_aot_blocks(tmp_path):
+    """The compiled code holds the weights' layout as built: an adapter added afterwards would be left out."""
+    from tryon_lab import lora
+
+    pipe = configure.build_pipeline(checkpoint.random_checkpoint(), device="cpu", dtype="float32",
+                                    compile="regional", compile_aot=str(tmp_path / "aot"))
+    assert aot_blocks.installed(pipe.transformer)  # before the first call: the compiling pre-hooks
+    path = lora.make_lora(pipe.transformer, 4, 0, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="AOT-compiled blocks"):
+        lora.load_lora(pipe.fill, path)
+    assert not aot_blocks.installed(configure.build_pipeline(checkpoint.random_checkpoint(), device="cpu",
+                                                             dtype="float32").transformer)

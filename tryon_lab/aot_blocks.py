@@ -174,6 +174,17 @@ def _install(blocks: list[torch.nn.Module], st: AotBlocksState) -> None:
         HookRegistry.check_if_exists_or_initialize(b).register_hook(AotBlockHook(st), _HOOK)
 
 
+def installed(transformer: torch.nn.Module) -> bool:
+    """Whether any block runs AOT-compiled code (or will after its first call): LoRA must not be added then."""
+    for m in transformer.modules():
+        registry = getattr(m, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_HOOK) is not None:
+            return True
+    return any(getattr(m, "_forward_pre_hooks", None) and any(getattr(h, "__name__", "") == "compile_first"
+                                                              for h in m._forward_pre_hooks.values())
+               for m in transformer.modules())
+
+
 def report(states: dict[str, AotBlocksState]) -> dict:
     """What each class did: loaded or compiled (and why), seconds, bytes, calls that fell back."""
     return {k: {**{n: v for n, v in st.report.items() if n != "pre_hook"}, "fallback_calls": st.fallback_calls}

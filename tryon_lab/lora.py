@@ -131,6 +131,12 @@ def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswa
 
     Checks the rank against ``prepare_hotswap``'s target first, so the error says what to do.
     """
+    from .aot_blocks import installed
+
+    if installed(fill_pipe.transformer):
+        raise ValueError(f"LoRA {path}: this transformer runs AOT-compiled blocks (compile_aot), whose code holds the "
+                         "weights' layout as built and would leave the adapter out; build it with compile='regional' "
+                         "and compile_aot=None to use LoRA.")
     rank = lora_rank(path)
     target = state.target_rank if state is not None else None
     if target is not None and rank > target:

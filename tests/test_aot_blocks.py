@@ -86,6 +86,7 @@ def test_a_failed_aot_compile_falls_back_to_regional_compile_and_says_so(tmp_pat
     rep = aot_blocks.report(states)
     assert all("ID_MATCH" in r["error"] for r in rep.values())
     assert all(b._compiled_call_impl is not None for b in t.transformer_blocks)  # compiled the ordinary way
+    assert not aot_blocks.installed(t)  # so LoRA may be loaded again
     assert not list(tmp_path.glob("aot/*.bin"))
 
 

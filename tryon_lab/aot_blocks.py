@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 from .step_graph import signature
 
 _HOOK = "aot_block"
+_STATE = "_aot_blocks_state"  # on each block of a class that runs (or will run) AOT-compiled code
 
 
 def _options() -> dict:
@@ -145,6 +146,8 @@ def apply_aot_blocks(transformer: torch.nn.Module, folder: str | Path, backend: 
         if not blocks:
             continue
         st = states[name] = AotBlocksState(name, Path(folder), backend)
+        for b in blocks:
+            setattr(b, _STATE, st)
         why = _load(blocks[0], st)
         st.report["loaded"] = why is None
         if why is not None:
@@ -159,6 +162,7 @@ def apply_aot_blocks(transformer: torch.nn.Module, folder: str | Path, backend: 
                     warnings.warn(f"{st.name}: AOT compile failed ({st.report['error']}); using ordinary regional "
                                   "compile for this class.", stacklevel=2)
                     for b in blocks:
+                        delattr(b, _STATE)
                         b.compile(fullgraph=True, backend=st.backend)
                     return
                 _install(blocks, st)
@@ -176,13 +180,7 @@ def _install(blocks: list[torch.nn.Module], st: AotBlocksState) -> None:
 
 def installed(transformer: torch.nn.Module) -> bool:
     """Whether any block runs AOT-compiled code (or will after its first call): LoRA must not be added then."""
-    for m in transformer.modules():
-        registry = getattr(m, "_diffusers_hook", None)
-        if registry is not None and registry.get_hook(_HOOK) is not None:
-            return True
-    return any(getattr(m, "_forward_pre_hooks", None) and any(getattr(h, "__name__", "") == "compile_first"
-                                                              for h in m._forward_pre_hooks.values())
-               for m in transformer.modules())
+    return any(getattr(m, _STATE, None) is not None for m in transformer.modules())
 
 
 def report(states: dict[str, AotBlocksState]) -> dict:

@@ -23,6 +23,7 @@ the block as an argument, so one file per block class serves all its blocks, eac
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class AotBlocksState:
     signature: str | None = None
     fallback: object = None  # the class's forward under ordinary torch.compile, for other signatures
     fallback_calls: int = 0
+    pre_hook: object = None  # the handle of the hook that compiles on the first call (removed by that call)
     report: dict = field(default_factory=dict)
 
     @property
@@ -110,9 +112,12 @@ def _compile(block: torch.nn.Module, st: AotBlocksState, args: tuple, kwargs: di
     st.compiled, st.signature = wrapper.forward.compiled_results[0], call_signature(args, kwargs)
     binary, meta = st.files
     st.folder.mkdir(parents=True, exist_ok=True)
-    binary.write_bytes(data)
-    meta.write_text(json.dumps({**environment(block), "signature": st.signature, "layout": block_layout(block),
-                                "backend": st.backend}, indent=1))
+    info = json.dumps({**environment(block), "signature": st.signature, "layout": block_layout(block),
+                       "backend": st.backend}, indent=1)
+    for path, content in ((binary, data), (meta, info.encode())):  # whole files only: other processes may read
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
     st.report.update(compiled_s=time.perf_counter() - start, bytes=len(data))
 
 
@@ -154,7 +159,7 @@ def apply_aot_blocks(transformer: torch.nn.Module, folder: str | Path, backend: 
             st.report["compile_reason"] = why
 
             def compile_first(block, args, kwargs, st=st, blocks=blocks):
-                st.report.pop("pre_hook").remove()  # this call runs eager (its forward was chosen before this hook)
+                st.pre_hook.remove()  # this call runs eager (its forward was chosen before this hook ran)
                 try:
                     _compile(block, st, args, kwargs)
                 except Exception as e:  # noqa: BLE001 -- an experimental torch API: the image must still come
@@ -167,7 +172,7 @@ def apply_aot_blocks(transformer: torch.nn.Module, folder: str | Path, backend: 
                     return
                 _install(blocks, st)
 
-            st.report["pre_hook"] = blocks[0].register_forward_pre_hook(compile_first, with_kwargs=True)
+            st.pre_hook = blocks[0].register_forward_pre_hook(compile_first, with_kwargs=True)
         else:
             _install(blocks, st)
     return states
@@ -185,5 +190,4 @@ def installed(transformer: torch.nn.Module) -> bool:
 
 def report(states: dict[str, AotBlocksState]) -> dict:
     """What each class did: loaded or compiled (and why), seconds, bytes, calls that fell back."""
-    return {k: {**{n: v for n, v in st.report.items() if n != "pre_hook"}, "fallback_calls": st.fallback_calls}
-            for k, st in states.items()}
+    return {k: {**st.report, "fallback_calls": st.fallback_calls} for k, st in states.items()}

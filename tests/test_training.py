@@ -48,6 +48,8 @@ def test_resume_with_optimizer_state_continues_exactly(tmp_path):
     assert two["stages"]["fill"]["resumed_at"] is None  # exact path taken, no LR re-warm
     assert one["stages"]["fill"]["losses"] == two["stages"]["fill"]["losses"]
     assert two["stages"]["fill"]["data_next"] == 3 * 2  # the stream continued, no pair seen twice
+    fill = one["stages"]["fill"]  # the wait for data is part of the stage's time, and counted apart
+    assert 0 < fill["data_wait_s"] < fill["seconds"]
     _, ema1, raw1, frozen1 = train_state.load_state(tmp_path / "one")
     _, ema2, raw2, frozen2 = train_state.load_state(tmp_path / "b")
     assert set(raw1) == set(ema1) and any(k.startswith("transformer.") for k in raw1)

@@ -237,12 +237,15 @@ def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg
     params = [p for g in opt.param_groups for p in g["params"]]
     base, warmup = getattr(cfg, f"{stage}_lr"), getattr(cfg, f"{stage}_warmup")
     seed = cfg.data_seed + STAGES.index(stage)
-    done, start = 0, time.time()
+    done, start, waited = 0, time.time(), 0.0
     while rec["step"] < rec["total"] and not should_stop(done):
         step = rec["step"]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, rec["total"], base, warmup, rec.get("resumed_at"), cfg.rewarm_steps)
-        loss = stage_loss(stage, models, fill_pipe, text, next(batches), cfg, device, generator(seed, step, device))
+        before = time.time()
+        batch = next(batches)  # the time waited here says whether the data workers or the device set the pace
+        waited += time.time() - before
+        loss = stage_loss(stage, models, fill_pipe, text, batch, cfg, device, generator(seed, step, device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,6 +255,8 @@ def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg
         rec["step"], done = step + 1, done + 1
         if rec["step"] % cfg.log_every == 0:
             log(f"{stage} step {rec['step']}/{rec['total']} loss {np.mean(rec['losses'][-cfg.log_every:]):.4f} "
-                f"({time.time() - start:.0f}s, {done / max(1e-9, time.time() - start):.2f} steps/s)")
+                f"({time.time() - start:.0f}s, {done / max(1e-9, time.time() - start):.2f} steps/s, "
+                f"{100 * waited / max(1e-9, time.time() - start):.0f}% waiting for data)")
     rec["seconds"] = rec.get("seconds", 0.0) + time.time() - start
+    rec["data_wait_s"] = rec.get("data_wait_s", 0.0) + waited
     return done

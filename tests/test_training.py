@@ -193,3 +193,21 @@ def test_vae_ceiling_reproduces_the_quality_files_and_reads_a_training_state(tmp
     state = default_model.vae_ceiling_of_state(tmp_path / "state", count=1)
     assert state["step"] == 1 and tuple(state["vae_block_out_channels"]) == TINY.vae_block_out_channels
     assert 0 < state["vae_recon_psnr"] < 100
+
+
+def test_compiled_training_follows_the_eager_losses(tmp_path):
+    """``compile=True`` compiles the transformer in place for the training steps: the same losses (aot_eager
+    here: the backend that keeps eager's kernels), and dynamo did compile graphs for it."""
+    from torch._dynamo.utils import counters
+
+    from tryon_lab.experiments import default_model
+
+    eager = call(tmp_path / "e", tiny_cfg(call_steps=4))
+    before = counters["stats"]["unique_graphs"]
+    compiled = call(tmp_path / "c", tiny_cfg(call_steps=4, compile=True, compile_backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] > before
+    assert compiled["stages"]["fill"]["losses"] == pytest.approx(eager["stages"]["fill"]["losses"], rel=1e-4)
+    assert default_model.train_config(None, False, {"compile": "false"}).compile is False
+    assert default_model.train_config(None, False, {"compile": "True"}).compile is True
+    with pytest.raises(ValueError, match="true or false"):
+        default_model.train_config(None, False, {"compile": "yes please"})

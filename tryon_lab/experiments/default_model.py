@@ -87,7 +87,10 @@ def train_config(resume: Path | None, quick: bool, overrides: dict[str, str] | N
         if not hasattr(cfg, k):
             raise ValueError(f"--set {k}={v}: TrainConfig has no field {k!r}; fields: "
                              f"{', '.join(training.TrainConfig.__dataclass_fields__)}.")
-        setattr(cfg, k, type(getattr(cfg, k))(v))
+        kind = type(getattr(cfg, k))
+        if kind is bool and v.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--set {k}={v}: {k} is true or false.")
+        setattr(cfg, k, v.lower() in ("true", "1") if kind is bool else kind(v))
     return cfg
 
 

@@ -109,6 +109,8 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     _load_parts(models, frozen)
     for m in models.values():
         m.to(dev).eval().requires_grad_(False)
+    if cfg.compile:  # in place: parameter names, and so the saved state, stay as they are
+        models["transformer"].compile(backend=cfg.compile_backend)
     if record["vae_shift_factor"] is not None:
         models["vae"].register_to_config(shift_factor=record["vae_shift_factor"],
                                          scaling_factor=record["vae_scaling_factor"])

@@ -69,6 +69,8 @@ class TrainConfig:
     pool_pairs: int = 0  # > 0: generate this many pairs once per call and reuse them across epochs
     call_steps: int = 0  # > 0: stop the call after this many optimiser steps (all stages together)
     log_every: int = 50
+    compile: bool = False  # torch.compile the transformer (fewer launches per step for this small model)
+    compile_backend: str = "inductor"
 
 
 def _to_tensor(arr: np.ndarray, device) -> torch.Tensor:

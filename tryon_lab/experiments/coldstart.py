@@ -171,6 +171,8 @@ def child(t: float) -> None:
         pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]))
     sync(device)
     lap("configure")  # the build without its imports, split by what the loader and the configure step report
+    marks["weights_by_component"] = {r["component"]: {k: r[k] for k in ("load_s", "read_s") if k in r}
+                                      for r in pipe.load_report}  # what the build waited for, and the read itself
     _split(marks, "configure", {"weights": sum(r["load_s"] for r in pipe.load_report),
                                 **{k: getattr(pipe, "build_report", {}).get("seconds", {}).get(k, 0.0)
                                    for k in ("quantize", "artifacts")}})

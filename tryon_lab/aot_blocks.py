@@ -9,15 +9,15 @@ the block as an argument, so one file per block class serves all its blocks, eac
 - First process: a pre-hook on the first block of each class compiles it on its first call's inputs and
   writes ``<class>.bin`` and ``<class>.json`` (torch version, device, the call's signature, the block's parameter
   names, types and shapes) into the folder; then every block of the class runs the compiled code.
-- Later processes: ``apply_aot_blocks`` loads the file (no tracing) when the JSON matches this torch, device
-  and block layout; otherwise it compiles again on the first call and says why in its report.
+- Later processes: ``apply_aot_blocks`` loads the file (no tracing) when the JSON matches this torch, diffusers,
+  device, attention backend and block layout; otherwise it compiles again on the first call and says why in its report.
 - Guards are not saved (a guard on object identity cannot be checked in another process), so the hook checks
   each call's signature itself; a call with another signature (another image size) runs the class's forward
   under ordinary ``torch.compile`` instead, with a warning, and ``AotBlocksState.fallback_calls`` counts it.
 - If torch refuses to AOT-compile a class (an experimental API), that class gets ordinary regional compile,
   with a warning and the error in the report; a file torch cannot read back is compiled again.
 - The parameters are the block's as they are when the hook is applied (FP8 tensors included). Adapters added
-  later (LoRA) would not be in the compiled code: ``configure`` refuses LoRA with this option.
+  later (LoRA) would not be in the compiled code: ``configure`` and ``lora.load_lora`` refuse them.
 """
 
 from __future__ import annotations
@@ -55,11 +55,17 @@ def block_layout(block: torch.nn.Module) -> list[list]:
 
 
 def environment(block: torch.nn.Module) -> dict:
+    """What else the saved code depends on: torch, the device, and the code it was traced from (diffusers' block
+    forward and each attention's processor and backend)."""
+    import diffusers
+
     p = next(block.parameters())
     device = p.device.type
     if device == "cuda":
         device = f"{torch.cuda.get_device_name(p.device)} sm{''.join(map(str, torch.cuda.get_device_capability(p.device)))}"
-    return {"torch": torch.__version__, "device": device}
+    attention = sorted({f"{type(m.processor).__name__}:{getattr(m.processor, '_attention_backend', None)}"
+                        for m in block.modules() if hasattr(m, "processor")})
+    return {"torch": torch.__version__, "device": device, "diffusers": diffusers.__version__, "attention": attention}
 
 
 @dataclass

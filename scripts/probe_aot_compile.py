@@ -44,9 +44,11 @@ def main(argv=None) -> int:
     ap.add_argument("--text-tokens", type=int, default=1241)
     a = ap.parse_args(argv)
     from torch._dynamo import config
+    from torch._dynamo.aot_compile import ModelInput
+
+    from tryon_lab.aot_blocks import compile_options
 
     config.enable_aot_compile = True
-    from torch._dynamo.aot_compile import ModelInput
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt, dim, head_dim = torch.bfloat16, 3072, 128
@@ -72,10 +74,7 @@ def main(argv=None) -> int:
             try:
                 ref = block(**kw)
                 start = time.perf_counter()
-                # no guards: one on object identity cannot be checked in another process. A new dict for each
-                # block: torch.compile pops ``guard_filter_fn`` out of the dict it is given
-                compiled = torch.compile(block, fullgraph=True, backend="inductor",
-                                         options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+                compiled = torch.compile(block, fullgraph=True, backend="inductor", options=compile_options())
                 if a.mode == "save":
                     compiled._aot_compile([ModelInput(args=(), kwargs=kw, contexts=[])])
                     out[f"{name}_compile_s"] = time.perf_counter() - start

@@ -1,20 +1,16 @@
-"""One fresh process of the AOT-blocks test: build with compile_aot, run two images (and one of another size)."""
+"""One fresh process of the AOT-blocks test (``python -m tests.aot_child``): build with compile_aot, run two
+images (and one of another size)."""
 import json
 import sys
 
 import numpy as np
-from PIL import Image
 
+from tests.conftest import make_request_images
 from tryon_lab import aot_blocks, checkpoint, configure, pipeline
 
 
 def request(w: int, h: int) -> pipeline.TryOnRequest:
-    rng = np.random.default_rng(0)
-    mask = np.zeros((h, w), np.uint8)
-    mask[h // 4: 3 * h // 4, w // 6: 5 * w // 6] = 255
-    return pipeline.TryOnRequest(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
-                                 Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)),
-                                 Image.fromarray(mask, "L"), seed=0)
+    return pipeline.TryOnRequest(*make_request_images(w, h), seed=0)
 
 
 folder, other_size = sys.argv[1], sys.argv[2] == "1"
@@ -33,7 +29,6 @@ if sys.argv[3] == "1":  # the same request without compile: how far the compiled
 if other_size:
     pipeline.tryon(pipe, [request(160, 192)], settings)
 out["after"] = aot_blocks.report(pipe.aot_blocks)
-out["images"] = [int(np.int64(i.astype(np.int64).sum())) for i in images]
 out["same_twice"] = bool((images[0] == images[1]).all())
 np.save(f"{folder}/image-{sys.argv[4]}.npy", images[1])
 print("RESULT " + json.dumps(out, default=str))

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _child(folder: Path, cache: Path, name: str, other_size: bool, eager: bool) -> tuple[dict, str]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
-    p = subprocess.run([sys.executable, str(ROOT / "tests" / "aot_child.py"), str(folder), str(int(other_size)),
+    p = subprocess.run([sys.executable, "-m", "tests.aot_child", str(folder), str(int(other_size)),
                         str(int(eager)), name], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1][7:]), p.stderr

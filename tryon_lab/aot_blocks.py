@@ -39,9 +39,19 @@ _HOOK = "aot_block"
 _STATE = "_aot_blocks_state"  # on each block of a class that runs (or will run) AOT-compiled code
 
 
-def _options() -> dict:
-    """A new dict every time: ``torch.compile`` pops ``guard_filter_fn`` out of the options it is given."""
+def compile_options() -> dict:
+    """No guards saved (one on object identity cannot be checked in another process). A new dict every time:
+    ``torch.compile`` pops ``guard_filter_fn`` out of the options it is given."""
     return {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe}
+
+
+def _aot_module(block: torch.nn.Module, backend: str):
+    """The wrapper whose AOT methods compile, save or load the block's code (use it inside ``_aot()``)."""
+    return torch.compile(block, fullgraph=True, backend=backend, options=compile_options())
+
+
+def _aot():
+    return torch._dynamo.config.patch(enable_aot_compile=True)
 
 
 def call_signature(args: tuple, kwargs: dict) -> str:
@@ -111,8 +121,8 @@ def _compile(block: torch.nn.Module, st: AotBlocksState, args: tuple, kwargs: di
     from torch._dynamo.aot_compile import ModelInput
 
     start = time.perf_counter()
-    with torch._dynamo.config.patch(enable_aot_compile=True):
-        wrapper = torch.compile(block, fullgraph=True, backend=st.backend, options=_options())
+    with _aot():
+        wrapper = _aot_module(block, st.backend)
         wrapper._aot_compile([ModelInput(args=args, kwargs=kwargs, contexts=[])])
         data = wrapper._save_aot_compiled_module()
     st.compiled, st.signature = wrapper.forward.compiled_results[0], call_signature(args, kwargs)
@@ -138,8 +148,8 @@ def _load(block: torch.nn.Module, st: AotBlocksState) -> str | None:
             return f"saved for another {key}"
     start = time.perf_counter()
     try:
-        with torch._dynamo.config.patch(enable_aot_compile=True):
-            wrapper = torch.compile(block, fullgraph=True, backend=st.backend, options=_options())
+        with _aot():
+            wrapper = _aot_module(block, st.backend)
             wrapper._load_aot_compiled_module(binary.read_bytes())
     except Exception as e:  # noqa: BLE001 -- a file torch cannot read back is compiled again
         return f"could not load ({type(e).__name__}: {str(e)[:300]})"

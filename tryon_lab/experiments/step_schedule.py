@@ -131,12 +131,15 @@ def fit_schedule(errors: np.ndarray, passes: int) -> tuple[bool, ...]:
     return tuple(i in computed for i in range(n))
 
 
+REFINE_EVALS = 8  # closed-loop runs per pass budget by default (notebook 02's: ahead of cache-dit at all six points)
+
+
 def schedule_config(schedule: tuple[bool, ...], steps: int) -> TeaCacheConfig:
     """The first-order step cache computing exactly the ``schedule``'s steps."""
     return TeaCacheConfig(schedule=tuple(schedule), order=1, num_inference_steps=steps)
 
 
-def refine(score, schedule: tuple[bool, ...], max_evals: int = 8, shifts=(-1, 1, -2, 2),
+def refine(score, schedule: tuple[bool, ...], max_evals: int = REFINE_EVALS, shifts=(-1, 1, -2, 2),
            min_gain: float = 0.05) -> tuple[tuple[bool, ...], float, int]:
     """Closed-loop local search from ``schedule``: move one computed step (never the first or the last) by one of
     ``shifts`` onto a skipped step, and keep the first move that raises ``score(schedule)`` (mean PSNR against
@@ -162,7 +165,7 @@ def refine(score, schedule: tuple[bool, ...], max_evals: int = 8, shifts=(-1, 1,
 
 
 def fit_schedules(pipe, trajectories: list[Trajectory], requests, settings, budgets, judge: int = 2,
-                  refine_evals: int = 8) -> dict[int, dict]:
+                  refine_evals: int = REFINE_EVALS) -> dict[int, dict]:
     """Per pass budget: each proxy's schedule, the one closer to full compute on the first ``judge`` calibration
     ``requests`` (mean PSNR against their recorded images; equal schedules run once), then ``refine``d on them
     with at most ``refine_evals`` runs (0: not refined)."""
@@ -196,7 +199,7 @@ def budgets(steps: int, factors=FACTORS) -> list[int]:
     return sorted({max(2, f(steps / k)) for k in factors for f in (math.floor, math.ceil)})
 
 
-def peer(calibration_requests, factors=FACTORS, refine_evals: int = 8):
+def peer(calibration_requests, factors=FACTORS, refine_evals: int = REFINE_EVALS):
     """``teacache_fit.sweep(peers=[...])``'s form: fits the schedules at the sweep's step count on
     ``calibration_requests`` (``refine_evals``: see ``fit_schedules``), then runs the sweep's requests with each:
     ``(method, setting, value, results, passes)``."""

@@ -136,10 +136,11 @@ if cold:
 # `benchmarks/bench_gpu.json`, its latest cold-start run): stock loading and eager denoising against the slim
 # FP8 + regional-compile path, each phase of a fresh process to its first image, with the levers: compile
 # artefacts, the FP8 transformer saved already quantized, CUDA initialised on a thread, and the packages'
-# bytecode written at image build (without it each process compiled ~2500 modules from source). Imports still
-# take the largest share of every case, 9-13 s: diffusers with what it imports itself (`torch._dynamo`,
-# transformers, peft, torchao), then torch. A warm compile cache still leaves about 4.5 s of tracing and cache
-# loading in the first image; AOT-compiled blocks (`compile_aot`) are the lever for that.
+# bytecode written at image build (without it each process compiled ~2500 modules from source), and AOT-compiled
+# blocks (`compile_aot`: the blocks' compiled code saved once and loaded, so nothing is traced; a warm inductor
+# folder still left about 4.5 s of tracing and cache loading in the first image, AOT blocks about 1.1 s).
+# Imports take the largest share of every case, 8-11 s: diffusers with what it imports itself
+# (`torch._dynamo`, transformers, peft, torchao), then torch; stock imports as much.
 
 # %%
 gpu_cold, phases, measured_on = variants_report.gpu_cold_start()

@@ -326,7 +326,8 @@ def summary(results: str | Path = RESULTS) -> tuple[list[dict], list[dict], str]
                f"`{sweep['notebook']}` over {sweep['grid']} (base {sweep['base_params']}), one GPU per point.\n\n"
                + rs.table(sweep["rows"])
                + "\n\n" + rs.verdict(sweep["rows"]) + ("" if sweep.get("valid", True) else
-                                                       " Not a throughput measurement: points failed."))
+                                                       " Not a throughput measurement: points failed.")
+               + (f"\n\n{sweep['caveats']}." if sweep.get("caveats") else ""))
     return rows, profiled, md
 
 

@@ -186,6 +186,7 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     cases = res["cold"]["cases"]
     assert set(cases) == set(GPU_CASES) and all(c["status"] == "ok" for c in cases.values()), cases
     assert res["cold"]["fp8_saved"]["fused_qkv"] is True and "fingerprint" in res["cold"]
+    assert res["cold"]["fp8_read"]["equal"] is True  # the bulk reader agrees with load_file on the saved file
     for c in cases.values():
         parts = sum(c[k] for k in PHASES) + c["other"]
         assert abs(parts - c["first_image_wall_s"]) < 1e-6 and all(c[k] >= 0 for k in PHASES)

@@ -248,19 +248,16 @@ def check_fp8_folder(folder: str | Path, source: str | Path, mode: str, dtype: t
 
 
 def read_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict:
-    """The saved FP8 file's flattened tensors on ``device``, with the seconds the read took and the thread that
-    read them (``prefetch_fp8_tensors`` reads on a worker)."""
+    """The saved FP8 file's flattened tensors on ``device`` (``bulk_read``: several chunked reads in flight, through
+    pinned buffers to the GPU), with the seconds the read took and the thread that read them
+    (``prefetch_fp8_tensors`` reads on a worker)."""
     import threading
     import time
 
-    from safetensors.torch import load_file
+    from .bulk_read import read_safetensors
 
     start = time.perf_counter()
-    tensors = load_file(str(Path(folder) / FP8_FILE), device=str(device))
-    if torch.device(device).type == "cpu":  # own aligned copies, not views of the memory map: CPU kernels pick
-        tensors = {k: v.clone() for k, v in tensors.items()}  # their code path by alignment (and round differently)
-    elif torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+    tensors, _ = read_safetensors(Path(folder) / FP8_FILE, device)
     return {"tensors": tensors, "read_s": time.perf_counter() - start, "thread": threading.current_thread().name}
 
 

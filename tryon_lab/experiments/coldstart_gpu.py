@@ -196,6 +196,32 @@ def prepare_fp8(model_dir: Path, work: Path, options: dict) -> dict:
     return {**info, "seconds": time.perf_counter() - start}
 
 
+def compare_reads(path: Path, device: str) -> dict:
+    """The saved FP8 file read onto ``device`` both ways, timed: safetensors' ``load_file`` (tensor by tensor out of
+    the memory map) and ``bulk_read`` (chunked reads in flight through pinned buffers, what the cases use); the
+    two must agree byte for byte."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ..bulk_read import read_safetensors
+    from ..timers import sync
+
+    seconds, reads = {}, {}
+    for name, read in (("load_file", lambda: load_file(str(path), device=device)),
+                       ("bulk_read", lambda: read_safetensors(path, device)[0])):
+        sync(device)
+        begin = time.perf_counter()
+        reads[name] = read()
+        sync(device)
+        seconds[name] = time.perf_counter() - begin
+    a, b = reads["load_file"], reads["bulk_read"]
+    equal = a.keys() == b.keys() and all(torch.equal(a[k].reshape(-1).view(torch.uint8),
+                                                     b[k].reshape(-1).view(torch.uint8)) for k in a)
+    size = path.stat().st_size
+    return {"bytes": size, "equal": equal, **{f"{k}_s": v for k, v in seconds.items()},
+            **{f"{k}_gb_per_s": size / v / 1e9 for k, v in seconds.items()}}
+
+
 def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case=None,
             names: list[str] | None = None, bytecode: bool = False) -> dict:
     """The full-size snapshot (random weights, real layout, local disk) and the ``GPU_CASES`` cases on it
@@ -240,6 +266,10 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
         res["fp8_saved"] = prepare_fp8(root, work, {**base, **({"fp8": "fp8_weight_only"} if cpu else {})})
         print(f"  FP8 transformer saved in {res['fp8_saved']['seconds']:.0f} s "
               f"({res['fp8_saved']['bytes'] / 2**30:.1f} GiB)", flush=True)
+        from ..quant import FP8_FILE
+
+        res["fp8_read"] = compare_reads(work / "fp8-transformer" / FP8_FILE, s.device)
+        print(f"  FP8 file read: {res['fp8_read']}", flush=True)
     request = {"steps": steps, "seed": 0, "height": s.height, "width": s.width // 2}
     if any(c.aoti for c in cases.values()):
         left = budget_s - (time.perf_counter() - start + res["snapshot_s"]) - 60  # keep a minute for a case

@@ -1,0 +1,80 @@
+"""The bulk safetensors reader gives what safetensors' own loader gives, tensor for tensor."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tryon_lab.bulk_read import read_header, read_safetensors, tensor_views
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.uint8)  # byte-exact comparison for every dtype, FP8 included
+
+
+@pytest.fixture
+def mixed_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "w.qdata": torch.randn(33, 17, generator=g).to(torch.float8_e4m3fn),
+        "w.scale": torch.rand(33, 1, generator=g),
+        "bias": torch.randn(7, generator=g).to(torch.bfloat16),
+        "half": torch.randn(3, 5, generator=g).half(),
+        "steps": torch.arange(5, dtype=torch.int64),
+        "mask": torch.rand(9, generator=g) > 0.5,
+        "odd_bytes": torch.randint(0, 255, (13,), dtype=torch.uint8, generator=g),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "note": "x"})
+    return path
+
+
+def test_cpu_read_equals_load_file(mixed_file):
+    expected = load_file(str(mixed_file))
+    got, metadata = read_safetensors(mixed_file, "cpu", workers=3)
+    assert metadata == {"format": "pt", "note": "x"}
+    assert set(got) == set(expected)
+    for name, t in expected.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(_raw(got[name]), _raw(t)), name
+        assert got[name].data_ptr() % 16 == 0 or got[name].numel() == 0  # own allocation, not a view at an offset
+
+
+def test_views_of_the_data_block_equal_load_file(mixed_file):
+    """What the GPU path does after its chunked copy: every tensor a view of the one data block."""
+    header, start = read_header(mixed_file)
+    data = torch.frombuffer(bytearray(mixed_file.read_bytes()[start:]), dtype=torch.uint8)
+    views = tensor_views(header, data)
+    for name, t in load_file(str(mixed_file)).items():
+        assert views[name].dtype == t.dtype and torch.equal(_raw(views[name]), _raw(t)), name
+    shared = [v for v in views.values() if v.numel()]
+    assert all(v.untyped_storage().data_ptr() == data.untyped_storage().data_ptr() for v in shared)
+
+
+def test_misaligned_offset_gets_its_own_copy():
+    header = {"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [1, 9]}}
+    data = torch.tensor(list(b"\x07" + struct.pack("<2f", 1.5, -3.0)), dtype=torch.uint8)
+    views = tensor_views(header, data)
+    assert views["a"].tolist() == [7] and views["b"].tolist() == [1.5, -3.0]
+
+
+def test_truncated_file_names_the_problem(mixed_file, tmp_path):
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(mixed_file.read_bytes()[:-40])
+    with pytest.raises(OSError, match="truncated"):
+        read_safetensors(cut, "cpu")
+
+
+def test_unknown_dtype_points_to_load_file(tmp_path):
+    header = json.dumps({"x": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    path = tmp_path / "f4.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    with pytest.raises(ValueError, match="load_file"):
+        read_safetensors(path, "cpu")

@@ -1,0 +1,136 @@
+"""Probe: FP8 attention with torch's own FlexAttention at the full-size FLUX shape, against cuDNN SDPA in bf16.
+
+Attention is about a third of a compiled FP8 step (57 calls of 0.45 ms with cuDNN at 1 x 24 x 4313 x 128), and the
+only FP8 kernels tried so far were out of reach (FA3 needs a hub download) or slower (SageAttention, 0.92 ms).
+FlexAttention takes FP8 query, key and value (Triton kernels written by inductor): the scales of Q and K fold into
+the softmax scale, V's scale multiplies the output. Each kernel is timed with CUDA events and compared with cuDNN's
+output (rel-L2); a kernel that fails says why instead of ending the probe.
+
+    python scripts/probe_attention_fp8.py --out results.json            # the H200 shape
+    python scripts/probe_attention_fp8.py --tokens 300 --heads 2        # a small shape (the CPU runs the bf16 rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tryon_lab.metrics import rel_l2  # noqa: E402
+from tryon_lab.provenance import stamp  # noqa: E402
+
+FP8 = torch.float8_e4m3fn
+
+
+def to_fp8(x: torch.Tensor, per_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, H, S, D) in FP8 and its scale (per tensor, or per head: shape (H,)), x ~= fp8 * scale."""
+    amax = x.abs().amax(dim=(0, 2, 3) if per_head else None).float().clamp(min=1e-12)
+    scale = amax / torch.finfo(FP8).max
+    view = scale.view(1, -1, 1, 1) if per_head else scale
+    return (x / view).to(FP8), scale
+
+
+def flex_fp8(q, k, v, per_head: bool):
+    """FlexAttention on FP8 Q, K, V quantized here (the quantize is part of what is timed)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    (q8, sq), (k8, sk), (v8, sv) = (to_fp8(t, per_head) for t in (q, k, v))
+    if per_head:
+        qk = sq * sk  # (H,): each head's logits rescaled in the kernel
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score * qk[h]
+
+        out = flex_attention(q8, k8, v8, score_mod=score_mod)
+        return out.to(q.dtype) * sv.view(1, -1, 1, 1).to(q.dtype)
+    out = flex_attention(q8, k8, v8, score_mod=lambda s, b, h, qi, ki: s * (sq * sk))
+    return out.to(q.dtype) * sv.to(q.dtype)
+
+
+def kernels(dev: str) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def sdpa(backend):
+        def run(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+        return run
+
+    out = {"sdpa_math_bf16": sdpa(SDPBackend.MATH)} if dev == "cpu" else {
+        "cudnn_bf16": sdpa(SDPBackend.CUDNN_ATTENTION), "flash_bf16": sdpa(SDPBackend.FLASH_ATTENTION)}
+    out["flex_bf16"] = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    out["flex_fp8_per_tensor"] = torch.compile(lambda q, k, v: flex_fp8(q, k, v, False), fullgraph=True, dynamic=False)
+    out["flex_fp8_per_head"] = torch.compile(lambda q, k, v: flex_fp8(q, k, v, True), fullgraph=True, dynamic=False)
+    return out
+
+
+def timed(fn, args, reps: int, dev: str) -> tuple[torch.Tensor, float, float]:
+    """(output, first call s, median ms of ``reps`` later calls)."""
+    begin = time.perf_counter()
+    out = fn(*args)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - begin
+    times = []
+    for _ in range(reps):
+        if dev == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(*args)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            begin = time.perf_counter()
+            fn(*args)
+            times.append(1000 * (time.perf_counter() - begin))
+    return out, first, statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4313, help="image + text tokens (3072 + 1241 at 1024x768)")
+    ap.add_argument("--heads", type=int, default=24)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--out", help="write the results here as JSON")
+    a = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(dev).manual_seed(0)
+    shape = (1, a.heads, a.tokens, a.head_dim)
+    # activations like a FLUX block's after RMSNorm and RoPE: unit scale, a few larger channels
+    q, k, v = (torch.randn(shape, device=dev, generator=g, dtype=torch.float32) for _ in range(3))
+    q[..., :4] *= 8
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    flops = 4 * a.heads * a.tokens * a.tokens * a.head_dim
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    rows = {}
+    for name, fn in kernels(dev).items():
+        try:
+            out, first, ms = timed(fn, (q, k, v), a.reps, dev)
+            rows[name] = {"status": "ok", "ms": ms, "tflops": flops / ms / 1e9, "first_call_s": first,
+                          "rel_l2_vs_fp32": rel_l2(out.float(), reference)}
+        except Exception as e:  # noqa: BLE001 - a kernel that does not run here is a result, not the end
+            rows[name] = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:600]}"}
+        print(f"  {name}: {rows[name]}", flush=True)
+    res = {"stamp": stamp(dev), "shape": {"batch": 1, "heads": a.heads, "tokens": a.tokens,
+                                          "head_dim": a.head_dim}, "kernels": rows,
+           "what": "one attention call, CUDA events (wall time on the CPU), rel-L2 against fp32 SDPA; the FP8 rows "
+                   "include quantizing Q, K and V"}
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+    print("PROBE " + json.dumps(res, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -196,6 +196,10 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert res["cold"]["aoti_export"]["status"] == "ok" and aoti["heavy_modules_loaded"] == []
     assert aoti["rel_l2_vs_slim_eager"] < 1e-4 and aoti["weights_bytes"] > 0
     assert "diffusers" not in aoti["imports_by_package"] and "diffusers" in cases["stock eager"]["imports_by_package"]
+    stock = cases["stock eager"]  # each module's own load time: disjoint parts of all the imports
+    assert len(stock["imports_slowest_modules"]) == 25 and min(stock["imports_slowest_modules"].values()) >= 0
+    assert sum(stock["imports_slowest_modules"].values()) <= stock["imports_total_s"] + 1e-6
+    assert stock["imports_total_s"] >= stock["imports"] - 1e-3
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
     assert {"diffusers", "tryon_lab"} <= set(res["cold"]["bytecode_build"]["compiled"])
     saved, loaded = cases["slim + FP8 weights, AOT blocks, empty cache"], cases["slim + FP8 weights, AOT blocks loaded"]

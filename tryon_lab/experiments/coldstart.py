@@ -92,20 +92,25 @@ def _count_imports() -> dict:
     import importlib._bootstrap as bootstrap
     import threading
 
-    state, main = {"seconds": 0.0, "depth": 0, "modules": {}}, threading.get_ident()
+    state, main = {"seconds": 0.0, "depth": 0, "modules": {}, "self": {}, "children": []}, threading.get_ident()
     load = bootstrap._find_and_load
 
     def timed_load(name, import_):
         if threading.get_ident() != main:
             return load(name, import_)
         state["depth"] += 1
+        state["children"].append(0.0)  # time spent in the modules this one imports
         start = time.perf_counter()
         try:
             return load(name, import_)
         finally:
             state["depth"] -= 1
+            took = time.perf_counter() - start
+            own = took - state["children"].pop()  # this module's own code, as -X importtime's "self"
+            state["self"][name] = state["self"].get(name, 0.0) + own
+            if state["children"]:
+                state["children"][-1] += took
             if state["depth"] == 0:
-                took = time.perf_counter() - start
                 state["seconds"] += took
                 top = name.split(".")[0]  # by package: what a lever would have to keep out
                 state["modules"][top] = state["modules"].get(top, 0.0) + took
@@ -208,6 +213,8 @@ def child(t: float) -> None:
 
         marks["aot_blocks"] = report(pipe.aot_blocks)
     marks["imports_by_package"] = _by_package(imports)
+    marks["imports_slowest_modules"] = _slowest_modules(imports)
+    marks["imports_total_s"] = imports["seconds"]  # the first image's imports and those after it
     marks["bytecode"] = bytecode_report(t)
     marks["cache_counters"] = {f"{g}.{k}": v for g in ("inductor", "aot_autograd") for k, v in counters[g].items()
                                if "cache" in k or "hit" in k or "miss" in k}
@@ -271,6 +278,11 @@ def compile_bytecode(packages: tuple[str, ...] = BYTECODE_PACKAGES) -> dict:
 
 def _by_package(imports: dict) -> dict:
     return dict(sorted(((k, round(v, 3)) for k, v in imports["modules"].items() if v > 0.05), key=lambda kv: -kv[1]))
+
+
+def _slowest_modules(imports: dict, n: int = 25) -> dict:
+    """The ``n`` modules whose own code took longest to load (not counting what they import), in seconds."""
+    return dict(sorted(((k, round(v, 3)) for k, v in imports["self"].items()), key=lambda kv: -kv[1])[:n])
 
 
 def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, timeout: float) -> dict:

@@ -53,8 +53,11 @@ def test_views_of_the_data_block_equal_load_file(mixed_file):
     views = tensor_views(header, data)
     for name, t in load_file(str(mixed_file)).items():
         assert views[name].dtype == t.dtype and torch.equal(_raw(views[name]), _raw(t)), name
-    shared = [v for v in views.values() if v.numel()]
-    assert all(v.untyped_storage().data_ptr() == data.untyped_storage().data_ptr() for v in shared)
+    for name, v in views.items():  # views where the offset allows, own copies elsewhere: all 16-byte aligned
+        offset = header[name]["data_offsets"][0]
+        shares = v.untyped_storage().data_ptr() == data.untyped_storage().data_ptr()
+        assert shares == (offset % 16 == 0), name
+        assert (v.data_ptr() - data.data_ptr()) % 16 == 0 or not shares
 
 
 def test_misaligned_offset_gets_its_own_copy():
@@ -63,6 +66,7 @@ def test_misaligned_offset_gets_its_own_copy():
     data = torch.tensor(list(b"\x07" + struct.pack("<2f", 1.5, -3.0)), dtype=torch.uint8)
     views = tensor_views(header, data)
     assert views["a"].tolist() == [7] and views["b"].tolist() == [1.5, -3.0]
+    assert views["b"].data_ptr() % 16 == 0  # a view at offset 1 would be misaligned: its own allocation
 
 
 def test_truncated_file_names_the_problem(mixed_file, tmp_path):

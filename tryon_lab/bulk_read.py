@@ -7,8 +7,9 @@ pinned buffer, and copied from there to one device buffer on its own CUDA stream
 that buffer. On the CPU each tensor is read straight into its own allocation (aligned, as ``load_file`` plus a
 copy gives), so CPU kernels see the same memory layout.
 
-safetensors writes its tensors sorted by alignment, so each offset suits its dtype; an offset that does not
-(another writer) gets a copy of its own instead of a view.
+safetensors writes its tensors sorted by alignment, so each offset suits its dtype; a view must also start on a
+16-byte boundary, as its own allocation would (inductor's compiled code assumes 16-byte aligned inputs), so a
+tensor whose offset does not gets a copy of its own instead of a view.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+ALIGN = 16  # bytes: what a view's start must be a multiple of (as torch._inductor assumes of its inputs)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
@@ -58,7 +60,7 @@ def tensor_views(header: dict, data: torch.Tensor) -> dict[str, torch.Tensor]:
             continue
         dtype, (begin, end) = _dtype(name, h), h["data_offsets"]
         raw = data[begin:end]
-        if begin % dtype.itemsize:  # misaligned for its dtype: a copy of its own
+        if begin % ALIGN:  # a view here would be misaligned: a copy of its own
             raw = raw.clone()
         out[name] = raw.view(dtype).reshape(h["shape"])
     return out

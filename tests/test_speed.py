@@ -346,3 +346,18 @@ def test_profile_files_triton_kernels_by_prefix_and_refiles_old_profiles():
     new = refiled(old, {quant: 2.5, rope: 3.0, copy: 1.0, "nvjet_x": 19.0})
     assert new == pytest.approx({"GEMM": 52.5, "attention": 26.0, TRITON: 14.5, "communication (NCCL)": 11.0})
     assert sum(new.values()) == pytest.approx(sum(old.values()))
+
+
+def test_step_profile_names_the_top_kernels_of_each_kind():
+    """``bench_gpu.py --profile`` on the tiny model (CPU): time per step by kind, each kind with its slowest
+    kernels, which are parts of that kind's time, slowest first."""
+    from tryon_lab.experiments.gpu_bench import profile_step
+
+    rows = profile_step("eager", tiny=True, steps=2)
+    assert rows and [r["ms_per_step"] for r in rows] == sorted((r["ms_per_step"] for r in rows), reverse=True)
+    for r in rows:
+        top = r["top_kernels"]
+        assert 1 <= len(top) <= 8 and top[0]["kernel"].startswith(r["top"])
+        assert [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
+        assert sum(k["ms_per_step"] for k in top) <= r["ms_per_step"] * (1 + 1e-9)
+    assert any("mm" in k["kernel"] or "linear" in k["kernel"] for r in rows for k in r["top_kernels"])

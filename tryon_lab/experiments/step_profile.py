@@ -48,8 +48,9 @@ def refiled(by_kind: dict[str, float], top_kernels: dict[str, float]) -> dict[st
     return out
 
 
-def time_by_kind(prof, cuda: bool, steps: int) -> list[dict]:
-    """A profile's time per step by ``kernel_kind``, most first (on CUDA: kernels only, none counted twice)."""
+def time_by_kind(prof, cuda: bool, steps: int, top: int = 8) -> list[dict]:
+    """A profile's time per step by ``kernel_kind``, most first (on CUDA: kernels only, none counted twice), each
+    kind with its ``top`` kernels (ms and calls per step): what a lever on that kind would have to change."""
     kinds: dict[str, dict] = {}
     for e in prof.key_averages():
         if (cuda and e.device_type != torch.autograd.DeviceType.CUDA) or e.key.startswith("ProfilerStep"):
@@ -58,13 +59,16 @@ def time_by_kind(prof, cuda: bool, steps: int) -> list[dict]:
         if not t:
             continue
         k = kinds.setdefault(kernel_kind(e.key), {"kind": kernel_kind(e.key), "ms_per_step": 0.0, "kernels": 0,
-                                                   "top": ("", 0.0)})
+                                                   "all": []})
         k["ms_per_step"] += t / 1e3 / steps
         k["kernels"] += e.count // steps
-        if t > k["top"][1]:
-            k["top"] = (e.key[:60], t)
-    rows = sorted(kinds.values(), key=lambda r: -r["ms_per_step"])
-    return [{**r, "top": r["top"][0]} for r in rows]
+        k["all"].append((t / 1e3 / steps, e.count / steps, e.key[:120]))
+    rows = []
+    for r in sorted(kinds.values(), key=lambda r: -r["ms_per_step"]):
+        ranked = sorted(r.pop("all"), reverse=True)
+        rows.append({**r, "top": ranked[0][2][:60],
+                     "top_kernels": [{"kernel": n, "ms_per_step": ms, "calls_per_step": c} for ms, c, n in ranked[:top]]})
+    return rows
 
 
 def profile_window(fill, x: dict, steps: int, cuda: bool):

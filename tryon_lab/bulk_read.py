@@ -75,8 +75,9 @@ def read_safetensors(path: str | Path, device: str | torch.device = "cpu", worke
     size = max((h["data_offsets"][1] for k, h in header.items() if k != "__metadata__"), default=0)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if device.type != "cuda":
-            return _read_each(fd, header, start, workers), metadata
+        if device.type != "cuda":  # the CPU, or another device through the CPU
+            tensors = _read_each(fd, header, start, workers)
+            return (tensors if device.type == "cpu" else {k: v.to(device) for k, v in tensors.items()}), metadata
         data = torch.empty(size, dtype=torch.uint8, device=device)
         chunk = chunk_mib << 20
         slots: queue.Queue = queue.Queue()  # a pinned buffer and a stream per read in flight

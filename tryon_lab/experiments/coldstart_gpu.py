@@ -204,6 +204,7 @@ def compare_reads(path: Path, device: str) -> dict:
     from safetensors.torch import load_file
 
     from ..bulk_read import read_safetensors
+    from ..oom import free_cached
     from ..timers import sync
 
     seconds, reads = {}, {}
@@ -214,9 +215,11 @@ def compare_reads(path: Path, device: str) -> dict:
         reads[name] = read()
         sync(device)
         seconds[name] = time.perf_counter() - begin
-    a, b = reads["load_file"], reads["bulk_read"]
+    a, b = reads.pop("load_file"), reads.pop("bulk_read")
     equal = a.keys() == b.keys() and all(torch.equal(a[k].reshape(-1).view(torch.uint8),
                                                      b[k].reshape(-1).view(torch.uint8)) for k in a)
+    del a, b
+    free_cached()  # both copies' GPU memory back before the cases' processes start
     size = path.stat().st_size
     return {"bytes": size, "equal": equal, **{f"{k}_s": v for k, v in seconds.items()},
             **{f"{k}_gb_per_s": size / v / 1e9 for k, v in seconds.items()}}

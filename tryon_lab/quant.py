@@ -257,8 +257,9 @@ def read_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu") -> 
     from .bulk_read import read_safetensors
 
     start = time.perf_counter()
-    tensors, _ = read_safetensors(Path(folder) / FP8_FILE, device)
-    return {"tensors": tensors, "read_s": time.perf_counter() - start, "thread": threading.current_thread().name}
+    tensors, metadata = read_safetensors(Path(folder) / FP8_FILE, device)
+    return {"tensors": tensors, "metadata": metadata, "read_s": time.perf_counter() - start,
+            "thread": threading.current_thread().name}
 
 
 def prefetch_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu"):
@@ -289,7 +290,6 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
     from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
     info = check_fp8_folder(folder, source, mode, dtype)
-    _, metadata = read_fp8_info(folder)
     config = json.loads((Path(folder) / "config.json").read_text())
     cls = getattr(importlib.import_module("diffusers"), config["_class_name"])
     with torch.device("meta"):
@@ -297,7 +297,7 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
         if info.get("fused_qkv"):  # the same modules as the saved model: fused QKV Linears beside the originals
             model.fuse_qkv_projections()
     read = prefetched.result() if prefetched is not None else read_fp8_tensors(folder, device)
-    state, leftover = unflatten_tensor_state_dict(read["tensors"], metadata)
+    state, leftover = unflatten_tensor_state_dict(read["tensors"], read["metadata"])  # torchao's, from the header
     if leftover:
         raise FP8WeightsError(f"{folder}: tensors {sorted(leftover)[:3]} do not belong to any weight; save it again.")
     model.load_state_dict(state, strict=True, assign=True)

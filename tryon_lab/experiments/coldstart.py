@@ -92,25 +92,24 @@ def _count_imports() -> dict:
     import importlib._bootstrap as bootstrap
     import threading
 
-    state, main = {"seconds": 0.0, "depth": 0, "modules": {}, "self": {}, "children": []}, threading.get_ident()
+    # "children": one entry per load in progress (the time spent in the modules it imports), outermost first
+    state, main = {"seconds": 0.0, "modules": {}, "self": {}, "children": []}, threading.get_ident()
     load = bootstrap._find_and_load
 
     def timed_load(name, import_):
         if threading.get_ident() != main:
             return load(name, import_)
-        state["depth"] += 1
-        state["children"].append(0.0)  # time spent in the modules this one imports
+        state["children"].append(0.0)
         start = time.perf_counter()
         try:
             return load(name, import_)
         finally:
-            state["depth"] -= 1
             took = time.perf_counter() - start
             own = took - state["children"].pop()  # this module's own code, as -X importtime's "self"
             state["self"][name] = state["self"].get(name, 0.0) + own
             if state["children"]:
                 state["children"][-1] += took
-            if state["depth"] == 0:
+            else:  # an outermost load
                 state["seconds"] += took
                 top = name.split(".")[0]  # by package: what a lever would have to keep out
                 state["modules"][top] = state["modules"].get(top, 0.0) + took

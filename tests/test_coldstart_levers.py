@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -176,3 +177,39 @@ def test_mismatched_fp8_folder_is_refused_clearly(weight_only_folder, tmp_path):
     with pytest.raises(quant.FP8WeightsError, match="without fused QKV"):
         configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", fp8_weights=str(weight_only_folder),
                                  device="cpu", fuse_qkv=True)
+
+
+METADATA_CHILD = """
+import importlib.metadata, json, sys
+from tryon_lab import metadata_cache
+truth = metadata_cache._ORIGINAL()
+report = metadata_cache.use(sys.argv[1])
+import diffusers.utils.import_utils as du
+print(json.dumps({**report, "same": importlib.metadata.packages_distributions() == truth,
+                  "diffusers_map_same": dict(du._package_map) == truth}))
+"""
+
+
+def test_metadata_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_path):
+    # The cache serves diffusers the same import-name -> distribution map that importlib computes; a second fresh
+    # process reads it instead of walking every distribution; adding a package to a folder on the path makes it miss.
+    extra = tmp_path / "site"
+    extra.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{extra}"}
+
+    def child() -> dict:
+        out = subprocess.run([sys.executable, "-c", METADATA_CHILD, str(tmp_path / "map.json")], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = child(), child()
+    assert (first["hit"], second["hit"]) == (False, True)
+    assert first["same"] and second["same"] and second["diffusers_map_same"]
+    dist = extra / "newpkg-1.0.dist-info"  # what pip install leaves in the folder
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: newpkg\nVersion: 1.0\n")
+    (dist / "top_level.txt").write_text("newpkg\n")
+    third = child()
+    assert third["hit"] is False and third["same"]
+    assert json.loads((tmp_path / "map.json").read_text())["map"]["newpkg"] == ["newpkg"]

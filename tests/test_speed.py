@@ -361,3 +361,23 @@ def test_step_profile_names_the_top_kernels_of_each_kind():
         assert [k["ms_per_step"] for k in top] == sorted((k["ms_per_step"] for k in top), reverse=True)
         assert sum(k["ms_per_step"] for k in top) <= r["ms_per_step"] * (1 + 1e-9)
     assert any("mm" in k["kernel"] or "linear" in k["kernel"] for r in rows for k in r["top_kernels"])
+
+
+def test_step_profile_builds_the_variant_as_its_row_does():
+    """The profile of a variant whose lever is not an option (static FP8 scales) profiles that lever too: it goes
+    through the rows' own ``configure``, so the calibrated static FP8 layers are in the profiled model."""
+    from unittest import mock
+
+    from tryon_lab.experiments import gpu_bench
+
+    reports, original = [], gpu_bench.configure
+
+    def configure(*args):
+        reports.append((args[1], original(*args)))
+        return reports[-1][1]
+
+    with mock.patch.object(gpu_bench, "configure", configure):
+        rows = gpu_bench.profile_step("fp8_static_fused_regional", tiny=True, steps=1)
+    [(recipe, report)] = reports
+    assert recipe is gpu_bench.RECIPES["fp8_static_fused_regional"] and recipe.extra == "static_fp8"
+    assert report["static_fp8_layers"] > 0 and rows

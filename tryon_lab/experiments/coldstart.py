@@ -37,6 +37,7 @@ BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingfac
                      "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
                      "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
                      "scipy", "sklearn")
+METADATA_FILE = "package-map.json"
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -56,6 +57,7 @@ class Case:
     cache: str = "empty"
     aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
     aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
+    metadata_cache: bool = False  # importlib's package map from the file written at image build (metadata_cache.py)
 
 
 def _cuda_init() -> None:
@@ -146,6 +148,10 @@ def child(t: float) -> None:
     imports = _count_imports()
     a = json.loads(sys.argv[1])
     marks, lap = _laps(t, imports, a["spawned"])
+    if a.get("metadata_cache"):  # first, as a serving script would: before anything imports diffusers
+        from ..metadata_cache import use
+
+        marks["metadata_cache"] = use(a["metadata_cache"])
 
     import threading
 
@@ -309,7 +315,8 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
         return {"status": "skipped", "reason": "no AOTInductor packages (prepare_aoti did not run or failed)"}
     args = {**base, "model_dir": str(model_dir), "stock": case.stock, "options": options,
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
-            "artifacts_out": str(art) if how == "save" else None, "spawned": time.time()}
+            "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
+            "metadata_cache": str(work / METADATA_FILE) if case.metadata_cache else None}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()
@@ -327,6 +334,17 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     c.update(status="ok", wall_s=wall, first_image_wall_s=c["to_first_image"],
              other=max(0.0, c["to_first_image"] - sum(c.get(k, 0.0) for k in PHASES)))
     return c
+
+
+def write_metadata_cache(work: Path) -> dict:
+    """The package-map cache for the cases that use it, written by a process started as theirs are (the same
+    ``sys.path``, so the same key): an image build step, timed apart from every cold start."""
+    start = time.perf_counter()
+    code = f"from tryon_lab.metadata_cache import write; write({str(Path(work) / METADATA_FILE)!r})"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    return {"status": "ok" if p.returncode == 0 else "failed", "seconds": time.perf_counter() - start,
+            **({"reason": p.stderr[-1500:]} if p.returncode else {})}
 
 
 def run(model_dir: str | Path, cases: dict[str, Case], work: str | Path, steps: int, budget_s: float = 540,

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "tryon_lab"
 # lowest first: a module may import its own layer (without cycles) and any layer below, never one above
 LAYERS: dict[str, tuple[str, ...]] = {
     "leaves": ("metrics", "timers", "plots"),
-    "base": ("checkpoint", "images", "provenance", "oom", "synthetic", "samples", "bulk_read", "metadata_cache"),
+    "base": ("checkpoint", "images", "provenance", "oom", "synthetic", "samples", "bulk_read", "import_cache"),
     "parts": ("loading", "embeddings", "teacache", "quant", "compiling", "lora", "memory", "parallel", "jobs",
               "hotpath", "step_graph", "aot_blocks"),
     "flow": ("configure", "pipeline", "logos", "flow"),

@@ -179,37 +179,55 @@ def test_mismatched_fp8_folder_is_refused_clearly(weight_only_folder, tmp_path):
                                  device="cpu", fuse_qkv=True)
 
 
-METADATA_CHILD = """
+IMPORT_CACHE_CHILD = """
 import importlib.metadata, json, sys
-from tryon_lab import metadata_cache
-truth = metadata_cache._ORIGINAL()
-report = metadata_cache.use(sys.argv[1])
+from pathlib import Path
+from tryon_lab import import_cache
+truth = import_cache._ORIGINAL_MAP()
+report = import_cache.use(sys.argv[1])
 import diffusers.utils.import_utils as du
-print(json.dumps({**report, "same": importlib.metadata.packages_distributions() == truth,
-                  "diffusers_map_same": dict(du._package_map) == truth}))
+import transformers
+from transformers.utils import import_utils as tu
+models = Path(transformers.__file__).parent / "models"
+computed = tu.create_import_structure_from_path.__wrapped__(models)  # uncached, straight from the files
+siglip = transformers.SiglipVisionModel.__name__  # imports transformers.models (its own table) on the way
+print(json.dumps({**report, **import_cache.report(), "same": importlib.metadata.packages_distributions() == truth,
+                  "diffusers_map_same": dict(du._package_map) == truth,
+                  "models_same": tu.define_import_structure(models, "models") == {
+                      k: {f"models.{m}": v for m, v in mods.items()} for k, mods in
+                      tu.spread_import_structure(computed).items()},
+                  "siglip": siglip}))
 """
 
 
-def test_metadata_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_path):
-    # The cache serves diffusers the same import-name -> distribution map that importlib computes; a second fresh
-    # process reads it instead of walking every distribution; adding a package to a folder on the path makes it miss.
+def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_path):
+    # The cache serves diffusers the import-name -> distribution map that importlib computes and transformers its
+    # lazy-import tables as read from its files; a process after the image-build ``write`` builds neither; adding a
+    # package to a folder on the path makes it miss, and the miss rebuilds the file.
     extra = tmp_path / "site"
     extra.mkdir()
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{extra}"}
+    path = tmp_path / "import-cache.json"
 
-    def child() -> dict:
-        out = subprocess.run([sys.executable, "-c", METADATA_CHILD, str(tmp_path / "map.json")], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    def child(code: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    first, second = child(), child()
-    assert (first["hit"], second["hit"]) == (False, True)
-    assert first["same"] and second["same"] and second["diffusers_map_same"]
+    built = child("import json, sys; from tryon_lab.import_cache import write; "
+                  "print(json.dumps(write(sys.argv[1], ('transformers.models.siglip.modeling_siglip',))))")
+    assert built["import_structures"] >= 3 and built["distributions_mapped"] > 10
+    served = child(IMPORT_CACHE_CHILD)
+    assert served["hit"] and served["structure_misses"] == 0
+    assert served["same"] and served["diffusers_map_same"] and served["models_same"]
+    assert served["siglip"] == "SiglipVisionModel"  # a lazy import through the cached table still resolves
     dist = extra / "newpkg-1.0.dist-info"  # what pip install leaves in the folder
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: newpkg\nVersion: 1.0\n")
     (dist / "top_level.txt").write_text("newpkg\n")
-    third = child()
-    assert third["hit"] is False and third["same"]
-    assert json.loads((tmp_path / "map.json").read_text())["map"]["newpkg"] == ["newpkg"]
+    stale = child(IMPORT_CACHE_CHILD)
+    assert not stale["hit"] and stale["structure_misses"] >= 2 and stale["same"] and stale["models_same"]
+    again = child(IMPORT_CACHE_CHILD)  # the miss wrote the new map and tables
+    assert again["hit"] and again["structure_misses"] == 0
+    assert json.loads(path.read_text())["map"]["newpkg"] == ["newpkg"]

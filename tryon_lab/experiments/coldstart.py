@@ -37,7 +37,8 @@ BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingfac
                      "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
                      "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
                      "scipy", "sklearn")
-METADATA_FILE = "package-map.json"
+IMPORT_CACHE_FILE = "import-cache.json"
+SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -57,7 +58,7 @@ class Case:
     cache: str = "empty"
     aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
     aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
-    metadata_cache: bool = False  # importlib's package map from the file written at image build (metadata_cache.py)
+    import_cache: bool = False  # package map + transformers' import tables from a file written at image build
 
 
 def _cuda_init() -> None:
@@ -148,10 +149,10 @@ def child(t: float) -> None:
     imports = _count_imports()
     a = json.loads(sys.argv[1])
     marks, lap = _laps(t, imports, a["spawned"])
-    if a.get("metadata_cache"):  # first, as a serving script would: before anything imports diffusers
-        from ..metadata_cache import use
+    if a.get("import_cache"):  # first, as a serving script would: before anything imports diffusers
+        from .. import import_cache
 
-        marks["metadata_cache"] = use(a["metadata_cache"])
+        marks["import_cache"] = import_cache.use(a["import_cache"])
 
     import threading
 
@@ -217,6 +218,8 @@ def child(t: float) -> None:
         from ..aot_blocks import report
 
         marks["aot_blocks"] = report(pipe.aot_blocks)
+    if a.get("import_cache"):
+        marks["import_cache"].update(import_cache.report())
     marks["imports_by_package"] = _by_package(imports)
     marks["imports_slowest_modules"] = _slowest_modules(imports)
     marks["imports_total_s"] = imports["seconds"]  # the first image's imports and those after it
@@ -316,7 +319,7 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     args = {**base, "model_dir": str(model_dir), "stock": case.stock, "options": options,
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
             "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
-            "metadata_cache": str(work / METADATA_FILE) if case.metadata_cache else None}
+            "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()
@@ -336,15 +339,17 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     return c
 
 
-def write_metadata_cache(work: Path) -> dict:
-    """The package-map cache for the cases that use it, written by a process started as theirs are (the same
-    ``sys.path``, so the same key): an image build step, timed apart from every cold start."""
-    start = time.perf_counter()
-    code = f"from tryon_lab.metadata_cache import write; write({str(Path(work) / METADATA_FILE)!r})"
+def write_import_cache(work: Path) -> dict:
+    """The import cache for the cases that use it (``import_cache.write``), written by a process started as theirs
+    are (the same ``sys.path``, so the same key): an image build step, timed apart from every cold start."""
+    code = ("import json; from tryon_lab.import_cache import write; "
+            f"print('WROTE', json.dumps(write({str(Path(work) / IMPORT_CACHE_FILE)!r}, {SLIM_IMPORTS!r})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[2])
-    return {"status": "ok" if p.returncode == 0 else "failed", "seconds": time.perf_counter() - start,
-            **({"reason": p.stderr[-1500:]} if p.returncode else {})}
+    done = [ln[6:] for ln in p.stdout.splitlines() if ln.startswith("WROTE ")]
+    if p.returncode or not done:
+        return {"status": "failed", "reason": p.stderr[-1500:]}
+    return {"status": "ok", **json.loads(done[-1])}
 
 
 def run(model_dir: str | Path, cases: dict[str, Case], work: str | Path, steps: int, budget_s: float = 540,

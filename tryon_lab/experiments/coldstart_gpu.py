@@ -170,12 +170,12 @@ GPU_CASES = {
     # loads them with an empty inductor folder (only the blocks' folder ships)
     "slim + FP8 weights, AOT blocks, empty cache": Case(options=SLIM, fp8_weights=True, aot_blocks="save"),
     "slim + FP8 weights, AOT blocks loaded": Case(options=SLIM, fp8_weights=True, aot_blocks="load"),
-    # importlib's package map read from a file written at image build, not walked twice per process
-    "slim + FP8 weights, AOT blocks loaded, package-map cache": Case(options=SLIM, fp8_weights=True,
-                                                                     aot_blocks="load", metadata_cache=True),
+    # importlib's package map and transformers' lazy-import tables read from a file written at image build
+    "slim + FP8 weights, AOT blocks loaded, import cache": Case(options=SLIM, fp8_weights=True, aot_blocks="load",
+                                                               import_cache=True),
     "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
                                                                        aot_blocks="load", cuda_thread=True,
-                                                                       metadata_cache=True),
+                                                                       import_cache=True),
     "AOTInductor packages, torch only": Case(aoti=True),
 }
 
@@ -288,11 +288,11 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
             f"(exit {e['returncode']}, stages {e['stages']}) {e['reason'][-1500:]}"), flush=True)
         if on_case:
             on_case({**res, "cases": {}})
-    if any(c.metadata_cache for c in cases.values()):
-        from .coldstart import write_metadata_cache
+    if any(c.import_cache for c in cases.values()):
+        from .coldstart import write_import_cache
 
-        res["metadata_cache_build"] = write_metadata_cache(work)
-        print(f"  package-map cache written: {res['metadata_cache_build']}", flush=True)
+        res["import_cache_build"] = write_import_cache(work)
+        print(f"  import cache written: {res['import_cache_build']}", flush=True)
     spent = time.perf_counter() - start + res["snapshot_s"]
     res["cases"] = run(root, cases, work, steps, budget_s - spent, height=s.height, width=s.width // 2, options=base,
                        on_case=lambda done: on_case and on_case({**res, "cases": done}))

@@ -90,8 +90,7 @@ def _request(a: dict):
 
 
 def _count_imports() -> dict:
-    """Seconds this thread spends loading modules from now on (outermost loads only: nested ones are inside
-    them; other threads' imports are off the critical path and not counted)."""
+    """Seconds this thread spends loading modules from now on (outermost loads; other threads' are not counted)."""
     import importlib._bootstrap as bootstrap
     import threading
 

@@ -139,8 +139,11 @@ if cold:
 # bytecode written at image build (without it each process compiled ~2500 modules from source), and AOT-compiled
 # blocks (`compile_aot`: the blocks' compiled code saved once and loaded, so nothing is traced; a warm inductor
 # folder still left about 4.5 s of tracing and cache loading in the first image, AOT blocks about 1.1 s).
-# Imports take the largest share of every case, 8-11 s: diffusers with what it imports itself
-# (`torch._dynamo`, transformers, peft, torchao), then torch; stock imports as much.
+# Imports take the largest share of every case: diffusers with what it imports itself (`torch._dynamo`,
+# transformers, peft, torchao), then torch; stock imports as much. Of that, diffusers and transformers spent
+# about 2 s on the H200 image rebuilding tables of the installed packages in every process (importlib's map of
+# packages to distributions, twice; transformers' lazy-import tables, read from every model file's source):
+# the import cache (`tryon_lab/import_cache.py`) writes them once at image build.
 
 # %%
 gpu_cold, phases, measured_on = variants_report.gpu_cold_start()

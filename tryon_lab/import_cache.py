@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 _ORIGINAL_MAP = importlib.metadata.packages_distributions
+SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
 
 
@@ -129,9 +130,10 @@ def use(path: str | Path) -> dict:
     return {"hit": cache.hit, "seconds": time.perf_counter() - start}
 
 
-def write(path: str | Path, imports: tuple[str, ...] = ("transformers.models",)) -> dict:
+def write(path: str | Path, imports: tuple[str, ...] = SLIM_IMPORTS) -> dict:
     """Build the cache at ``path`` from scratch: the package map, and transformers' import tables by importing
-    ``imports`` (each transformers model package has a table of its own: import what the serving process does).
+    ``imports`` (each transformers model package has a table of its own: import what the serving process does;
+    by default the diffusers pipelines the slim pipeline builds on, which import the CLIP, T5 and SigLIP classes).
     An image build step, in a process started as the serving processes are: the key is its ``sys.path``."""
     start = time.perf_counter()
     Path(path).unlink(missing_ok=True)
@@ -158,3 +160,7 @@ def restore() -> None:
 
 
 _state: dict = {}
+
+
+if __name__ == "__main__":  # the image build step: python -m tryon_lab.import_cache import-cache.json
+    print(json.dumps(write(sys.argv[1] if len(sys.argv) > 1 else "import-cache.json")))

@@ -37,8 +37,7 @@ BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingfac
                      "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
                      "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
                      "scipy", "sklearn")
-IMPORT_CACHE_FILE, SLIM_IMPORTS = "import-cache.json", ("diffusers.pipelines.flux.pipeline_flux_fill",
-                                                       "diffusers.pipelines.flux.pipeline_flux_prior_redux")
+IMPORT_CACHE_FILE = "import-cache.json"  # in the work folder, written by ``write_import_cache`` at "image build"
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -342,7 +341,7 @@ def write_import_cache(work: Path) -> dict:
     """The import cache for the cases that use it, written by a process started as theirs are (the same
     ``sys.path``, so the same key) importing what the slim pipeline imports: an image build step, timed apart."""
     code = ("import json; from tryon_lab.import_cache import write; "
-            f"print('WROTE', json.dumps(write({str(Path(work) / IMPORT_CACHE_FILE)!r}, {SLIM_IMPORTS!r})))")
+            f"print('WROTE', json.dumps(write({str(Path(work) / IMPORT_CACHE_FILE)!r})))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[2])
     done = [ln[6:] for ln in p.stdout.splitlines() if ln.startswith("WROTE ")]

@@ -150,15 +150,19 @@ def _where(entry: dict, stamp: dict) -> str:
             f"{entry['model']}; {entry['shape']}")
 
 
-GPU_COLD_KEY = "bench_gpu_cold_bytecode"  # the latest cold-start run in benchmarks/bench_gpu.json (run 12)
+GPU_COLD_KEY = "bench_gpu_cold_bytecode"  # the latest cold-start run in benchmarks/bench_gpu.json (run 15)
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:
     """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
     ``scripts/bench_gpu.py``; ``key``: which run): rows, the phase names in order, and a line saying where they
     were measured."""
+    from .coldstart_gpu import GPU_CASES
+
     entry = _gpu_entry(results_file, key)
     rows = [r for r in coldstart.phase_rows(entry["cold"]["cases"]) if "interpreter" in r]
+    order = list(GPU_CASES)  # the results file keeps cases sorted by name: show them in the order they ran
+    rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
     return rows, [*coldstart.PHASES, "other"], _where(entry, entry.get("cold_stamp", entry["stamp"]))
 
 

@@ -209,16 +209,15 @@ def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_p
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{extra}"}
     path = tmp_path / "import-cache.json"
 
-    def child(code: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+    def child(*args: str) -> dict:
+        out = subprocess.run([sys.executable, *args, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return json.loads(out.stdout.strip().splitlines()[-1])
 
-    built = child("import json, sys; from tryon_lab.import_cache import write; "
-                  "print(json.dumps(write(sys.argv[1], ('transformers.models.siglip.modeling_siglip',))))")
+    built = child("-m", "tryon_lab.import_cache")  # the image build step: the slim pipeline's imports
     assert built["import_structures"] >= 3 and built["distributions_mapped"] > 10
-    served = child(IMPORT_CACHE_CHILD)
+    served = child("-c", IMPORT_CACHE_CHILD)
     assert served["hit"] and served["structure_misses"] == 0
     assert served["same"] and served["diffusers_map_same"] and served["models_same"]
     assert served["siglip"] == "SiglipVisionModel"  # a lazy import through the cached table still resolves
@@ -226,8 +225,8 @@ def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_p
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: newpkg\nVersion: 1.0\n")
     (dist / "top_level.txt").write_text("newpkg\n")
-    stale = child(IMPORT_CACHE_CHILD)
+    stale = child("-c", IMPORT_CACHE_CHILD)
     assert not stale["hit"] and stale["structure_misses"] >= 2 and stale["same"] and stale["models_same"]
-    again = child(IMPORT_CACHE_CHILD)  # the miss wrote the new map and tables
+    again = child("-c", IMPORT_CACHE_CHILD)  # the miss wrote the new map and tables
     assert again["hit"] and again["structure_misses"] == 0
     assert json.loads(path.read_text())["map"]["newpkg"] == ["newpkg"]

@@ -36,7 +36,9 @@ def path_key() -> list[list]:
     spec = importlib.util.find_spec("transformers")
     own = [os.path.join(d, sub) for d in (spec.submodule_search_locations or [])
            for sub in ("", "models")] if spec else []
-    return [[p, os.stat(p).st_mtime_ns] for p in [*sys.path, *own] if p and os.path.isdir(p)]
+    # absolute and once each: "" (the current folder under -c) and -m's script folder name the same place
+    folders = dict.fromkeys(os.path.abspath(p or os.getcwd()) for p in [*sys.path, *own])
+    return [[p, os.stat(p).st_mtime_ns] for p in folders if os.path.isdir(p)]
 
 
 def _encode(structure: dict) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -230,3 +231,22 @@ def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_p
     again = child("-c", IMPORT_CACHE_CHILD)  # the miss wrote the new map and tables
     assert again["hit"] and again["structure_misses"] == 0
     assert json.loads(path.read_text())["map"]["newpkg"] == ["newpkg"]
+
+
+def test_import_cache_that_cannot_be_written_warns_and_serves_the_true_map(tmp_path):
+    # A read-only or impossible place never stops a serving process: it warns, names the fix, and the map it
+    # serves is still importlib's own.
+    from tryon_lab import import_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    try:
+        with pytest.warns(UserWarning, match="import cache not written .* writable path"):
+            report = import_cache.use(blocker / "cache.json")
+        assert report["hit"] is False
+        assert importlib.metadata.packages_distributions() == import_cache._ORIGINAL_MAP()
+    finally:
+        import_cache.restore()
+    assert importlib.metadata.packages_distributions is import_cache._ORIGINAL_MAP
+    tu = sys.modules.get("transformers.utils.import_utils")
+    assert tu is None or tu.define_import_structure.__module__ == tu.__name__  # transformers' own again

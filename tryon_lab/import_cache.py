@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 _ORIGINAL_MAP = importlib.metadata.packages_distributions
@@ -56,7 +57,7 @@ class _Cache:
     def __init__(self, path: Path, data: dict | None):
         self.path, self.hit = path, data is not None
         self.data = data or {"key": path_key(), "python": sys.version, "map": _ORIGINAL_MAP(), "structures": {}}
-        self.structure_misses = 0
+        self.structure_misses, self.wrapped = 0, []  # (module, its own define_import_structure)
 
     def packages_distributions(self) -> dict[str, list[str]]:
         return {k: list(v) for k, v in self.data["map"].items()}  # each caller its own copy
@@ -64,6 +65,7 @@ class _Cache:
     def wrap_structures(self, module) -> None:
         """Serve ``module.define_import_structure`` (transformers' import utilities, just executed) from the cache."""
         original = module.define_import_structure
+        self.wrapped.append((module, original))
 
         @functools.cache
         def define_import_structure(module_path, prefix=None):
@@ -78,10 +80,16 @@ class _Cache:
         module.define_import_structure = define_import_structure
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the file; a place that cannot be written only costs the next process the walks (a warning)."""
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # a reader never sees a half-written file
-        tmp.write_text(json.dumps(self.data))
-        os.replace(tmp, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(self.data))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            warnings.warn(f"import cache not written to {self.path} ({e}); this process runs as without it. "
+                          "Give use()/write() a writable path (e.g. beside the model folder at image build).",
+                          stacklevel=3)
 
 
 class _AfterLoad(importlib.abc.MetaPathFinder):
@@ -156,9 +164,12 @@ def report() -> dict:
 
 
 def restore() -> None:
-    """Back to importlib's own package map (tests; transformers' already-imported tables stay as they are)."""
+    """Back to importlib's and transformers' own functions (tests; tables transformers already built stay)."""
     importlib.metadata.packages_distributions = _ORIGINAL_MAP
-    _state.pop("cache", None)
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterLoad)]
+    cache = _state.pop("cache", None)
+    for module, original in cache.wrapped if cache else []:
+        module.define_import_structure = original
 
 
 _state: dict = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 _ORIGINAL_MAP = importlib.metadata.packages_distributions
 SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
+_state: dict = {}  # "cache": this process's cache once use() ran
 
 
 def path_key() -> list[list]:
@@ -170,9 +171,6 @@ def restore() -> None:
     cache = _state.pop("cache", None)
     for module, original in cache.wrapped if cache else []:
         module.define_import_structure = original
-
-
-_state: dict = {}
 
 
 if __name__ == "__main__":  # the image build step: python -m tryon_lab.import_cache import-cache.json

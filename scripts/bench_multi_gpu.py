@@ -44,6 +44,9 @@ def main(argv=None) -> int:
                     help="also split the VAE encode and decode over the ranks (a band of rows each, exact)")
     ap.add_argument("--text-multiple", type=int, default=2,
                     help="pad the text tokens to a multiple of this (use the largest GPU count you compare)")
+    ap.add_argument("--ulysses-chunks", type=int, default=0,
+                    help="0: diffusers' Ulysses (an all-to-all each for Q, K, V); n: one all-to-all for Q, K and V "
+                         "together over n chunks of the heads, each chunk's exchange in flight while another attends")
     ap.add_argument("--profile", action="store_true",
                     help="also, per rank, denoising only: host time per step, how far the GPU trails the host, "
                          "device time by kernel kind (GEMM, attention, NCCL, ...) and the top kernels")
@@ -54,8 +57,7 @@ def main(argv=None) -> int:
         graphs = multi_gpu_bench.graphed(a.variant)
         multi_gpu_bench.bench(tuple(a.sizes.split(",")), a.steps, a.repeats, a.requests, a.ring, a.work, a.results,
                               a.tiny, a.config, variant=a.variant, text_multiple=a.text_multiple, profile=a.profile,
-                              split_vae=a.split_vae,
-                              teardown=not graphs)
+                              split_vae=a.split_vae, ulysses_chunks=a.ulysses_chunks, teardown=not graphs)
         if graphs:  # results are written; the process group's teardown hung after graph replays, so skip it
             sys.stdout.flush()
             os._exit(0)

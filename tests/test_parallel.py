@@ -215,7 +215,8 @@ def _compile_settings(compile: str):
     return inductor_config.patch(comm_overlap_config() if compile.endswith("+overlap") else {})
 
 
-def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, compile: str, text: int) -> None:
+def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, compile: str, text: int,
+                        chunks: int = 0) -> None:
     import torch.distributed as dist
 
     global TEXT_TOKENS
@@ -224,8 +225,8 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
     parallel.init_distributed()
     try:
         model, compile_now = _tiny_variant(_tiny_transformer(), quant, compile)
-        parallel.enable_context_parallel(model, parallel.ContextParallel(ulysses_degree=world,
-                                                                         anything=compile == "none"))
+        parallel.enable_context_parallel(model, parallel.ContextParallel(
+            ulysses_degree=world, anything=compile == "none" and not chunks, ulysses_chunks=chunks))
         compile_now()
         graphed = compile.endswith("+graph")  # the step-graph hook outside the split and gather hooks
         if graphed:
@@ -236,9 +237,15 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
 
             graph_on_the_cpu(lambda obj, name, value: mock.patch.object(obj, name, value).start())
             hook = apply_step_graph(model)
+        chunked, ours = [], parallel._chunked_ulysses  # eager calls counted where diffusers' Ulysses calls it
+        parallel._chunked_ulysses = lambda *args: (torch.compiler.is_compiling() or chunked.append(1), ours(*args))[1]
         with torch.no_grad(), _compile_settings(compile):
             for _ in range(4 if graphed else 2):  # compiled: the second call is steady; graphed: the 4th replays
                 sample = model(**_tiny_inputs(model))[0]
+        from diffusers.models import attention_dispatch
+
+        assert (attention_dispatch.TemplatedUlyssesAttention.__name__ == "ChunkedUlysses") == bool(chunks)
+        assert bool(chunked) == (bool(chunks) and compile == "none")  # eager: the one-exchange path ran
         if graphed:
             assert (hook.state.captures, hook.state.replays) == (1, 2)
         torch.save(sample.clone(), f"{out}/rank{rank}.pt")  # clone: a gathered output may still be an async tensor
@@ -247,7 +254,7 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
 
 
 def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, anything: bool = True,
-                  compile: str = "none", split_vae: bool = False) -> None:
+                  compile: str = "none", split_vae: bool = False, chunks: int = 0) -> None:
     import torch.distributed as dist
 
     from tests.conftest import make_request_images
@@ -255,7 +262,8 @@ def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, an
 
     _rank_env(rank, world, port)
     try:
-        cp = parallel.ContextParallel(ulysses_degree=world, anything=anything, split_vae=split_vae)
+        cp = parallel.ContextParallel(ulysses_degree=world, anything=anything, split_vae=split_vae,
+                                      ulysses_chunks=chunks)
         pipe = configure.build_pipeline(model_dir, dtype="float32", context_parallel=cp, compile=compile,
                                         compile_backend="aot_eager")
         assert pipe.text_multiple == (1 if anything else world)
@@ -287,17 +295,21 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize(("quant", "compile", "text"), [("none", "none", 15), ("fp8_weight_only", "regional", 16),
-                                                     ("none", "regional+overlap", 16), ("none", "regional+graph", 16)],
-                         ids=["eager-odd-tokens", "fp8-regional-compile", "inductor-comm-overlap", "step-graph"])
-def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch, quant, compile, text):
+@pytest.mark.parametrize(("quant", "compile", "text", "chunks"),
+                         [("none", "none", 15, 0), ("fp8_weight_only", "regional", 16, 0),
+                          ("none", "regional+overlap", 16, 0), ("none", "regional+graph", 16, 0),
+                          ("none", "none", 16, 2), ("fp8_weight_only", "regional", 16, 1),
+                          ("none", "regional+graph", 16, 2)],
+                         ids=["eager-odd-tokens", "fp8-regional-compile", "inductor-comm-overlap", "step-graph",
+                              "one-qkv-exchange-2-chunks", "one-qkv-exchange-regional", "one-qkv-exchange-step-graph"])
+def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch, quant, compile, text, chunks):
     monkeypatch.setattr(sys.modules[__name__], "TEXT_TOKENS", text)
     model, compile_now = _tiny_variant(_tiny_transformer(), quant, compile)
     compile_now()
     assert model.config.num_attention_heads % 2 == 0
     with torch.no_grad(), _compile_settings(compile):
         ref = model(**_tiny_inputs(model))[0]
-    _spawn(_transformer_worker, (str(tmp_path), quant, compile, text))
+    _spawn(_transformer_worker, (str(tmp_path), quant, compile, text, chunks))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1])  # proj_out is gathered: every rank holds the whole output
     assert outs[0].shape == ref.shape == (1, 64, model.config.out_channels)
@@ -306,10 +318,12 @@ def test_context_parallel_transformer_matches_one_process(tmp_path, monkeypatch,
     assert err < 1e-5
 
 
-@pytest.mark.parametrize(("anything", "compile", "split_vae"), [(True, "none", False), (False, "none", True),
-                                                              (False, "full", False)],
-                         ids=["ulysses_anything", "even_split_and_vae", "even_split_whole_model_compile"])
-def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, anything, compile, split_vae):
+@pytest.mark.parametrize(("anything", "compile", "split_vae", "chunks"),
+                         [(True, "none", False, 0), (False, "none", True, 0), (False, "full", False, 0),
+                          (False, "none", True, 2)],
+                         ids=["ulysses_anything", "even_split_and_vae", "even_split_whole_model_compile",
+                              "even_split_one_qkv_exchange"])
+def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, anything, compile, split_vae, chunks):
     """Both ways to split: diffusers' ``ulysses_anything`` and the even split (text padded to the degree); and the
     even split under whole-model compile (torch 2.11's dynamo cannot trace the output gather, so the pipeline
     allows one graph break there)."""
@@ -317,7 +331,7 @@ def test_context_parallel_tryon_matches_one_process(tmp_path, model_dir, slim, a
     from tryon_lab.pipeline import TryOnRequest, TryOnSettings, tryon
 
     ref = tryon(slim, TryOnRequest(*make_request_images(), seed=5), TryOnSettings(steps=2, progress=False)).latents
-    _spawn(_tryon_worker, (str(tmp_path), str(model_dir), anything, compile, split_vae))
+    _spawn(_tryon_worker, (str(tmp_path), str(model_dir), anything, compile, split_vae, chunks))
     outs = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert torch.equal(outs[0], outs[1])
     err = _rel_l2(outs[0], ref)
@@ -342,6 +356,14 @@ def test_context_parallel_config_checks():
     native_ring = parallel.ContextParallel(ring_degree=2, attention_backend="native")
     assert "log-sum-exp" in parallel.context_parallel_problem(model, native_ring, 2)
     assert parallel.context_parallel_problem(model, cp, 2) is None
+    # one all-to-all for Q, K, V: the even split only, in chunks that divide each rank's heads
+    assert "anything=False" in parallel.context_parallel_problem(
+        model, parallel.ContextParallel(ulysses_degree=2, ulysses_chunks=1), 2)
+    per_rank = heads // 2
+    assert "choose a divisor" in parallel.context_parallel_problem(
+        model, parallel.ContextParallel(ulysses_degree=2, anything=False, ulysses_chunks=per_rank + 1), 2)
+    assert parallel.context_parallel_problem(
+        model, parallel.ContextParallel(ulysses_degree=2, anything=False, ulysses_chunks=per_rank), 2) is None
     with pytest.raises(RuntimeError, match="torchrun"):
         parallel.enable_context_parallel(model, cp)  # no process group in this process
     assert "anything=False" in parallel.compile_problem(cp, "regional")
@@ -376,6 +398,15 @@ def test_multi_gpu_bench_profiles_each_rank_on_the_cpu(tmp_path):
     assert all(0 < v < one["s_per_image"] for v in one["phases_s"].values())
     assert [r["gpus"] for r in data["multi_gpu"]["profile"]] == [2, 2]
     assert "Where a step's time goes" in (tmp_path / "multi_gpu.md").read_text()
+
+
+def test_one_exchange_runs_are_named_apart():
+    from tryon_lab.experiments import multi_gpu_bench as mgb
+
+    assert mgb.entry_name(2, "fp8_step_graph", True, 1, 2) == "multi_gpu_2gpu_fp8_step_graph_splitvae_qkv2"
+    assert mgb.entry_name(2, "fp8_step_graph", True) == "multi_gpu_2gpu_fp8_step_graph_splitvae"  # older runs keep theirs
+    entry = {"variant": "fp8_step_graph", "split_vae": True, "context_parallel": {"ring_degree": 1, "ulysses_chunks": 2}}
+    assert mgb.label(entry) == "fp8_step_graph+splitvae+qkv2"
 
 
 def test_busy_time_counts_overlapping_kernels_once():

@@ -41,6 +41,9 @@ class ContextParallel:
     attention_backend: str | None = None
     anything: bool = True
     split_vae: bool = False  # each rank encodes and decodes a band of the image's rows (split_vae, below)
+    # 0: diffusers' Ulysses (an all-to-all each for Q, K, V and the output); n >= 1: Q, K and V in one all-to-all,
+    # the heads in n chunks, every chunk's exchange started before the first attends (``ChunkedUlysses``, below)
+    ulysses_chunks: int = 0
 
     @property
     def world_size(self) -> int:
@@ -69,6 +72,13 @@ def context_parallel_problem(transformer: torch.nn.Module, cp: ContextParallel, 
         return f"Ulysses splits the {heads} attention heads; ulysses_degree {cp.ulysses_degree} does not divide them."
     if cp.ring_degree > 1 and cp.backend == "native":
         return "ring attention needs a backend that returns the log-sum-exp (e.g. _native_cudnn, flash); native does not."
+    if cp.ulysses_chunks:
+        if cp.anything or cp.ring_degree > 1:
+            return ("ulysses_chunks replaces the even Ulysses split only: use anything=False (text padded to the "
+                    "degree) and ring_degree=1, or ulysses_chunks=0.")
+        if (heads // cp.ulysses_degree) % cp.ulysses_chunks:
+            return (f"ulysses_chunks {cp.ulysses_chunks} does not divide the {heads // cp.ulysses_degree} heads each "
+                    "rank attends; choose a divisor.")
     return None
 
 
@@ -101,7 +111,64 @@ def enable_context_parallel(transformer: torch.nn.Module, cp: ContextParallel) -
         raise RuntimeError("diffusers places each rank on an accelerator (rank % device count); this machine has none.")
     transformer.set_attention_backend(cp.backend)
     transformer.enable_parallelism(config=cp.diffusers_config())
+    use_chunked_ulysses(cp.ulysses_chunks)
     return transformer
+
+
+# ----------------------------------------------------------------------------- Ulysses with one exchange for Q, K, V
+_DIFFUSERS: dict = {}  # diffusers' own Ulysses class, kept the first time it is swapped
+
+
+def _chunked_ulysses(query, key, value, scale, forward_op, parallel_config, chunks: int) -> torch.Tensor:
+    """Ulysses attention (B, S_local, H, D) -> (B, S_local, H, D) with Q, K and V sent together, in ``chunks``
+    groups of each rank's heads: every group's all-to-all is started first, then each group attends as soon as its
+    own arrives and sends its output back while the next group attends."""
+    from diffusers.models.attention_dispatch import _wait_tensor
+    from torch.distributed import _functional_collectives as funcol
+
+    cfg = parallel_config.context_parallel_config
+    group, world = cfg._ulysses_mesh.get_group(), cfg.ulysses_degree
+    b, s, h, d = query.shape
+    per = h // world // chunks  # heads in one group of one rank
+    qkv = torch.stack((query, key, value)).reshape(3, b, s, world, chunks, per, d)
+    # chunk c for rank r: (r, my tokens, q/k/v, batch, its heads); received: every rank's tokens, rank-major
+    arrived = [funcol.all_to_all_single(qkv[:, :, :, :, c].permute(3, 2, 0, 1, 4, 5).contiguous().flatten(),
+                                        None, None, group) for c in range(chunks)]
+    sent_back = []
+    for x in arrived:
+        x = _wait_tensor(x).reshape(world * s, 3, b, per, d)
+        q, k, v = (x[:, i].permute(1, 0, 2, 3).contiguous() for i in range(3))  # (B, S, heads, D)
+        out = forward_op(None, q, k, v, None, 0.0, False, scale, False, False, _save_ctx=False,
+                         _parallel_config=parallel_config)
+        sent_back.append(funcol.all_to_all_single(
+            out.reshape(b, world, s, per, d).permute(1, 3, 0, 2, 4).contiguous().flatten(), None, None, group))
+    out = torch.stack([_wait_tensor(o).reshape(world, per, b, s, d) for o in sent_back], dim=1)
+    return out.flatten(0, 2).permute(1, 2, 0, 3).contiguous()  # heads back in order: rank, chunk, head
+
+
+def use_chunked_ulysses(chunks: int) -> None:
+    """Route diffusers' even Ulysses split through ``_chunked_ulysses`` (``chunks`` >= 1) or back to diffusers'
+    own (0). Process-wide: diffusers looks its Ulysses class up in ``attention_dispatch`` at every call, and a
+    context-parallel process runs one model. Masks, log-sum-exp merges and anything that needs gradients keep
+    diffusers' path."""
+    from diffusers.models import attention_dispatch as dispatch
+
+    original = _DIFFUSERS.setdefault("ulysses", dispatch.TemplatedUlyssesAttention)
+    if not chunks:
+        dispatch.TemplatedUlyssesAttention = original
+        return
+
+    class ChunkedUlysses(original):
+        @staticmethod
+        def forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
+                    forward_op, backward_op, _parallel_config=None):
+            if (attn_mask is not None or return_lse or dropout_p or is_causal or enable_gqa
+                    or any(t.requires_grad for t in (query, key, value))):
+                return original.forward(ctx, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                        return_lse, forward_op, backward_op, _parallel_config)
+            return _chunked_ulysses(query, key, value, scale, forward_op, _parallel_config, chunks)
+
+    dispatch.TemplatedUlyssesAttention = ChunkedUlysses
 
 
 def compile_problem(cp: ContextParallel, compile: str) -> str | None:

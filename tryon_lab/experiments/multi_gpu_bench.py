@@ -143,9 +143,9 @@ def comm_overlap_config() -> dict:
             "reorder_for_compute_comm_overlap_passes": [p for p in OVERLAP_PASSES if hasattr(comms, p)]}
 
 
-def entry_name(world: int, variant: str, split_vae: bool = False, ring: int = 1) -> str:
+def entry_name(world: int, variant: str, split_vae: bool = False, ring: int = 1, chunks: int = 0) -> str:
     return (f"multi_gpu_{world}gpu" + ("" if variant == "fp8" else f"_{variant}") + ("_splitvae" if split_vae else "")
-            + (f"_ring{ring}" if ring > 1 else ""))
+            + (f"_ring{ring}" if ring > 1 else "") + (f"_qkv{chunks}" if chunks else ""))
 
 
 def bench(*args, variant: str = "fp8", **kwargs) -> dict:
@@ -161,7 +161,7 @@ def bench(*args, variant: str = "fp8", **kwargs) -> dict:
 def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, repeats: int = 3, requests: int = 3, ring: int = 1,
           work: str | Path = "/tmp/bench_multi_gpu", results: str | Path = RESULTS, tiny: bool = False,
           config: str | Path = fullsize.CONFIG_FILE, variant: str = "fp8", text_multiple: int = 2,
-          profile: bool = False, teardown: bool = True, split_vae: bool = False) -> dict:
+          profile: bool = False, teardown: bool = True, split_vae: bool = False, ulysses_chunks: int = 0) -> dict:
     """One launch (every rank calls it): throughput (eager, one model per GPU), then latency of ``variant`` (the
     best one-GPU path: FP8 + fused QKV + regional compile) with context parallelism over all ranks.
 
@@ -169,6 +169,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
     launch, so the split is even (no ``ulysses_anything``, and compile works) and runs compare like for like.
     ``profile``: after each size's latency, where the split step's time goes (``profile_steps``).
     ``split_vae``: the VAE encode and decode split over the ranks too (``parallel.split_vae``).
+    ``ulysses_chunks``: one all-to-all for Q, K and V over that many chunks of heads (``ContextParallel``).
     ``teardown=False`` leaves the process group as it is: after CUDA graphs captured the collectives, the closing
     barrier hung on two H200s, so the script exits those ranks without it once the results are written."""
     import torch.distributed as dist
@@ -196,7 +197,8 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
         peer = PEERS[variant]
     elif world > 1:
         even = (s0.text_tokens + s0.image_tokens) % world == 0
-        cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even, split_vae=split_vae)
+        cp = ContextParallel(ulysses_degree=world // ring, ring_degree=ring, anything=not even, split_vae=split_vae,
+                             ulysses_chunks=ulysses_chunks)
         options = dataclasses.replace(options, context_parallel=cp)
         res["context_parallel"] = dataclasses.asdict(cp) | {"backend": cp.backend}
     apply_options(pipe, options)
@@ -210,7 +212,7 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
             apply_step_graph(pipe.fill.transformer)
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    name = entry_name(world, variant, split_vae, ring if world > 1 else 1)
+    name = entry_name(world, variant, split_vae, ring if world > 1 else 1, ulysses_chunks if world > 1 else 0)
     for size in sizes:
         s = shape_for(size, tiny, config)
         s.text_tokens = s0.text_tokens
@@ -234,10 +236,11 @@ def measure(sizes: tuple[str, ...] = tuple(SIZES), steps: int | None = None, rep
 
 def label(e: dict) -> str:
     """A run's variant as the tables name it (``+splitvae``: the VAE split over the ranks too; ``+ring2``: ring
-    attention of degree 2 in the split)."""
+    attention of degree 2 in the split; ``+qkv2``: one all-to-all for Q, K and V over 2 chunks of heads)."""
     cp = e.get("context_parallel")
-    ring = cp.get("ring_degree", 1) if isinstance(cp, dict) else 1
-    return e.get("variant", "fp8") + ("+splitvae" if e.get("split_vae") else "") + (f"+ring{ring}" if ring > 1 else "")
+    ring, chunks = (cp.get("ring_degree", 1), cp.get("ulysses_chunks", 0)) if isinstance(cp, dict) else (1, 0)
+    return (e.get("variant", "fp8") + ("+splitvae" if e.get("split_vae") else "") + (f"+ring{ring}" if ring > 1 else "")
+            + (f"+qkv{chunks}" if chunks else ""))
 
 
 def by_kind(p: dict) -> dict[str, float]:

@@ -27,16 +27,37 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=540, help="seconds for the whole run (keep under the call limit)")
     ap.add_argument("--work", default="/tmp/bench_gpu_work", help="local disk for weights and compile artefacts")
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: the same code path in seconds")
-    ap.add_argument("--profile", metavar="VARIANT", help="only: where one step's GPU time goes, by kernel kind")
+    ap.add_argument("--profile", metavar="VARIANT", help="only: where one step's GPU time goes, by kernel kind "
+                    "(written to OUT/profile_VARIANT.json)")
     ap.add_argument("--step-cache", metavar="RESULTS_JSON", help="only: per image with the step cache, replaying the "
                     "pattern `step_cache_pattern` in this results file (recorded on the trained model)")
     ap.add_argument("--schedule", metavar="RESULTS_JSON", help="the step-cache rows replay `step_cache_pattern` "
                     "(or `step_cache_pattern_order1` when present) from this results file")
     a = ap.parse_args(argv)
-    if a.profile:
+    schedule = None
+    if a.schedule:
         import json
+        from pathlib import Path
 
-        print(json.dumps(gpu_bench.profile_step(a.profile, a.tiny, a.steps or 8), indent=1))
+        res = json.loads(Path(a.schedule).read_text())
+        schedule = res.get("step_cache_pattern_order1", res["step_cache_pattern"])["schedule"]
+        if a.tiny:  # the CPU smoke run has fewer steps: the same pattern's first steps
+            schedule = schedule[: a.steps or 3]
+    if a.profile:  # a stamped results file of its own: OUT/profile_VARIANT.json
+        import json
+        from pathlib import Path
+
+        from tryon_lab.experiments import fullsize
+        from tryon_lab.provenance import stamp
+
+        s, n = fullsize.shape(tiny=a.tiny), a.steps or 8
+        res = {"stamp": stamp(s.device), "variant": a.profile, "model": gpu_bench.MODEL,
+               "shape": f"{s.describe()}, {n} steps profiled after a 2-step warm-up",
+               "rows": gpu_bench.profile_step(a.profile, a.tiny, n, schedule)}
+        path = Path(a.out) / f"profile_{a.profile}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+        print(json.dumps(res, indent=1, default=str))
         return 0
     if a.step_cache:
         import json
@@ -50,15 +71,6 @@ def main(argv=None) -> int:
         write_results(Path(a.out) / "step_cache.json", "step_cache_gpu", {"stamp": stamp(), **res})
         print(json.dumps(res, indent=1, default=str))
         return 0
-    schedule = None
-    if a.schedule:
-        import json
-        from pathlib import Path
-
-        res = json.loads(Path(a.schedule).read_text())
-        schedule = res.get("step_cache_pattern_order1", res["step_cache_pattern"])["schedule"]
-        if a.tiny:  # the CPU smoke run has fewer steps: the same pattern's first steps
-            schedule = schedule[: a.steps or 3]
     cold_cases = [c.strip() for c in a.cold_cases.split(";")] if a.cold_cases else None
     gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work, schedule, cold_cases,
                         a.bytecode)

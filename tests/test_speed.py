@@ -381,3 +381,21 @@ def test_step_profile_builds_the_variant_as_its_row_does():
     [(recipe, report)] = reports
     assert recipe is gpu_bench.RECIPES["fp8_static_fused_regional"] and recipe.extra == "static_fp8"
     assert report["static_fp8_layers"] > 0 and rows
+
+
+def test_bench_gpu_profile_writes_a_stamped_results_file(tmp_path):
+    """``bench_gpu.py --profile VARIANT`` (tiny model, CPU) leaves OUT/profile_VARIANT.json: device, commit and
+    date, the model and shape, and the rows by kernel kind."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "scripts/bench_gpu.py", "--tiny", "--profile", "eager", "--steps", "1",
+                        "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "profile_eager.json").read_text())
+    assert {"device", "commit", "date"} <= set(res["stamp"]) and res["variant"] == "eager"
+    assert "random weights" in res["model"] and "1 steps profiled" in res["shape"]
+    assert res["rows"] and all(r["ms_per_step"] >= 0 and r["top_kernels"] for r in res["rows"])

@@ -341,16 +341,18 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
     return res
 
 
-def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps: int = 3) -> list[dict]:
+def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps: int = 3,
+                 schedule: list[bool] | None = None) -> list[dict]:
     """Where one denoising step's GPU time goes, by kernel kind (GEMM, attention, Triton-fused rest, other),
-    after warm-up; the denoising steps only (``step_profile.profile_window``)."""
+    after warm-up; the denoising steps only (``step_profile.profile_window``). ``schedule``: the pattern a
+    step-cache variant replays."""
     import torch._inductor.config as inductor_config
 
     r, s = RECIPES[name], fullsize.shape(tiny=tiny)
     pipe = fullsize.slim_pipeline(s)
     x = fullsize.diptych_inputs(s)
     with torch.no_grad(), inductor_config.patch(r.inductor):  # built as the variant's row builds it (its lever too)
-        configure(pipe, r, for_shape(r.options, s), s, x, None)
+        configure(pipe, r, for_shape(r.options, s), s, x, schedule)
         run_image(pipe.fill, s, x, 2)
         prof, _ = step_profile.profile_window(pipe.fill, x, steps, s.device == "cuda")
     return step_profile.time_by_kind(prof, s.device == "cuda", steps)

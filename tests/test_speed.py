@@ -200,6 +200,9 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert len(stock["imports_slowest_modules"]) == 25 and min(stock["imports_slowest_modules"].values()) >= 0
     assert sum(stock["imports_slowest_modules"].values()) <= stock["imports_total_s"] + 1e-6
     assert stock["imports_total_s"] >= stock["imports"] - 1e-3
+    entered = stock["imports_by_package_entered"]  # a package with all it pulled in, wherever it was entered
+    assert all(entered[k] >= v - 1e-3 for k, v in stock["imports_by_package"].items())
+    assert entered["transformers"] > 0 and "transformers" not in stock["imports_by_package"]  # entered from diffusers
     assert "Cold start" in (tmp_path / "bench_gpu.md").read_text()
     assert {"diffusers", "tryon_lab"} <= set(res["cold"]["bytecode_build"]["compiled"])
     saved, loaded = cases["slim + FP8 weights, AOT blocks, empty cache"], cases["slim + FP8 weights, AOT blocks loaded"]

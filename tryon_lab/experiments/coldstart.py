@@ -11,8 +11,7 @@ and reports phases that add up to its wall time to the first image:
     | compile (first transformer call beyond a steady one: tracing, cache lookups, kernel loads) | denoise
     | decode | other (what no phase holds)
 
-Import time is counted by timing the outermost calls of the import system's module loader in the child, and
-taken out of the phase it happened in, so the phases add up without counting anything twice.
+Imports are timed at the import system's loader and taken out of the phase they happened in: nothing counts twice.
 """
 
 from __future__ import annotations
@@ -46,15 +45,14 @@ _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experim
 @dataclass
 class Case:
     """One fresh process: the stock pipeline, or the slim one with ``options`` (``configure.PipelineOptions``
-    fields). ``artifacts``/``fp8_weights``: "save" (this case writes them for later cases), "load" or None.
-    ``cache``: "empty" (a new inductor folder) or the name of an earlier case whose folder it reuses."""
+    fields); the other fields are levers."""
 
     stock: bool = False
     options: dict = field(default_factory=dict)
     artifacts: str | None = None  # "save" / "load", or "save:NAME" / "load:NAME" for one of several files
     fp8_weights: bool = False  # load the FP8 transformer saved before the cases (``prepare_fp8``)
     cuda_thread: bool = False  # create the CUDA context and cuBLAS/cuDNN handles on a thread while importing
-    cache: str = "empty"
+    cache: str = "empty"  # "empty": a new inductor folder; or the name of an earlier case whose folder it reuses
     aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
     aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
     import_cache: bool = False  # package map + transformers' import tables from a file written at image build
@@ -93,14 +91,15 @@ def _count_imports() -> dict:
     import importlib._bootstrap as bootstrap
     import threading
 
-    # "children": one entry per load in progress (the time spent in the modules it imports), outermost first
-    state, main = {"seconds": 0.0, "modules": {}, "self": {}, "children": []}, threading.get_ident()
+    # per load in progress, outermost first: "children" (time in what it imports), "packages" (its top level)
+    state, main = {"seconds": 0.0, "modules": {}, "self": {}, "entered": {}, "children": [], "packages": []}, threading.get_ident()
     load = bootstrap._find_and_load
 
     def timed_load(name, import_):
         if threading.get_ident() != main:
             return load(name, import_)
         state["children"].append(0.0)
+        state["packages"].append(top := name.split(".")[0])
         start = time.perf_counter()
         try:
             return load(name, import_)
@@ -108,11 +107,13 @@ def _count_imports() -> dict:
             took = time.perf_counter() - start
             own = took - state["children"].pop()  # this module's own code, as -X importtime's "self"
             state["self"][name] = state["self"].get(name, 0.0) + own
+            state["packages"].pop()
+            if top not in state["packages"]:  # entering the package (e.g. scikit-learn from transformers)
+                state["entered"][top] = state["entered"].get(top, 0.0) + took
             if state["children"]:
                 state["children"][-1] += took
-            else:  # an outermost load
+            else:  # an outermost load, by package: what a lever would have to keep out
                 state["seconds"] += took
-                top = name.split(".")[0]  # by package: what a lever would have to keep out
                 state["modules"][top] = state["modules"].get(top, 0.0) + took
 
     bootstrap._find_and_load = timed_load
@@ -219,7 +220,8 @@ def child(t: float) -> None:
     if a.get("import_cache"):
         marks["import_cache"].update(import_cache.report())
     marks["imports_by_package"] = _by_package(imports)
-    marks["imports_slowest_modules"] = _slowest_modules(imports)
+    marks["imports_slowest_modules"] = _largest(imports["self"])  # each module's own code, not its imports
+    marks["imports_by_package_entered"] = _largest(imports["entered"])  # a package with all it pulled in
     marks["imports_total_s"] = imports["seconds"]  # the first image's imports and those after it
     marks["bytecode"] = bytecode_report(t)
     marks["cache_counters"] = {f"{g}.{k}": v for g in ("inductor", "aot_autograd") for k, v in counters[g].items()
@@ -238,9 +240,8 @@ def child(t: float) -> None:
 
 
 def bytecode_report(since: float) -> dict:
-    """Imported Python modules that this process compiled from source: no bytecode cache beside them, or one
-    written after ``since`` (the process start). An image built with ``pip install --no-compile``, or read-only
-    packages under ``PYTHONDONTWRITEBYTECODE``, pay that in every fresh process, inside "imports"."""
+    """Imported modules this process compiled from source (no bytecode beside them, or written after ``since``):
+    an image built with ``pip install --no-compile`` pays that in every fresh process, inside "imports"."""
     import importlib.util
 
     compiled: dict[str, int] = {}
@@ -282,13 +283,13 @@ def compile_bytecode(packages: tuple[str, ...] = BYTECODE_PACKAGES) -> dict:
             "with_files_that_failed": failed_files}
 
 
+def _largest(seconds: dict, n: int = 25) -> dict:
+    """The ``n`` largest entries of ``seconds`` (rounded to ms), largest first."""
+    return dict(sorted(((k, round(v, 3)) for k, v in seconds.items()), key=lambda kv: -kv[1])[:n])
+
+
 def _by_package(imports: dict) -> dict:
-    return dict(sorted(((k, round(v, 3)) for k, v in imports["modules"].items() if v > 0.05), key=lambda kv: -kv[1]))
-
-
-def _slowest_modules(imports: dict, n: int = 25) -> dict:
-    """The ``n`` modules whose own code took longest to load (not counting what they import), in seconds."""
-    return dict(sorted(((k, round(v, 3)) for k, v in imports["self"].items()), key=lambda kv: -kv[1])[:n])
+    return {k: v for k, v in _largest(imports["modules"]).items() if v > 0.05}
 
 
 def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, timeout: float) -> dict:

@@ -87,7 +87,7 @@ def fit_coefficients(records, degree: int | None = None, holdout: int | None = N
 
     ``records``: a ``Calibration`` or a list of ``{"name", "x", "y"}``. The last ``holdout`` requests (default a
     third, at least one when there are two or more) are never fitted; the degree is the one with the lowest
-    held-out error, 4 when it ties (within 1%) or when nothing is held out.
+    held-out error, 4 when it ties (within 1%, or both at rounding level) or when nothing is held out.
     """
     recs = records.requests if isinstance(records, Calibration) else list(records)
     holdout = (len(recs) // 3 or (1 if len(recs) > 1 else 0)) if holdout is None else holdout
@@ -103,7 +103,8 @@ def fit_coefficients(records, degree: int | None = None, holdout: int | None = N
                 errors[d] = float(np.mean(np.abs(np.polyval(_polyfit(x, y, d), hx) - hy)))
     if degree is None:
         best = min(errors.values()) if errors else None
-        tied = [d for d, e in errors.items() if e <= best * 1.01] if errors else []
+        noise = 1e-9 * float(np.abs(hy).mean()) if len(hy) else 0.0  # rounding-level differences are ties too
+        tied = [d for d, e in errors.items() if e <= max(best * 1.01, noise)] if errors else []
         degree = min(4, max(1, len(x) - 1)) if (not tied or 4 in tied) else min(tied)
     if len(x) <= degree:
         raise ValueError(f"fit_coefficients: {len(x)} pairs cannot fit a degree-{degree} polynomial.")

@@ -113,7 +113,9 @@ notebook.markdown(memory_report.gpu_hot_path_text(raw, budget))
 # host takes longer than the GPU's work, the GPU waits for it (regional compile at 1024x768), and CUDA graphs
 # take the host out of the step: inductor's (whole-model compile only) or the step graph, one CUDA graph per
 # transformer call around regional compile (`PipelineOptions(step_graph=True)`). `ContextParallel(split_vae=True)`
-# splits the VAE's encode and decode over the GPUs as well, with the unsplit output.
+# splits the VAE's encode and decode over the GPUs as well, with the unsplit output. `ContextParallel(ulysses_chunks=n)`
+# sends Q, K and V in one all-to-all instead of three, in n chunks of heads that attend while the next chunk's
+# exchange is in flight (rows `+qkv1`, `+qkv2` once measured; the NCCL bars show what it leaves).
 
 # %%
 mg_rows, mg_profile, mg_report = multi_gpu_bench.summary(results_file)

@@ -250,3 +250,40 @@ def test_import_cache_that_cannot_be_written_warns_and_serves_the_true_map(tmp_p
     assert importlib.metadata.packages_distributions is import_cache._ORIGINAL_MAP
     tu = sys.modules.get("transformers.utils.import_utils")
     assert tu is None or tu.define_import_structure.__module__ == tu.__name__  # transformers' own again
+
+
+TRYON_CHILD = """
+import hashlib, json, sys
+if sys.argv[1] != "-":
+    from tryon_lab import import_cache
+    import_cache.use(sys.argv[1])
+from tests.conftest import make_request_images
+from tryon_lab import configure, pipeline
+pipe = configure.build_pipeline(sys.argv[2], configure.PipelineOptions())
+person, garment, mask = make_request_images(64, 96)
+res = pipeline.tryon(pipe, pipeline.TryOnRequest(person, garment, mask, seed=3),
+                     pipeline.TryOnSettings(steps=2, progress=False))
+from diffusers.utils import import_utils as du
+cache = import_cache.report() if sys.argv[1] != "-" else None
+print(json.dumps({"latents": hashlib.sha256(res.latents.float().numpy().tobytes()).hexdigest(),
+                  "peft_backend": du.is_peft_available(), "transformers": du.is_transformers_available(),
+                  "cache": cache}))
+"""
+
+
+@pytest.mark.slow
+def test_import_cache_leaves_the_try_on_bit_identical(tmp_path):
+    # A process served from the cache detects the same optional packages and draws the same try-on, bit for bit,
+    # as one that walked the installed files itself.
+    def run(cache: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", TRYON_CHILD, cache, str(TRAINED_DIR)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    path = str(tmp_path / "import-cache.json")
+    subprocess.run([sys.executable, "-m", "tryon_lab.import_cache", path], cwd=ROOT, check=True, capture_output=True,
+                   timeout=300)
+    served, walked = run(path), run("-")
+    assert served.pop("cache") == {"used": True, "hit": True, "structure_misses": 0} and walked.pop("cache") is None
+    assert served == walked

@@ -358,3 +358,27 @@ def test_model_described_in_another_clone_verifies(nbs, tmp_path, monkeypatch):
     assert ok, report
     assert "note  metrics.json: model moved: /home/alice/tryon/models/m -> /home/bob/work/tryon/models/m" in report
     assert "ok    tile.png (bit-exact" in report
+
+
+def test_source_hash_names_the_commit_a_copied_tree_ran(tmp_path, monkeypatch):
+    # A results file stamped in a copy whose git metadata is stale still names its code: the working tree's
+    # source hash equals the one computed from the commit it was copied from, and any edit changes it.
+    import subprocess
+
+    (tmp_path / "tryon_lab").mkdir()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "tryon_lab" / "a.py").write_text("x = 1\n")
+    (tmp_path / "scripts" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.md").write_text("not a source\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    monkeypatch.setattr(provenance, "REPO_ROOT", tmp_path)
+    committed = provenance.source_hash_at("HEAD")
+    assert provenance.source_hash() == committed and len(committed) == 16
+    assert provenance.stamp()["source"] == committed
+    (tmp_path / "notes.md").write_text("edited\n")  # not a source: same hash
+    assert provenance.source_hash() == committed
+    (tmp_path / "tryon_lab" / "a.py").write_text("x = 2\n")
+    assert provenance.source_hash() != committed and provenance.source_hash_at("HEAD") == committed

@@ -127,6 +127,33 @@ def git_commit() -> str:
         return "unknown"
 
 
+SOURCE_FOLDERS = ("tryon_lab", "scripts")
+
+
+def _source_digest(files: Sequence[tuple[str, bytes]]) -> str:
+    h = hashlib.sha256()
+    for name, data in sorted(files):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def source_hash() -> str:
+    """16 hex digits over the Python sources of ``SOURCE_FOLDERS`` (path and bytes): names the code a result came
+    from where the git metadata beside it is stale or missing (a copied working tree); ``source_hash_at(commit)``
+    gives the same digits for a commit, so a reviewer can match a results file to the commit that made it."""
+    return _source_digest([(f.relative_to(REPO_ROOT).as_posix(), f.read_bytes())
+                           for folder in SOURCE_FOLDERS for f in (REPO_ROOT / folder).rglob("*.py")])
+
+
+def source_hash_at(commit: str) -> str:
+    """``source_hash`` of the sources as committed in ``commit`` (read from git, the working tree untouched)."""
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", commit, "--", *SOURCE_FOLDERS], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split()
+    return _source_digest([(name, subprocess.run(["git", "show", f"{commit}:{name}"], cwd=REPO_ROOT,
+                                                 capture_output=True, check=True).stdout)
+                           for name in listed if name.endswith(".py")])
+
+
 def portable(text: str) -> str:
     """Text for a committed results file: paths inside this checkout made relative to it, the home folder as ``~``
     (so a file says the same on every machine, and names no machine's folders)."""
@@ -140,6 +167,7 @@ def stamp(device: str | torch.device | None = None) -> dict:
     return {
         "device": device_name(device),
         "commit": git_commit(),
+        "source": source_hash(),  # the code itself: ``source_hash_at(commit)`` finds its commit
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,

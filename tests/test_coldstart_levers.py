@@ -36,11 +36,15 @@ print(json.dumps({{"after_import": after_import, "after_tryon": [m for m in HEAV
 """
 
 
-def child_modules(fp8: str = "none") -> dict:
-    code = CHILD.format(model=str(TRAINED_DIR), fp8=fp8)
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run_child(*args: str, env: dict | None = None) -> dict:
+    """``python ARGS`` from the repo root in a fresh interpreter; the JSON its last line prints."""
+    out = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child_modules(fp8: str = "none") -> dict:
+    return run_child("-c", CHILD.format(model=str(TRAINED_DIR), fp8=fp8))
 
 
 @pytest.mark.slow
@@ -211,10 +215,7 @@ def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_p
     path = tmp_path / "import-cache.json"
 
     def child(*args: str) -> dict:
-        out = subprocess.run([sys.executable, *args, str(path)], cwd=ROOT, env=env, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_child(*args, str(path), env=env)
 
     built = child("-m", "tryon_lab.import_cache")  # the image build step: the slim pipeline's imports
     assert built["import_structures"] >= 3 and built["distributions_mapped"] > 10
@@ -275,15 +276,8 @@ print(json.dumps({"latents": hashlib.sha256(res.latents.float().numpy().tobytes(
 def test_import_cache_leaves_the_try_on_bit_identical(tmp_path):
     # A process served from the cache detects the same optional packages and draws the same try-on, bit for bit,
     # as one that walked the installed files itself.
-    def run(cache: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", TRYON_CHILD, cache, str(TRAINED_DIR)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
-
     path = str(tmp_path / "import-cache.json")
-    subprocess.run([sys.executable, "-m", "tryon_lab.import_cache", path], cwd=ROOT, check=True, capture_output=True,
-                   timeout=300)
-    served, walked = run(path), run("-")
+    run_child("-m", "tryon_lab.import_cache", path)  # the image build step
+    served, walked = (run_child("-c", TRYON_CHILD, cache, str(TRAINED_DIR)) for cache in (path, "-"))
     assert served.pop("cache") == {"used": True, "hit": True, "structure_misses": 0} and walked.pop("cache") is None
     assert served == walked

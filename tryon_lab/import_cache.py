@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 _ORIGINAL_MAP = importlib.metadata.packages_distributions
+DEFAULT_FILE = "import-cache.json"
 SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
 _state: dict = {}  # "cache": this process's cache once use() ran
@@ -173,5 +174,5 @@ def restore() -> None:
         module.define_import_structure = original
 
 
-if __name__ == "__main__":  # the image build step: python -m tryon_lab.import_cache import-cache.json
-    print(json.dumps(write(sys.argv[1] if len(sys.argv) > 1 else "import-cache.json")))
+if __name__ == "__main__":  # the image build step: python -m tryon_lab.import_cache [PATH]
+    print(json.dumps(write(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_FILE)))

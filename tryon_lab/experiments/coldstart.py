@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..import_cache import DEFAULT_FILE as IMPORT_CACHE_FILE  # in the work folder, written at "image build"
+
 PHASES = ("interpreter", "imports", "cuda_init", "weights", "quantize", "artifacts", "configure", "prepare", "redux",
           "compile", "denoise", "decode")
 # the cold path's Python packages, byte-compiled at image build by ``compile_bytecode``: the wheels this project
@@ -36,7 +38,6 @@ BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingfac
                      "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
                      "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
                      "scipy", "sklearn")
-IMPORT_CACHE_FILE = "import-cache.json"  # in the work folder, written by ``write_import_cache`` at "image build"
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -339,16 +340,13 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
 
 
 def write_import_cache(work: Path) -> dict:
-    """The import cache for the cases that use it, written by a process started as theirs are (the same
-    ``sys.path``, so the same key) importing what the slim pipeline imports: an image build step, timed apart."""
-    code = ("import json; from tryon_lab.import_cache import write; "
-            f"print('WROTE', json.dumps(write({str(Path(work) / IMPORT_CACHE_FILE)!r})))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       cwd=Path(__file__).resolve().parents[2])
-    done = [ln[6:] for ln in p.stdout.splitlines() if ln.startswith("WROTE ")]
-    if p.returncode or not done:
+    """The import cache for the cases that use it, written by the image build step a user runs
+    (``python -m tryon_lab.import_cache PATH``) from the cases' folder, so its key is theirs."""
+    p = subprocess.run([sys.executable, "-m", "tryon_lab.import_cache", str(Path(work) / IMPORT_CACHE_FILE)],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
+    if p.returncode or not p.stdout.strip():
         return {"status": "failed", "reason": p.stderr[-1500:]}
-    return {"status": "ok", **json.loads(done[-1])}
+    return {"status": "ok", **json.loads(p.stdout.strip().splitlines()[-1])}
 
 
 def run(model_dir: str | Path, cases: dict[str, Case], work: str | Path, steps: int, budget_s: float = 540,

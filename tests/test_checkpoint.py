@@ -67,6 +67,17 @@ def test_resolve_model_dir(monkeypatch, tmp_path, model_dir):
     assert "random weights" in checkpoint.describe_model(model_dir)
 
 
+def test_a_trained_model_outside_the_checkout_is_not_called_random(tmp_path, model_dir):
+    """A model the trainer assembled elsewhere carries its card: its line says trained, and not the committed one."""
+    import shutil
+
+    copy = tmp_path / "assembled"
+    shutil.copytree(model_dir, copy)
+    (copy / provenance.CARD_FILE).write_text('{"trained_on": "cpu"}')
+    line = checkpoint.describe_model(copy)
+    assert line.startswith("trained toy try-on model (not committed) at ") and "random" not in line
+
+
 def test_committed_results_name_no_machine_folders():
     """Results files that are committed say where a model is relative to the checkout, and ~ for the home folder."""
     line = checkpoint.describe_model(checkpoint.TRAINED_DIR)

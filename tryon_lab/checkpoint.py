@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .provenance import REPO_ROOT, cache_dir, fingerprint
+from .provenance import CARD_FILE, REPO_ROOT, cache_dir, fingerprint
 
 TRAINED_DIR = REPO_ROOT / "checkpoints" / "toy-tryon"
 FILL_SUBDIR = "FLUX.1-Fill-dev"
@@ -382,6 +382,8 @@ def describe_model(model_dir: Path, model_fingerprint: str | None = None) -> str
     info = model_dir / "tryon_lab_config.json"
     if model_dir.resolve() == TRAINED_DIR.resolve():
         kind = "trained toy try-on model (committed)"
+    elif (model_dir / CARD_FILE).exists():  # assembled by the trainer elsewhere: trained, but not the committed one
+        kind = "trained toy try-on model (not committed)"
     elif info.exists():
         kind = "embedded default with random weights"
     else:

@@ -20,7 +20,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
-NOT_WEIGHTS = ("tryon_lab_card.json",)  # the card describes the weights; it is not part of them
+CARD_FILE = "tryon_lab_card.json"  # written beside trained weights by the trainer: how they were trained
+NOT_WEIGHTS = (CARD_FILE,)  # the card describes the weights; it is not part of them
 
 
 def cache_dir() -> Path:

@@ -57,7 +57,7 @@ def write_card(out_root: Path, record: dict, extra: dict) -> Path:
     card["stages"] = {s: {k: v for k, v in r.items() if k != "losses"} | {
         "final_loss": float(np.mean(r["losses"][-50:])) if r["losses"] else None} for s, r in record["stages"].items()}
     card.update(extra)
-    path = out_root / "tryon_lab_card.json"
+    path = out_root / provenance.CARD_FILE
     path.write_text(json.dumps(card, indent=2, sort_keys=True, default=str))
     return path
 

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     t.add_argument("--save-reserve", type=float, default=default_model.SAVE_RESERVE_S,
                    help="seconds of the budget kept for saving")
     t.add_argument("--optim-dir", help="write the AdamW state here (and read it back when it matches the state)")
-    t.add_argument("--init-from", help="start from a model folder's weights (stages not listed are kept as they are)")
+    t.add_argument("--init-from", help="start from a model folder's weights (stages not listed are kept as they are; a "
+                   "part of a listed stage that --model gives another shape starts fresh)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS),
                    help="fp32 prompt embeddings of the factory text encoders (made if missing)")

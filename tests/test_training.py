@@ -176,6 +176,30 @@ def test_a_run_from_scratch_takes_another_model_shape_and_a_resumed_run_refuses_
                                     model_overrides={"vae_layers_per_block": "2"})
 
 
+def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_shape(tmp_path):
+    """``--init-from`` a model folder with a wider transformer (``--model``): the VAE is the folder's, bit for bit,
+    the transformer starts fresh (logged); a VAE of another shape that is not being trained is refused."""
+    from tryon_lab.experiments import default_model
+
+    call(tmp_path / "s", tiny_cfg())
+    record, weights = default_model.shipped_weights(tmp_path / "s")
+    default_model.assemble_checkpoint(weights, record, tmp_path / "m")
+    wider = SmallModelConfig(**{**TINY.__dict__, "num_single_layers": 2})
+    lines = []
+    rec = train_run.train_call(tmp_path / "w", tiny_cfg(), wider, tiny_text(), "cpu", ["fill"], init_from=tmp_path / "m",
+                               log=lines.append)
+    assert rec["stages"]["fill"]["done"] and any("transformer" in m and "fresh weights" in m for m in lines)
+    assert not any("vae" in m and "fresh weights" in m for m in lines)
+    _, _, _, frozen = train_state.load_state(tmp_path / "w")
+    vae_keys = [k for k in weights if k.startswith("vae.")]
+    assert vae_keys and all(torch.equal(frozen[k].float(), weights[k].bfloat16().float()) for k in vae_keys)
+    assert frozen["transformer.single_transformer_blocks.1.proj_out.weight"].shape  # the wider model's own block
+    other_vae = SmallModelConfig(**{**TINY.__dict__, "vae_block_out_channels": (8, 8, 8, 16)})
+    with pytest.raises(ValueError, match="folder's vae has another shape.*--model"):
+        train_run.train_call(tmp_path / "x", tiny_cfg(), other_vae, tiny_text(), "cpu", ["fill"],
+                             init_from=tmp_path / "m", log=lambda m: None)
+
+
 def test_vae_ceiling_reproduces_the_quality_files_and_reads_a_training_state(tmp_path):
     """The bare-VAE round trip gives the committed evaluation's VAE numbers for the committed model, and the
     same measure reads a training state's VAE (the shape and step it was trained to) without assembling."""

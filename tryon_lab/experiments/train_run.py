@@ -85,6 +85,26 @@ def init_from_checkpoint(model_dir: Path, record: dict, stages: list[str]) -> di
     return frozen
 
 
+def fitting_parts(models: dict, tensors: dict[str, torch.Tensor], stages: list[str], log) -> dict[str, torch.Tensor]:
+    """``--init-from``'s weights that fit this run's model: a part of a stage being trained whose shapes differ
+    (another ``--model``) starts from fresh weights, and the log says so; a part kept as trained must fit."""
+    kept = dict(tensors)
+    for part in TRAINED_PARTS:
+        given = {k[len(part) + 1:]: tuple(v.shape) for k, v in tensors.items() if k.startswith(part + ".")}
+        if given == {k: tuple(v.shape) for k, v in models[part].state_dict().items()}:
+            continue
+        stage = next(s for s, parts in STAGE_PARTS.items() if part in parts)
+        if stage not in stages:
+            raise ValueError(f"--init-from: the folder's {part} has another shape than this run's model, and stage "
+                             f"{stage} is not trained in this run: give the folder's shape with --model (its "
+                             f"tryon_lab_config.json), or add {stage} to --stages to train a new {part}.")
+        log(f"--init-from: the folder's {part} has another shape than this run's model (--model): it starts from "
+            f"fresh weights, trained by stage {stage}")
+        for k in given:
+            del kept[f"{part}.{k}"]
+    return kept
+
+
 def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple[torch.Tensor, torch.Tensor],
                device: str, stages: list[str], resume: Path | None = None, optim_dir: Path | None = None,
                deadline: float | None = None, init_from: Path | None = None, log=print,
@@ -106,6 +126,8 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     record["config"] = asdict(cfg)
     torch.manual_seed(cfg.model_seed)
     models = build_models(small)
+    if init_from is not None and resume is None:
+        frozen = fitting_parts(models, frozen, stages, log)
     _load_parts(models, frozen)
     for m in models.values():
         m.to(dev).eval().requires_grad_(False)

@@ -98,6 +98,19 @@ def test_build_pipeline_checks_the_model_folder_before_anything_starts(tmp_path,
     assert not any(str(missing) in key[0] for key in configure._WARM)  # nothing was cached for it
 
 
+def test_build_pipeline_takes_the_model_names_its_errors_offer(monkeypatch):
+    """``build_pipeline("trained")`` / ``("default")``: the names ``MODEL_CHOICES`` tells a user to pass."""
+    from tryon_lab import checkpoint, configure
+
+    seen = []
+    monkeypatch.setattr(configure, "load_slim", lambda model_dir, *a, **k: seen.append(model_dir) or 1 / 0)
+    for name in ("trained", "default"):
+        with pytest.raises(ZeroDivisionError):
+            configure.build_pipeline(name, device="cpu")
+    assert seen == [checkpoint.TRAINED_DIR, checkpoint.default_model_dir()]
+    assert "model='default', 'trained', 'random'" in checkpoint.MODEL_CHOICES
+
+
 def test_sample_ids_are_checked_from_the_manifest_alone(monkeypatch):
     from tryon_lab import samples
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import compiling, quant
-from .checkpoint import FILL_SUBDIR, check_model_dir
+from .checkpoint import FILL_SUBDIR, check_model_dir, resolve_model_dir
 from .loading import SlimPipeline, load_slim, resolve_device_dtype
 from .timers import sync
 
@@ -220,7 +220,8 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
 
 
 def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> SlimPipeline:
-    """Load the slim pipeline from ``model_dir`` and apply ``options`` (keyword ``changes`` override fields).
+    """Load the slim pipeline from ``model_dir`` (a folder, or ``"default"``, ``"trained"``, ``"random"``) and
+    apply ``options`` (keyword ``changes`` override fields).
 
     Options that cannot combine, then the folder (``checkpoint.ModelFolderError`` naming the path and the fix),
     are refused before a process group starts or anything loads.
@@ -231,7 +232,7 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
 
         if problem := compile_problem(o.context_parallel, o.compile):
             raise OptionsError(problem)
-    model_dir = check_model_dir(model_dir)  # both snapshots there; load_slim checks their parts and shards
+    model_dir = check_model_dir(resolve_model_dir(model_dir))  # both snapshots there; load_slim checks the parts
     if o.context_parallel is not None:  # every rank builds on its own GPU (torchrun)
         from .parallel import init_distributed
 
@@ -267,7 +268,7 @@ _WARM: dict[tuple[str, str], SlimPipeline] = {}  # the one warm-pipeline cache: 
 def get_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> SlimPipeline:
     """``build_pipeline`` once per process for each model and options; later calls return the warm pipeline."""
     o = replace(options or PipelineOptions(), **changes)
-    key = (str(Path(model_dir).resolve()), o.key)
+    key = (str(resolve_model_dir(model_dir).resolve()), o.key)
     if key not in _WARM:
         _WARM[key] = build_pipeline(model_dir, o)
     return _WARM[key]

@@ -45,8 +45,8 @@ def main(argv=None) -> int:
     t.add_argument("--init-from", help="start from a model folder's weights (stages not listed are kept as they are; a "
                    "part of a listed stage that --model gives another shape starts fresh)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS),
-                   help="fp32 prompt embeddings of the factory text encoders (made if missing)")
+    t.add_argument("--embeddings", help="fp32 prompt embeddings of the factory text encoders (default: the committed "
+                   "file for the model's text_tokens, made if missing)")
     t.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     t.add_argument("--set", action="append", default=[], help="override a TrainConfig field, e.g. --set fill_lr=3e-4")
     t.add_argument("--model", action="append", default=[],
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     a.add_argument("--state", required=True, help="the state folder of the last training call")
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
     a.add_argument("--logo-out", default=str(default_model.LOGO_LORA_DIR))
-    a.add_argument("--embeddings", default=str(default_model.TRAINING_EMBEDDINGS))
+    a.add_argument("--embeddings", help="the training embeddings (default: the committed file for the model's text_tokens)")
     c = sub.add_parser("ceiling", help="the VAE round trip of a training state on the held-out pairs (PSNR)")
     c.add_argument("--state", required=True, help="a state folder a `train` call wrote")
     c.add_argument("--pairs", type=int, default=8)

@@ -103,3 +103,37 @@ def test_from_tensors_checks_shapes_and_records_the_cast(tmp_path, model_dir, tc
     save_file({"prompt_embeds": torch.ones(1, 8, 3), "pooled_prompt_embeds": torch.ones(1, 3)}, str(src))
     with pytest.raises(embeddings.EmbeddingMismatchError, match="joint_attention_dim"):
         embeddings.embeddings_from_tensors(model_dir, src, torch.float32, tmp_path / "out2.safetensors")
+
+
+def test_a_model_padded_to_fewer_text_tokens_caches_that_many_and_slim_still_equals_stock():
+    """``SmallModelConfig(text_tokens=16)``: its caches hold 16 T5 tokens, stock encodes live at that length, and the
+    slim try-on equals the stock one bit for bit; a default model's config (512) keeps the key it had before."""
+    from dataclasses import asdict
+
+    from tests.conftest import make_request_images
+    from tryon_lab import checkpoint, loading, pipeline
+
+    short = checkpoint.random_checkpoint(checkpoint.SmallModelConfig(text_tokens=16))
+    assert checkpoint.text_tokens(short) == 16 and checkpoint.text_tokens(checkpoint.random_checkpoint()) == 512
+    assert "text_tokens" not in checkpoint._config_dict(checkpoint.SmallModelConfig())
+    assert "text_tokens" in asdict(checkpoint.SmallModelConfig())
+    slim = loading.load_slim(short, torch.float32, "cpu")
+    assert slim.prompt_embeds.shape[1] == 16
+    std = loading.load_standard(short, torch.float32, "cpu")
+    person, garment, mask = make_request_images()
+    fast = pipeline.TryOnSettings(steps=2, progress=False)
+    a = pipeline.tryon(slim, pipeline.TryOnRequest(person, garment, mask, seed=1), fast)
+    b = pipeline.tryon_standard(std, pipeline.TryOnRequest(person, garment, mask, seed=1), fast)
+    assert torch.equal(a.latents, b.latents)
+
+
+def test_training_text_is_checked_against_the_models_length(tmp_path):
+    from tryon_lab.experiments import default_model
+
+    path = tmp_path / "text.safetensors"
+    pe, pooled = default_model.load_text(path, 16)  # made on first use, at that length
+    assert path.exists() and pe.shape[1] == 16 and pooled.ndim == 2
+    with pytest.raises(ValueError, match="holds 16 text tokens but the model is padded to 32 .*--embeddings"):
+        default_model.load_text(path, 32)
+    assert default_model.training_embeddings(512) == default_model.TRAINING_EMBEDDINGS
+    assert default_model.training_embeddings(32).name == "training-text-32tok-float32.safetensors"

@@ -53,3 +53,19 @@ def test_scripts_are_thin_and_import_no_script():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n == "scripts" or n.startswith("scripts.") for n in names), f"{path.name} imports a script"
+
+
+def test_text_tokens_bench_writes_one_row_per_length_against_the_first(tmp_path):
+    """The text-length benchmark at a tiny size: a stamped entry, a row per length, each compared with the first."""
+    import json
+
+    from tryon_lab.experiments import text_tokens_bench
+
+    rows = text_tokens_bench.run("random", (512, 16), steps=1, repeats=1, pairs=1, eval_steps=1,
+                                 results=tmp_path / "r.json")
+    assert [r["text_tokens"] for r in rows] == [512, 16]
+    assert rows[0]["masked_psnr_vs_first"] == 100.0 and rows[0]["tryon_speedup"] == 1.0
+    assert rows[1]["masked_psnr_vs_first"] < 100.0  # 16 tokens of other text embeddings move the output
+    entry = json.loads((tmp_path / "r.json").read_text())[text_tokens_bench.NAME]
+    assert entry["trained_text_tokens"] == 512 and "random weights" in entry["model"] and entry["stamp"]["date"]
+    assert (tmp_path / f"{text_tokens_bench.NAME}.md").read_text().count("\n| ") == 3  # header + two rows

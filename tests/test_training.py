@@ -176,6 +176,23 @@ def test_a_run_from_scratch_takes_another_model_shape_and_a_resumed_run_refuses_
                                     model_overrides={"vae_layers_per_block": "2"})
 
 
+def test_a_model_padded_to_32_text_tokens_trains_and_assembles_with_its_own_embeddings(tmp_path):
+    """``--model text_tokens=32`` end to end (quick): trained on the committed 32-token embeddings, assembled into a
+    checkpoint whose config and embedding caches say 32 and whose text encoders reproduce the training text."""
+    from safetensors.torch import load_file
+
+    from tryon_lab import checkpoint, embeddings
+    from tryon_lab.experiments import default_model
+
+    default_model.train_default(tmp_path / "s", "cpu", quick=True, stages="vae,fill",
+                                model_overrides={"text_tokens": "32"})
+    out = default_model.assemble_default(tmp_path / "s", tmp_path / "m", logo_out=tmp_path / "lora")
+    assert checkpoint.text_tokens(out) == 32
+    cache = load_file(str(embeddings.embeddings_path(out, torch.float32)))
+    trained_on = load_file(str(default_model.training_embeddings(32)))
+    assert torch.equal(cache["prompt_embeds"], trained_on["prompt_embeds"]) and cache["prompt_embeds"].shape[1] == 32
+
+
 def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_shape(tmp_path):
     """``--init-from`` a model folder with a wider transformer (``--model``): the VAE is the folder's, bit for bit,
     the transformer starts fresh (logged); a VAE of another shape that is not being trained is refused."""

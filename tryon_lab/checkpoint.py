@@ -5,11 +5,9 @@ of the public snapshots (``FLUX.1-Fill-dev/`` and ``FLUX.1-Redux-dev/``, diffuse
 only). Every loader in ``tryon_lab`` reads this folder exactly as it would read a real snapshot, so
 pointing ``TRYON_LAB_MODELS`` at real weights changes nothing else.
 
-Two flavours:
-- ``random``: deterministic random weights from a seed, built on first use into a cache folder
-  (for tests and shape-only runs);
-- ``trained``: the committed toy try-on model (``checkpoints/toy-tryon``) trained by
-  ``scripts/train_default_model.py``; the default when present.
+Two flavours: ``random``, deterministic random weights from a seed, built on first use into a cache folder
+(tests and shape-only runs); ``trained``, the committed toy try-on model (``checkpoints/toy-tryon``) trained by
+``scripts/train_default_model.py``, the default when present.
 
 Identity is a fingerprint: sha256 over every config and weight file (per-file hashes cached by size
 and mtime, so re-fingerprinting 24 GB of real weights is instant after the first time).
@@ -33,6 +31,7 @@ from .provenance import CARD_FILE, REPO_ROOT, cache_dir, fingerprint
 TRAINED_DIR = REPO_ROOT / "checkpoints" / "toy-tryon"
 FILL_SUBDIR = "FLUX.1-Fill-dev"
 REDUX_SUBDIR = "FLUX.1-Redux-dev"
+FLUX_TEXT_TOKENS = 512  # FLUX.1 [dev]'s T5 length, which the stock pipelines' Redux call always pads to
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 # The fixed task prompt of in-context try-on (one prompt for every request: it is encoded once).
@@ -69,6 +68,7 @@ class SmallModelConfig:
     siglip_patch: int = 8  # (64/8)^2 = 64 Redux image tokens (729 in FLUX.1 Redux)
     t5_layers: int = 2
     clip_layers: int = 2
+    text_tokens: int = FLUX_TEXT_TOKENS  # T5 tokens the prompt is padded to; the text-embedding caches hold as many
     extra: dict = field(default_factory=dict)
 
     @property
@@ -291,6 +291,8 @@ def _config_dict(cfg: SmallModelConfig) -> dict:
     d = copy.deepcopy(cfg.__dict__)
     d["axes_dims_rope"] = list(cfg.axes_dims_rope)
     d["vae_block_out_channels"] = list(cfg.vae_block_out_channels)
+    if d["text_tokens"] == FLUX_TEXT_TOKENS:  # as before the field existed: earlier models keep key and fingerprint
+        del d["text_tokens"]
     return d
 
 
@@ -312,6 +314,12 @@ def random_checkpoint(cfg: SmallModelConfig | None = None, root: Path | None = N
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def text_tokens(model_dir: str | Path) -> int:
+    """How many T5 tokens this model's prompt is padded to: its ``tryon_lab_config.json`` says, else FLUX's 512."""
+    info = Path(model_dir) / "tryon_lab_config.json"
+    return json.loads(info.read_text()).get("text_tokens", FLUX_TEXT_TOKENS) if info.exists() else FLUX_TEXT_TOKENS
 
 
 MODEL_CHOICES = (f"use model='default', 'trained', 'random' or a folder holding {FILL_SUBDIR}/ and {REDUX_SUBDIR}/ "

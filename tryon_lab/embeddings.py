@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .checkpoint import FILL_SUBDIR, TRAINED_DIR, TRYON_PROMPT
+from .checkpoint import FILL_SUBDIR, FLUX_TEXT_TOKENS, TRAINED_DIR, TRYON_PROMPT, text_tokens
 from .provenance import REPO_ROOT, cache_dir, fingerprint
 
 ENCODER_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -86,7 +86,8 @@ def no_encoder_error(model_dir: str | Path, what: str) -> NoTextEncodersError:
 
 def embeddings_path(model_dir: str | Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Path:
     """Where the cache for this model, dtype and device type lives: ``embeddings/`` for the committed model, else
-    the cache (keyed by the text encoders' fingerprint, or for a folder without them by its transformer config).
+    the cache (keyed by the text encoders' fingerprint and the text length, or for a folder without encoders by its
+    transformer config).
     Encoder outputs round differently on a GPU than on the CPU (other GEMM kernels), so what the encoders made on a
     GPU is kept apart (``-cuda``): the slim path then reproduces live encoding bit for bit on either. A folder
     without encoders has one cache whatever the device: its tensors came from elsewhere."""
@@ -97,8 +98,9 @@ def embeddings_path(model_dir: str | Path, dtype: torch.dtype, device: str | tor
     on = "" if kind == "cpu" else f"-{kind}"
     if model_dir.resolve() == TRAINED_DIR.resolve():
         return EMBEDDINGS_DIR / f"toy-tryon-{dtype_name(dtype)}{on}.safetensors"
-    if has_text_encoders(model_dir):
-        key = encoder_fingerprint(model_dir)[:16] + on
+    if has_text_encoders(model_dir):  # the same encoders padding to another length make other embeddings
+        n = text_tokens(model_dir)
+        key = encoder_fingerprint(model_dir)[:16] + ("" if n == FLUX_TEXT_TOKENS else f"-{n}tok") + on
     else:
         cfg = Path(model_dir) / FILL_SUBDIR / "transformer" / "config.json"
         text = cfg.read_bytes() if cfg.is_file() else str(model_dir.resolve()).encode()
@@ -108,8 +110,9 @@ def embeddings_path(model_dir: str | Path, dtype: torch.dtype, device: str | tor
 
 @torch.no_grad()
 def encode_prompt(model_dir: str | Path, prompt: str = TRYON_PROMPT, dtype: torch.dtype = torch.bfloat16,
-                  device: str = "cpu", max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run CLIP + T5 once, exactly as the stock pipelines do (their own ``encode_prompt``)."""
+                  device: str = "cpu", max_sequence_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run CLIP + T5 once, exactly as the stock pipelines do (their own ``encode_prompt``), padded to the model's
+    ``checkpoint.text_tokens`` unless ``max_sequence_length`` says otherwise."""
     from diffusers import FluxFillPipeline
 
     if not has_text_encoders(model_dir):  # before diffusers: its OSError about model_index.json names no way out
@@ -120,7 +123,8 @@ def encode_prompt(model_dir: str | Path, prompt: str = TRYON_PROMPT, dtype: torc
         local_files_only=True, use_safetensors=True,
     ).to(device)
     prompt_embeds, pooled, _ = pipe.encode_prompt(
-        prompt=prompt, prompt_2=None, device=torch.device(device), max_sequence_length=max_sequence_length
+        prompt=prompt, prompt_2=None, device=torch.device(device),
+        max_sequence_length=max_sequence_length or text_tokens(model_dir),
     )
     return prompt_embeds, pooled
 
@@ -185,11 +189,11 @@ def embeddings_from_tensors(model_dir: str | Path, source: str | Path, dtype: to
 
 
 def shape_only_embeddings(model_dir: str | Path, dtype: torch.dtype, path: str | Path | None = None,
-                          seq: int = 512) -> Path:
+                          seq: int | None = None) -> Path:
     """Zeros of the shapes the transformer expects, kind ``shape-only``: for smoke runs of a folder without text
     encoders (the code paths run; the images mean nothing, and every result's model description says so)."""
     cfg = transformer_config(model_dir)
-    pe = torch.zeros(1, seq, cfg["joint_attention_dim"], dtype=dtype)
+    pe = torch.zeros(1, seq or text_tokens(model_dir), cfg["joint_attention_dim"], dtype=dtype)
     pooled = torch.zeros(1, cfg["pooled_projection_dim"], dtype=dtype)
     path = path or embeddings_path(model_dir, dtype)
     return save_embeddings(path, pe, pooled, "", None, KIND_SHAPE_ONLY,

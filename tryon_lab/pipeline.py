@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from PIL import Image
 
-from .checkpoint import TRYON_PROMPT, describe_model
+from .checkpoint import FLUX_TEXT_TOKENS, TRYON_PROMPT, describe_model, text_tokens
 from .images import ImageInputError, PreparedInput, image_hash, paste_back, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
 from .oom import retry_with_vae_tiling
@@ -217,6 +217,18 @@ def tryon(pipe: SlimPipeline, requests: TryOnRequest | list[TryOnRequest],
                        pipe.description, recoveries)
 
 
+def stock_prompt(std: StandardPipeline) -> dict:
+    """The prompt arguments of a stock Redux call: the prompt itself, which the Redux pipeline pads to 512 T5
+    tokens, or for a model padded to another length (``checkpoint.text_tokens``) the stock ``encode_prompt`` run
+    live at that length (what a stock user of such a model passes)."""
+    n = text_tokens(std.model_dir)
+    if n == FLUX_TEXT_TOKENS:
+        return {"prompt": TRYON_PROMPT}
+    embeds, pooled, _ = std.redux.encode_prompt(prompt=TRYON_PROMPT, prompt_2=None, device=torch.device(std.device),
+                                                max_sequence_length=n)
+    return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+
 def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnRequest],
                    settings: TryOnSettings | None = None) -> TryOnResult:
     """The same try-on the stock way: Redux pipeline with live T5/CLIP prompt encoding, then Fill."""
@@ -227,7 +239,7 @@ def tryon_standard(std: StandardPipeline, requests: TryOnRequest | list[TryOnReq
         prepared = prepare(requests, settings.fit)
     with timings.stage("redux"):
         # one Redux call per garment: the stock Redux pipeline sums a batch of images into one prompt
-        outs = [std.redux(garment_of(p), prompt=TRYON_PROMPT, return_dict=False) for p in prepared]
+        outs = [std.redux(garment_of(p), **stock_prompt(std), return_dict=False) for p in prepared]
         prompt_embeds = torch.cat([o[0] for o in outs], dim=0)
         pooled = torch.cat([o[1] for o in outs], dim=0)
     with timings.stage("denoise"):

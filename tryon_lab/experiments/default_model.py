@@ -62,16 +62,30 @@ def write_card(out_root: Path, record: dict, extra: dict) -> Path:
     return path
 
 
-def load_text(embeddings_file: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 prompt embeddings of the factory text encoders (made first if the file is missing)."""
+def training_embeddings(text_tokens: int) -> Path:
+    """The committed training embeddings for a prompt padded to ``text_tokens`` T5 tokens."""
+    if text_tokens == checkpoint.FLUX_TEXT_TOKENS:
+        return TRAINING_EMBEDDINGS
+    return TRAINING_EMBEDDINGS.with_name(f"training-text-{text_tokens}tok-float32.safetensors")
+
+
+def load_text(embeddings_file: str | Path | None, text_tokens: int = checkpoint.FLUX_TEXT_TOKENS
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 prompt embeddings of the factory text encoders, ``text_tokens`` long (made first if the file is missing;
+    ``None``: the committed file for that length)."""
     from safetensors.torch import load_file
 
-    emb_file = Path(embeddings_file)
+    emb_file = Path(embeddings_file) if embeddings_file else training_embeddings(text_tokens)
     if not emb_file.exists():
         print(f"{emb_file} missing: encoding the prompt with the factory checkpoint's text encoders")
-        embeddings.build_embeddings(checkpoint.random_checkpoint(checkpoint.SmallModelConfig()), torch.float32,
-                                    path=emb_file)
+        base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
+        pe, pooled = embeddings.encode_prompt(base, dtype=torch.float32, max_sequence_length=text_tokens)
+        embeddings.save_embeddings(emb_file, pe, pooled, checkpoint.TRYON_PROMPT, embeddings.encoder_fingerprint(base))
     text = load_file(str(emb_file))
+    if text["prompt_embeds"].shape[1] != text_tokens:
+        raise ValueError(f"{emb_file} holds {text['prompt_embeds'].shape[1]} text tokens but the model is padded to "
+                         f"{text_tokens} (--model text_tokens): leave out --embeddings to use (or make) "
+                         f"{training_embeddings(text_tokens).name}.")
     return text["prompt_embeds"].float(), text["pooled_prompt_embeds"].float()
 
 
@@ -121,7 +135,7 @@ def _record(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def train_default(out: str | Path, device: str, embeddings_file: str | Path = TRAINING_EMBEDDINGS, quick: bool = False,
+def train_default(out: str | Path, device: str, embeddings_file: str | Path | None = None, quick: bool = False,
                   overrides: dict[str, str] | None = None, stages: str = "vae,fill", resume: str | Path | None = None,
                   time_budget: float | None = None, optim_dir: str | Path | None = None,
                   init_from: str | Path | None = None, started: float | None = None,
@@ -155,7 +169,7 @@ def train_default(out: str | Path, device: str, embeddings_file: str | Path = TR
             log_file.flush()
 
         log(f"call from {resume or 'scratch'}: stages {stages}, budget {time_budget or 'none'} s, device {device}")
-        record = train_run.train_call(out, cfg, small, load_text(embeddings_file), device,
+        record = train_run.train_call(out, cfg, small, load_text(embeddings_file, small.text_tokens), device,
                                       [s.strip() for s in stages.split(",") if s.strip()], resume,
                                       Path(optim_dir) if optim_dir else None, deadline,
                                       Path(init_from) if init_from else None, log)
@@ -213,29 +227,29 @@ def assemble_checkpoint(weights: dict[str, torch.Tensor], record: dict, out_root
     return out_root
 
 
-def check_text_embeddings(model_dir: Path, training_embeddings: Path) -> None:
+def check_text_embeddings(model_dir: Path, embeddings_file: Path) -> None:
     """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
     from safetensors.torch import load_file
 
     from ..embeddings import encode_prompt
 
     prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
-    ref = load_file(str(training_embeddings))
+    ref = load_file(str(embeddings_file))
     if not (torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"])):
-        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {training_embeddings}: the trained "
+        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {embeddings_file}: the trained "
                            "transformer would see other conditioning than in training. Assemble from the same factory "
                            "checkpoint the training embeddings came from.")
 
 
 def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED_DIR,
-                     embeddings_file: str | Path = TRAINING_EMBEDDINGS, logo_out: str | Path = LOGO_LORA_DIR) -> Path:
+                     embeddings_file: str | Path | None = None, logo_out: str | Path = LOGO_LORA_DIR) -> Path:
     """A training state -> a checkpoint at ``out`` with its card, loss curve and the float32 / bfloat16 embedding
     caches (text encoders that do not reproduce the training embeddings are refused); its logo LoRA -> ``logo_out``."""
     state_dir, out = Path(state_dir), Path(out)
     record, weights = shipped_weights(state_dir)
     base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
     assemble_checkpoint(weights, record, out, base_dir=base)
-    check_text_embeddings(out, Path(embeddings_file))
+    check_text_embeddings(out, Path(embeddings_file or training_embeddings(recorded_model(record).text_tokens)))
     for dtype in (torch.float32, torch.bfloat16):
         embeddings.build_embeddings(out, dtype, path=embeddings.embeddings_path(out, dtype))
     plot_losses(record, out / "loss_curve.png")

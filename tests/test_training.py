@@ -211,6 +211,19 @@ def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_sha
     vae_keys = [k for k in weights if k.startswith("vae.")]
     assert vae_keys and all(torch.equal(frozen[k].float(), weights[k].bfloat16().float()) for k in vae_keys)
     assert frozen["transformer.single_transformer_blocks.1.proj_out.weight"].shape  # the wider model's own block
+    import shutil  # a folder holding the VAE alone: the Fill parts start fresh, the VAE is kept as it was
+
+    shutil.rmtree(tmp_path / "m" / "FLUX.1-Redux-dev")
+    shutil.rmtree(tmp_path / "m" / "FLUX.1-Fill-dev" / "transformer")
+    lines.clear()
+    train_run.train_call(tmp_path / "v", tiny_cfg(), wider, tiny_text(), "cpu", ["fill"], init_from=tmp_path / "m",
+                         log=lines.append)
+    assert sum("holds no" in m and "fresh weights" in m for m in lines) == 3  # transformer, image encoder, embedder
+    _, _, _, frozen = train_state.load_state(tmp_path / "v")
+    assert all(torch.equal(frozen[k].float(), weights[k].bfloat16().float()) for k in vae_keys)
+    with pytest.raises(FileNotFoundError, match="holds no transformer, and stage fill is not trained"):
+        train_run.train_call(tmp_path / "y", tiny_cfg(), wider, tiny_text(), "cpu", ["logo"], init_from=tmp_path / "m",
+                             log=lambda m: None)
     other_vae = SmallModelConfig(**{**TINY.__dict__, "vae_block_out_channels": (8, 8, 8, 16)})
     with pytest.raises(ValueError, match="folder's vae has another shape.*--model"):
         train_run.train_call(tmp_path / "x", tiny_cfg(), other_vae, tiny_text(), "cpu", ["fill"],

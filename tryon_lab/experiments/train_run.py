@@ -69,12 +69,20 @@ def _frozen_of(models: dict, stage: str) -> dict[str, torch.Tensor]:
             for part in STAGE_PARTS[stage] for k, v in models[part].state_dict().items()}
 
 
-def init_from_checkpoint(model_dir: Path, record: dict, stages: list[str]) -> dict[str, torch.Tensor]:
-    """Weights of every trained part from a model folder; stages not requested count as done (kept)."""
-    from ..loading import load_component
+def init_from_checkpoint(model_dir: Path, record: dict, stages: list[str], log=print) -> dict[str, torch.Tensor]:
+    """Weights of every trained part a model folder holds; stages not requested count as done (kept). A part of a
+    requested stage may be missing (a folder holding a VAE alone): it starts from fresh weights."""
+    from ..loading import COMPONENTS, load_component
 
     frozen = {}
     for part in TRAINED_PARTS:
+        stage = next(s for s, parts in STAGE_PARTS.items() if part in parts)
+        if not (Path(model_dir) / COMPONENTS[part][0] / part).is_dir():
+            if stage in stages:
+                log(f"--init-from: {model_dir} holds no {part}: it starts from fresh weights, trained by stage {stage}")
+                continue
+            raise FileNotFoundError(f"--init-from: {model_dir} holds no {part}, and stage {stage} is not trained in "
+                                    f"this run: add {stage} to --stages, or start from a folder that holds one.")
         obj, _ = load_component(part, Path(model_dir), torch.float32, "cpu", slim=True)
         frozen.update({f"{part}.{k}": v.to(torch.bfloat16) for k, v in obj.state_dict().items()})
         if part == "vae":
@@ -122,7 +130,7 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
             record["stages"][s]["total"] = getattr(cfg, f"{s}_steps")
     else:
         record, ema_t, raw_t = new_record(cfg, small), {}, {}
-        frozen = init_from_checkpoint(init_from, record, stages) if init_from else {}
+        frozen = init_from_checkpoint(init_from, record, stages, log) if init_from else {}
     record["config"] = asdict(cfg)
     torch.manual_seed(cfg.model_seed)
     models = build_models(small)

@@ -186,5 +186,5 @@ def write_results(path: str | Path, name: str, results: dict, table_md: str | No
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
     if table_md is not None:
-        path.with_name(f"{name}.md").write_text(table_md)
+        path.with_name(f"{name}.md").write_text(table_md.rstrip("\n") + "\n")  # one final newline, as committed
     return path

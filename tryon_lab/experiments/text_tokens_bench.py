@@ -97,5 +97,5 @@ def run(model: str = "default", lengths: tuple[int, ...] = (512, 64, 32), steps:
              f"{rows[0]['logos']} known logos, batched; medians of {repeats} after a warm-up, {threads} threads. "
              f"Quality: {pairs} held-out pairs (seed 999), {eval_steps} steps; masked_psnr_vs_first: against the "
              f"try-on at {lengths[0]} tokens. {out['stamp']['device']}, {out['stamp']['date']}.\n\n")
-    write_results(results, NAME, out, title + markdown_table(rows, COLUMNS) + "\n")
+    write_results(results, NAME, out, title + markdown_table(rows, COLUMNS))
     return rows

@@ -118,8 +118,15 @@ def test_pairs_carry_logo_masks_and_logo_crops_are_the_logo_pass_inputs():
     # a token's weight grows with the part of it inside a logo box (16 px cells of the garment | target diptych)
     logo = np.zeros((1, 32, 32), np.uint8)
     logo[0, :16, 16:] = 1
-    w = training.token_weights({"target_logo": logo}, 3.0, 16, "cpu")
+    w = training.token_weights({"target_logo": logo}, 16, "cpu", logo_weight=3.0)
     assert w.shape == (1, 8, 1) and w[0, 3, 0] == 4.0 and (w[0, [0, 1, 2, 4, 5, 6, 7], 0] == 1.0).all()
+    # and with the inpainting mask (0 / 255, binarised as the pipeline does): half of token 7 is inside it
+    mask = np.zeros((1, 32, 32), np.uint8)
+    mask[0, 16:, 16:] = 255
+    mask[0, 16:, 24:] = 100  # below the pipeline's 0.5: not masked
+    w = training.token_weights({"target_logo": logo, "mask": mask}, 16, "cpu", logo_weight=3.0, mask_weight=2.0)
+    assert w[0, 3, 0] == 4.0 and w[0, 7, 0] == 2.0 and (w[0, [0, 1, 2, 4, 5, 6], 0] == 1.0).all()
+    assert training.token_weights({"mask": mask}, 16, "cpu") is None
 
 
 def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):

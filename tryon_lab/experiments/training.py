@@ -55,6 +55,7 @@ class TrainConfig:
     fill_lr: float = 4e-4
     fill_warmup: int = 200
     fill_logo_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside a target logo box
+    fill_mask_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside the inpainting mask
     logo_steps: int = 3000
     logo_batch: int = 64  # logo diptychs per step
     logo_lr: float = 1e-3
@@ -160,14 +161,18 @@ def fill_batch_inputs(fill_pipe, b: dict, device, dtype=torch.float32, gen: torc
     return x0, cond, img_ids, garment
 
 
-def token_weights(b: dict, logo_weight: float, patch: int, device) -> torch.Tensor | None:
-    """Per-token loss weight (N, tokens, 1): 1 + ``logo_weight`` x the token's area inside a target logo box,
-    in ``_pack_latents`` order (row-major over the diptych's ``patch`` x ``patch`` pixel cells)."""
-    if not logo_weight or "target_logo" not in b:
-        return None
-    logo = _mask(b["target_logo"], device)
-    frac = F.avg_pool2d(torch.cat([torch.zeros_like(logo), logo], dim=3), patch)
-    return 1 + logo_weight * frac.flatten(1)[..., None]
+def token_weights(b: dict, patch: int, device, logo_weight: float = 0.0, mask_weight: float = 0.0
+                  ) -> torch.Tensor | None:
+    """Per-token loss weight (N, tokens, 1): 1 + ``logo_weight`` x the token's area inside a target logo box +
+    ``mask_weight`` x its area inside the inpainting mask (the only tokens the try-on draws), in ``_pack_latents``
+    order (row-major over the diptych's ``patch`` x ``patch`` pixel cells); None when both weights are 0."""
+    weight = None
+    for extra, key, region in ((logo_weight, "target_logo", lambda m: m), (mask_weight, "mask", lambda m: m >= 127.5)):
+        if extra and key in b:
+            person = region(_mask(b[key], device)).float()
+            frac = F.avg_pool2d(torch.cat([torch.zeros_like(person), person], dim=3), patch).flatten(1)[..., None]
+            weight = (1 if weight is None else weight) + extra * frac
+    return weight
 
 
 def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device,
@@ -182,7 +187,7 @@ def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device,
 
 
 def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen: torch.Generator,
-              logo_weight: float = 0.0) -> torch.Tensor:
+              logo_weight: float = 0.0, mask_weight: float = 0.0) -> torch.Tensor:
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
     prompt_embeds, pooled = text
     with torch.no_grad():
@@ -200,7 +205,7 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
         pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
                            pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
                            img_ids=img_ids, return_dict=False)[0]
-    weight = token_weights(b, logo_weight, 2 * fill_pipe.vae_scale_factor, device)
+    weight = token_weights(b, 2 * fill_pipe.vae_scale_factor, device, logo_weight, mask_weight)
     return weighted_mean((pred.float() - (noise - x0)) ** 2, weight)
 
 
@@ -226,7 +231,9 @@ def stage_params(models: dict, stage: str) -> dict[str, torch.nn.Parameter]:
 def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen) -> torch.Tensor:
     if stage == "vae":
         return vae_loss(models["vae"], b, cfg, device, gen)
-    return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight if stage == "fill" else 0.0)
+    if stage == "fill":
+        return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight, cfg.fill_mask_weight)
+    return fill_loss(models, fill_pipe, text, b, cfg, device, gen)
 
 
 @torch.enable_grad()  # training, whatever grad mode the caller left set

@@ -89,7 +89,6 @@ def test_committed_results_name_no_machine_folders():
 
 def test_the_committed_wide_vae_is_what_its_card_says():
     """``checkpoints/wide-vae`` (a VAE alone, to train a transformer on): shape, latent scale and steps as carded."""
-
     from tryon_lab.loading import load_component
 
     folder = checkpoint.REPO_ROOT / "checkpoints" / "wide-vae"

@@ -203,6 +203,8 @@ def test_a_model_padded_to_32_text_tokens_trains_and_assembles_with_its_own_embe
 def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_shape(tmp_path):
     """``--init-from`` a model folder with a wider transformer (``--model``): the VAE is the folder's, bit for bit,
     the transformer starts fresh (logged); a VAE of another shape that is not being trained is refused."""
+    import shutil
+
     from tryon_lab.experiments import default_model
 
     call(tmp_path / "s", tiny_cfg())
@@ -217,9 +219,8 @@ def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_sha
     _, _, _, frozen = train_state.load_state(tmp_path / "w")
     vae_keys = [k for k in weights if k.startswith("vae.")]
     assert vae_keys and all(torch.equal(frozen[k].float(), weights[k].bfloat16().float()) for k in vae_keys)
-    assert frozen["transformer.single_transformer_blocks.1.proj_out.weight"].shape  # the wider model's own block
-    import shutil  # a folder holding the VAE alone: the Fill parts start fresh, the VAE is kept as it was
-
+    assert "transformer.single_transformer_blocks.1.proj_out.weight" in frozen  # the wider model's second block
+    # a folder holding the VAE alone: the Fill parts start fresh, the VAE is kept as it was
     shutil.rmtree(tmp_path / "m" / "FLUX.1-Redux-dev")
     shutil.rmtree(tmp_path / "m" / "FLUX.1-Fill-dev" / "transformer")
     lines.clear()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .provenance import CARD_FILE, REPO_ROOT, cache_dir, fingerprint
+from .provenance import CARD_FILE, CONFIG_FILE, REPO_ROOT, cache_dir, fingerprint
 
 TRAINED_DIR = REPO_ROOT / "checkpoints" / "toy-tryon"
 FILL_SUBDIR = "FLUX.1-Fill-dev"
@@ -283,7 +283,7 @@ def save_checkpoint(models: dict[str, torch.nn.Module], cfg: SmallModelConfig, r
         image_encoder=models["image_encoder"], feature_extractor=processor, image_embedder=models["image_embedder"]
     )
     redux.save_pretrained(redux_dir, safe_serialization=True, max_shard_size=max_shard_size)
-    (root / "tryon_lab_config.json").write_text(json.dumps(_config_dict(cfg), indent=2, sort_keys=True))
+    (root / CONFIG_FILE).write_text(json.dumps(_config_dict(cfg), indent=2, sort_keys=True))
     return root
 
 
@@ -305,7 +305,7 @@ def random_checkpoint(cfg: SmallModelConfig | None = None, root: Path | None = N
     cfg = cfg or SmallModelConfig()
     key = hashlib.sha256(json.dumps(_config_dict(cfg), sort_keys=True).encode()).hexdigest()[:12]
     root = Path(root) if root else cache_dir() / f"embedded-random-{key}"
-    if (root / "tryon_lab_config.json").exists():
+    if (root / CONFIG_FILE).exists():
         return root
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".building-"))
     save_checkpoint(build_models(cfg), cfg, tmp)
@@ -318,7 +318,7 @@ def random_checkpoint(cfg: SmallModelConfig | None = None, root: Path | None = N
 
 def text_tokens(model_dir: str | Path) -> int:
     """How many T5 tokens this model's prompt is padded to: its ``tryon_lab_config.json`` says, else FLUX's 512."""
-    info = Path(model_dir) / "tryon_lab_config.json"
+    info = Path(model_dir) / CONFIG_FILE
     return json.loads(info.read_text()).get("text_tokens", FLUX_TEXT_TOKENS) if info.exists() else FLUX_TEXT_TOKENS
 
 
@@ -387,7 +387,7 @@ def describe_model(model_dir: Path, model_fingerprint: str | None = None) -> str
     ``ModelFolderError`` (never a line with the fingerprint of nothing).
     """
     model_dir = Path(model_dir) if model_fingerprint else check_model_dir(model_dir)
-    info = model_dir / "tryon_lab_config.json"
+    info = model_dir / CONFIG_FILE
     if model_dir.resolve() == TRAINED_DIR.resolve():
         kind = "trained toy try-on model (committed)"
     elif (model_dir / CARD_FILE).exists():  # assembled by the trainer elsewhere: trained, but not the committed one

@@ -21,6 +21,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FINGERPRINT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")
 CARD_FILE = "tryon_lab_card.json"  # written beside trained weights by the trainer: how they were trained
+CONFIG_FILE = "tryon_lab_config.json"  # an embedded model's shape (``checkpoint.SmallModelConfig``)
 NOT_WEIGHTS = (CARD_FILE,)  # the card describes the weights; it is not part of them
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import SmallModelConfig, build_models
+from ..provenance import CONFIG_FILE
 from ..synthetic import SyntheticConfig
 from . import train_data, train_state
 from .training import (
@@ -69,48 +70,41 @@ def _frozen_of(models: dict, stage: str) -> dict[str, torch.Tensor]:
             for part in STAGE_PARTS[stage] for k, v in models[part].state_dict().items()}
 
 
-def init_from_checkpoint(model_dir: Path, record: dict, stages: list[str], log=print) -> dict[str, torch.Tensor]:
-    """Weights of every trained part a model folder holds; stages not requested count as done (kept). A part of a
-    requested stage may be missing (a folder holding a VAE alone): it starts from fresh weights."""
+def init_from_checkpoint(model_dir: Path, models: dict, record: dict, stages: list[str], log=print
+                         ) -> dict[str, torch.Tensor]:
+    """The trained parts of a model folder that fit this run's ``models``; stages not requested count as done
+    (kept). A part of a requested stage that the folder lacks (a folder holding a VAE alone), or that ``--model``
+    gives another shape, starts from fresh weights, and the log says so; a kept part must be there and fit."""
     from ..loading import COMPONENTS, load_component
 
     frozen = {}
     for part in TRAINED_PARTS:
         stage = next(s for s, parts in STAGE_PARTS.items() if part in parts)
+        trained = stage in stages
         if not (Path(model_dir) / COMPONENTS[part][0] / part).is_dir():
-            if stage in stages:
-                log(f"--init-from: {model_dir} holds no {part}: it starts from fresh weights, trained by stage {stage}")
-                continue
-            raise FileNotFoundError(f"--init-from: {model_dir} holds no {part}, and stage {stage} is not trained in "
-                                    f"this run: add {stage} to --stages, or start from a folder that holds one.")
-        obj, _ = load_component(part, Path(model_dir), torch.float32, "cpu", slim=True)
-        frozen.update({f"{part}.{k}": v.to(torch.bfloat16) for k, v in obj.state_dict().items()})
+            if not trained:
+                raise FileNotFoundError(f"--init-from: {model_dir} holds no {part}, and stage {stage} is not trained "
+                                        f"in this run: add {stage} to --stages, or start from a folder that holds one.")
+            log(f"--init-from: {model_dir} holds no {part}: it starts from fresh weights, trained by stage {stage}")
+            continue
+        weights = load_component(part, Path(model_dir), torch.float32, "cpu", slim=True)[0]
+        if {k: v.shape for k, v in weights.state_dict().items()} != \
+                {k: v.shape for k, v in models[part].state_dict().items()}:
+            if not trained:
+                raise ValueError(f"--init-from: the folder's {part} has another shape than this run's model, and "
+                                 f"stage {stage} is not trained in this run: give the folder's shape with --model "
+                                 f"(its {CONFIG_FILE}), or add {stage} to --stages to train a new {part}.")
+            log(f"--init-from: the folder's {part} has another shape than this run's model (--model): it starts "
+                f"from fresh weights, trained by stage {stage}")
+            continue
+        frozen.update({f"{part}.{k}": v.to(torch.bfloat16) for k, v in weights.state_dict().items()})
         if part == "vae":
-            record["vae_shift_factor"], record["vae_scaling_factor"] = obj.config.shift_factor, obj.config.scaling_factor
+            record["vae_shift_factor"] = weights.config.shift_factor
+            record["vae_scaling_factor"] = weights.config.scaling_factor
     for s in ("vae", "fill"):
         if s not in stages:
             record["stages"][s].update(done=True, source=str(model_dir))
     return frozen
-
-
-def fitting_parts(models: dict, tensors: dict[str, torch.Tensor], stages: list[str], log) -> dict[str, torch.Tensor]:
-    """``--init-from``'s weights that fit this run's model: a part of a stage being trained whose shapes differ
-    (another ``--model``) starts from fresh weights, and the log says so; a part kept as trained must fit."""
-    kept = dict(tensors)
-    for part in TRAINED_PARTS:
-        given = {k[len(part) + 1:]: tuple(v.shape) for k, v in tensors.items() if k.startswith(part + ".")}
-        if given == {k: tuple(v.shape) for k, v in models[part].state_dict().items()}:
-            continue
-        stage = next(s for s, parts in STAGE_PARTS.items() if part in parts)
-        if stage not in stages:
-            raise ValueError(f"--init-from: the folder's {part} has another shape than this run's model, and stage "
-                             f"{stage} is not trained in this run: give the folder's shape with --model (its "
-                             f"tryon_lab_config.json), or add {stage} to --stages to train a new {part}.")
-        log(f"--init-from: the folder's {part} has another shape than this run's model (--model): it starts from "
-            f"fresh weights, trained by stage {stage}")
-        for k in given:
-            del kept[f"{part}.{k}"]
-    return kept
 
 
 def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple[torch.Tensor, torch.Tensor],
@@ -129,13 +123,12 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
         for s in STAGES:
             record["stages"][s]["total"] = getattr(cfg, f"{s}_steps")
     else:
-        record, ema_t, raw_t = new_record(cfg, small), {}, {}
-        frozen = init_from_checkpoint(init_from, record, stages, log) if init_from else {}
+        record, ema_t, raw_t, frozen = new_record(cfg, small), {}, {}, {}
     record["config"] = asdict(cfg)
     torch.manual_seed(cfg.model_seed)
     models = build_models(small)
     if init_from is not None and resume is None:
-        frozen = fitting_parts(models, frozen, stages, log)
+        frozen = init_from_checkpoint(init_from, models, record, stages, log)
     _load_parts(models, frozen)
     for m in models.values():
         m.to(dev).eval().requires_grad_(False)

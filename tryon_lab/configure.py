@@ -268,7 +268,8 @@ _WARM: dict[tuple[str, str], SlimPipeline] = {}  # the one warm-pipeline cache: 
 def get_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> SlimPipeline:
     """``build_pipeline`` once per process for each model and options; later calls return the warm pipeline."""
     o = replace(options or PipelineOptions(), **changes)
-    key = (str(resolve_model_dir(model_dir).resolve()), o.key)
+    model_dir = resolve_model_dir(model_dir)
+    key = (str(model_dir.resolve()), o.key)
     if key not in _WARM:
         _WARM[key] = build_pipeline(model_dir, o)
     return _WARM[key]

@@ -155,9 +155,9 @@ def save_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled: torch
 
 
 def build_embeddings(model_dir: str | Path, dtype: torch.dtype, device: str = "cpu", path: str | Path | None = None,
-                     prompt: str = TRYON_PROMPT) -> Path:
-    """Encode the prompt with the model's own text encoders and save the cache file."""
-    prompt_embeds, pooled = encode_prompt(model_dir, prompt, dtype, device)
+                     prompt: str = TRYON_PROMPT, max_sequence_length: int | None = None) -> Path:
+    """Encode the prompt with the model's own text encoders (``encode_prompt``) and save the cache file."""
+    prompt_embeds, pooled = encode_prompt(model_dir, prompt, dtype, device, max_sequence_length)
     path = path or embeddings_path(model_dir, dtype, device)
     return save_embeddings(path, prompt_embeds, pooled, prompt, encoder_fingerprint(model_dir),
                            extra={"device": torch.device(device).type})

@@ -78,9 +78,8 @@ def load_text(embeddings_file: str | Path | None, text_tokens: int = checkpoint.
     emb_file = Path(embeddings_file) if embeddings_file else training_embeddings(text_tokens)
     if not emb_file.exists():
         print(f"{emb_file} missing: encoding the prompt with the factory checkpoint's text encoders")
-        base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
-        pe, pooled = embeddings.encode_prompt(base, dtype=torch.float32, max_sequence_length=text_tokens)
-        embeddings.save_embeddings(emb_file, pe, pooled, checkpoint.TRYON_PROMPT, embeddings.encoder_fingerprint(base))
+        embeddings.build_embeddings(checkpoint.random_checkpoint(checkpoint.SmallModelConfig()), torch.float32,
+                                    path=emb_file, max_sequence_length=text_tokens)
     text = load_file(str(emb_file))
     if text["prompt_embeds"].shape[1] != text_tokens:
         raise ValueError(f"{emb_file} holds {text['prompt_embeds'].shape[1]} text tokens but the model is padded to "

@@ -5,7 +5,7 @@
 
 Writes benchmarks/default_model_quality.json: {"trained": {masked_psnr, masked_ssim, logo_match_rate,
 logo_psnr_before, logo_psnr_after, vae_recon_psnr, ...}, "random": {...}, "data": {...}, "stamp": {...}}
-(``tryon_lab.experiments.default_quality.evaluate_default``); the logo LoRA next to the model is used when present.
+(``tryon_lab.experiments.default_quality.evaluate_default``); the model's trained logo adapter is used when it has one.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tryon_lab import checkpoint  # noqa: E402
-from tryon_lab.experiments import default_model, default_quality  # noqa: E402
+from tryon_lab import checkpoint, lora  # noqa: E402
+from tryon_lab.experiments import default_quality  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -26,19 +26,17 @@ def main(argv=None) -> int:
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default=str(checkpoint.TRAINED_DIR))
-    p.add_argument("--logo-lora", default=None,
-                   help=f"a logo LoRA folder (default: {default_model.LOGO_LORA_DIR.name} when it exists; 'none': off)")
+    p.add_argument("--logo-lora", default="auto",
+                   help="a logo LoRA folder; 'auto' (default): the model's trained adapter beside it "
+                        f"(<model>{lora.LOGO_LORA_SUFFIX}) when there is one; 'none': off")
     p.add_argument("--results", default=str(default_quality.RESULTS))
     p.add_argument("--grid", default=None, help="write the trained model's grid here (e.g. docs/heldout_grid.png)")
     p.add_argument("--data-seconds", type=float, default=3.0, help="time per data-throughput measurement (0: skip)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.steps < 1:
         p.error(f"--pairs and --steps must be >= 1, got {args.pairs} and {args.steps}")
-    lora = args.logo_lora
-    if lora is None and default_model.LOGO_LORA_DIR.is_dir():
-        lora = default_model.LOGO_LORA_DIR
-    lora = None if str(lora).lower() == "none" else lora
-    default_quality.evaluate_default(args.seed, args.pairs, args.steps, args.results, args.grid, args.model, lora,
+    adapter = lora.resolve_logo_lora(args.logo_lora, args.model)
+    default_quality.evaluate_default(args.seed, args.pairs, args.steps, args.results, args.grid, args.model, adapter,
                                      args.data_seconds)
     return 0
 

@@ -108,3 +108,45 @@ def test_make_lora_refuses_a_transformer_with_adapters(adapters, tmp_path):
     lora.load_lora(pipe, adapters[2], "a")
     with pytest.raises(ValueError, match="without adapters"):
         lora.make_lora(pipe.transformer, 2, 0, tmp_path / "x")
+
+
+def test_the_committed_logo_adapter_belongs_to_the_committed_model_and_changes_the_pass():
+    """``checkpoints/toy-tryon-logo-lora``: found beside the trained model (its card names that model's weights), and
+    it changes what the logo pass draws."""
+    from tryon_lab import checkpoint, configure, logos, samples
+    from tryon_lab.pipeline import TryOnSettings
+
+    adapter = lora.logo_lora_for(checkpoint.TRAINED_DIR)
+    assert adapter is not None and lora.lora_rank(adapter) == 16
+    pipe = configure.build_pipeline(checkpoint.TRAINED_DIR, device="cpu", dtype="float32")
+    s = samples.load_sample("s001")
+    known = logos.known_matches(s.garment_logo_boxes, s.target_logo_boxes)
+    settings = TryOnSettings(steps=2, progress=False)
+    plain = logos.logo_pass(pipe, s.target, s.garment, known, settings, seed=0)
+    adapted = logos.logo_pass(pipe, s.target, s.garment, known, settings, lora=adapter, seed=0)
+    assert adapted.lora == str(adapter) and plain.lora is None
+    from tryon_lab.metrics import max_abs
+
+    assert len(plain.patches) == len(known) > 0
+    assert max(max_abs(a, b) for a, b in zip(adapted.patches, plain.patches, strict=True)) > 8
+
+
+def test_logo_adapter_lookup_refuses_an_adapter_of_other_weights(tmp_path):
+    import json
+
+    from tryon_lab import checkpoint, provenance
+
+    model = checkpoint.random_checkpoint()
+    assert lora.logo_lora_for(model) is None  # nothing beside it
+    assert lora.resolve_logo_lora("none", model) is None and lora.resolve_logo_lora("auto", model) is None
+    with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights"):
+        lora.resolve_logo_lora(tmp_path, model)
+    mine = tmp_path / "m"
+    mine.symlink_to(model, target_is_directory=True)
+    folder = tmp_path / ("m" + lora.LOGO_LORA_SUFFIX)
+    lora.make_lora(tiny_transformer(), 2, seed=0, path=folder)
+    (folder / provenance.CARD_FILE).write_text(json.dumps({"base_fingerprint": "0" * 64}))
+    with pytest.raises(ValueError, match="trained on other weights"):
+        lora.logo_lora_for(mine)
+    (folder / provenance.CARD_FILE).write_text(json.dumps({"base_fingerprint": provenance.fingerprint(model)}))
+    assert lora.logo_lora_for(mine) == folder == lora.resolve_logo_lora("auto", mine)

@@ -143,6 +143,27 @@ def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):
         assert torch.equal(loaded[k[len("logo."):]], v)
 
 
+def test_a_logo_stage_on_an_assembled_model_is_written_beside_it_with_that_models_fingerprint(tmp_path):
+    from tryon_lab import checkpoint, provenance
+    from tryon_lab.experiments import default_model
+
+    model = checkpoint.random_checkpoint()
+    state = tmp_path / "state"
+    lora.make_lora(build_models(TINY)["transformer"], 2, seed=0, path=state / "logo_lora")
+    record = {"config": {}, "calls": [], "stages": {"vae": {"done": True, "source": str(model), "losses": []},
+                                                    "fill": {"done": True, "source": str(model), "losses": []},
+                                                    "logo": {"step": 2, "done": True, "losses": [0.9, 0.8]}}}
+    (state / train_state.STATE_FILE).write_text(json.dumps(record))
+    out = default_model.assemble_logo(state, tmp_path / "adapter")
+    card = json.loads((out / provenance.CARD_FILE).read_text())
+    assert card["base_fingerprint"] == provenance.fingerprint(model) and list(card["stages"]) == ["logo"]
+    assert (out / lora.WEIGHT_NAME).read_bytes() == (state / "logo_lora" / lora.WEIGHT_NAME).read_bytes()
+    record["stages"]["fill"].pop("source")  # a state that trained its own transformer: assemble the whole model
+    (state / train_state.STATE_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="without --logo-only"):
+        default_model.assemble_logo(state, tmp_path / "again")
+
+
 @pytest.mark.slow
 def test_evaluation_script_writes_every_key(tmp_path):
     out = tmp_path / "q.json"
@@ -158,6 +179,8 @@ def test_evaluation_script_writes_every_key(tmp_path):
     assert res["trained"]["vae_recon_psnr"] > res["random"]["vae_recon_psnr"]
     assert {"device", "commit", "date", "model_fingerprint"} <= set(res["stamp"])
     assert res["data"]["make_pairs_pairs_per_s"] > 0
+    blurred = [res["blurred_truth"][f"sigma_{s}px"]["masked_psnr"] for s in (1, 2, 4, 8)]
+    assert blurred == sorted(blurred, reverse=True) and blurred[-1] > res["random"]["masked_psnr"]
 
 
 def test_a_logo_counts_as_matched_only_where_the_ground_truth_puts_it():

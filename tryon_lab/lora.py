@@ -6,7 +6,8 @@ copies a new adapter's weights into the already loaded adapter's tensors: no new
 and a swap costs a file read and a copy instead of unload + load + recompile.
 
 ``make_lora`` writes small random adapters (non-zero B, so they change outputs) in the diffusers Flux LoRA
-format, for tests and notebooks that have no trained adapter.
+format, for tests and notebooks that have no trained adapter. A model folder's trained logo adapter lives beside
+it (``<model>-logo-lora``, with a card naming the weights it was trained on): ``logo_lora_for`` finds it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import FILL_SUBDIR
-from .provenance import cache_dir, fingerprint
+from .provenance import CARD_FILE, cache_dir, fingerprint
 
 # attention projections of both block kinds (single-stream blocks have no add_* / to_add_out)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LOGO_LORA_SUFFIX = "-logo-lora"  # checkpoints/toy-tryon -> checkpoints/toy-tryon-logo-lora
 
 
 @dataclass
@@ -149,3 +151,39 @@ def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswa
     if state is not None:
         state.loaded[adapter_name] = str(path)
     return {"rank": rank, "seconds": time.perf_counter() - start}
+
+
+def logo_lora_for(model_dir: str | Path) -> Path | None:
+    """The trained logo adapter beside ``model_dir`` (``<model_dir>-logo-lora``), or None when there is none.
+
+    Its card records the fingerprint of the weights it was trained on; an adapter trained on other weights (the
+    model was retrained since) is an error, not a silent mismatch.
+    """
+    import json
+
+    model_dir = Path(model_dir)
+    folder = model_dir.with_name(model_dir.name + LOGO_LORA_SUFFIX)
+    if not (folder / WEIGHT_NAME).is_file():
+        return None
+    card = folder / CARD_FILE
+    base = json.loads(card.read_text()).get("base_fingerprint") if card.is_file() else None
+    if base != fingerprint(model_dir):
+        raise ValueError(f"the logo adapter {folder} was trained on other weights than {model_dir} (its card "
+                         f"{'names ' + str(base)[:16] if base else 'is missing or names none'}, the model is "
+                         f"{fingerprint(model_dir)[:16]}): retrain it (scripts/train_default_model.py train "
+                         f"--init-from {model_dir} --stages logo, then assemble --logo-only) or remove the folder.")
+    return folder
+
+
+def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path | None:
+    """A notebook's ``logo_lora`` parameter: "auto" (the model's trained adapter if it has one), "none", or a
+    LoRA folder."""
+    if choice is None or str(choice) == "none":
+        return None
+    if str(choice) == "auto":
+        return logo_lora_for(model_dir)
+    folder = Path(choice)
+    if not (folder / WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"logo_lora={str(choice)!r}: no {WEIGHT_NAME} in that folder; give a LoRA folder, "
+                                "'auto' (the model's trained adapter, if any) or 'none'.")
+    return folder

@@ -153,7 +153,8 @@ class TryOnApp:
 
     def __init__(self, model="default", device: str = "auto", dtype: str = "auto", person: str = "s000",
                  garment: str = "s001", steps: int = 8, seed: int = 0, guidance: float = 30.0, teacache: float = 0.0,
-                 logos_text: str = "manifest", loras: dict | None = None, fp8: str = "none", compile: str = "none",
+                 logos_text: str = "manifest", loras: dict | None = None, lora: str = "none", fp8: str = "none",
+                 compile: str = "none",
                  logo_size: int = 64, batched: bool = True, display_scale: int = 2):
         # cheap checks first (the manifest, numbers), so a typo fails here and not after a model has loaded
         person, garment = (check_choice(v, what) for v, what in ((person, "person"), (garment, "garment")))
@@ -166,6 +167,8 @@ class TryOnApp:
         self.device = self.options.device
         self.logo_size, self.batched, self.scale = logo_size, batched, display_scale
         self.loras = {"none": None, **(loras or {})}
+        if lora not in self.loras:
+            raise ValueError(f"lora={lora!r} is not one of the logo LoRAs given ({', '.join(self.loras)}).")
         self.last: AppResult | None = None
         self.last_error: Exception | None = None
         self._preview_errors: dict[str, Exception] = {}  # preview -> its input's error (cleared once it is fine)
@@ -184,7 +187,7 @@ class TryOnApp:
         self.guidance = W.FloatText(value=guidance, description="guidance", style=style)
         self.teacache = W.FloatText(value=teacache, description="TeaCache", style=style,
                                     tooltip="rel-L1 threshold; 0 = off")
-        self.lora = W.Dropdown(options=list(self.loras), value="none", description="logo LoRA", style=style)
+        self.lora = W.Dropdown(options=list(self.loras), value=lora, description="logo LoRA", style=style)
         self.logo_boxes = W.Textarea(value="", description="logo boxes", placeholder="x0,y0,x1,y1; ...",
                                      style=style, layout=W.Layout(width="420px"))
         self.button = W.Button(description="Run", button_style="primary")

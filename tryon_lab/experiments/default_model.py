@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import checkpoint, embeddings, provenance
+from .. import checkpoint, embeddings, lora, provenance
 from . import train_run, train_state, training
 
 TRAINING_EMBEDDINGS = provenance.REPO_ROOT / "embeddings" / "training-text-float32.safetensors"
-LOGO_LORA_DIR = provenance.REPO_ROOT / "checkpoints" / "toy-tryon-logo-lora"
+LOGO_LORA_DIR = checkpoint.TRAINED_DIR.with_name(checkpoint.TRAINED_DIR.name + lora.LOGO_LORA_SUFFIX)
 SAVE_RESERVE_S = 25.0  # of --time-budget, kept for closing the data workers and writing the state
 
 
@@ -240,10 +240,39 @@ def check_text_embeddings(model_dir: Path, embeddings_file: Path) -> None:
                            "checkpoint the training embeddings came from.")
 
 
+def write_logo_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path) -> Path:
+    """The state's logo LoRA -> ``out`` with a card: its training record and the fingerprint of ``model_dir``, the
+    weights it was trained on (``lora.logo_lora_for`` checks it)."""
+    if not (state_dir / "logo_lora" / lora.WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"{state_dir} holds no logo adapter: run a training call with --stages logo first.")
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(state_dir / "logo_lora" / lora.WEIGHT_NAME, out / lora.WEIGHT_NAME)
+    logo_record = {**record, "stages": {"logo": record["stages"]["logo"]}}
+    write_card(out, logo_record, {"adapter_of": provenance.portable(str(model_dir)),
+                                  "base_fingerprint": provenance.fingerprint(model_dir)})
+    return out
+
+
+def assemble_logo(state_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Only the logo adapter of a ``--init-from MODEL --stages logo`` state, written beside MODEL (or to ``out``)."""
+    state_dir = Path(state_dir)
+    record = train_state.load_record(state_dir)
+    source = record["stages"]["fill"].get("source")
+    if not source:
+        raise ValueError(f"{state_dir} trained its own Fill transformer: assemble the whole model (without "
+                         "--logo-only), which writes the adapter beside it.")
+    model_dir = provenance.REPO_ROOT / source if not Path(source).is_absolute() else Path(source)
+    out = Path(out) if out else model_dir.with_name(model_dir.name + lora.LOGO_LORA_SUFFIX)
+    write_logo_adapter(state_dir, record, model_dir, out)
+    print(f"logo adapter of {source} at {out}")
+    return out
+
+
 def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED_DIR,
-                     embeddings_file: str | Path | None = None, logo_out: str | Path = LOGO_LORA_DIR) -> Path:
+                     embeddings_file: str | Path | None = None, logo_out: str | Path | None = None) -> Path:
     """A training state -> a checkpoint at ``out`` with its card, loss curve and the float32 / bfloat16 embedding
-    caches (text encoders that do not reproduce the training embeddings are refused); its logo LoRA -> ``logo_out``."""
+    caches (text encoders that do not reproduce the training embeddings are refused); its logo LoRA, if trained,
+    beside it (``<out>-logo-lora``, or ``logo_out``)."""
     state_dir, out = Path(state_dir), Path(out)
     record, weights = shipped_weights(state_dir)
     base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
@@ -254,10 +283,8 @@ def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED
     plot_losses(record, out / "loss_curve.png")
     extra = {"fingerprint": provenance.fingerprint(out), "weights_from": state_dir.name,
              "assembled": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    if (state_dir / "logo_lora").is_dir():
-        shutil.copytree(state_dir / "logo_lora", logo_out, dirs_exist_ok=True)
-        extra["logo_lora"] = str(Path(logo_out).relative_to(provenance.REPO_ROOT)) \
-            if Path(logo_out).resolve().is_relative_to(provenance.REPO_ROOT) else str(logo_out)
     write_card(out, record, extra)
+    if (state_dir / "logo_lora").is_dir():
+        write_logo_adapter(state_dir, record, out, Path(logo_out or out.with_name(out.name + lora.LOGO_LORA_SUFFIX)))
     print(f"checkpoint at {out}, fingerprint {extra['fingerprint'][:16]}")
     return out

@@ -5,6 +5,8 @@
                       PSNR before and after the logo pass (at the matched boxes, and at the known boxes); the
                       pass on the ground truth itself (a good pass keeps a crisp logo crisp); the VAE's
                       reconstruction PSNR of the target (mask, logo boxes): the ceiling the Fill model can reach
+    blur_reference    the ground truth blurred inside the mask (Gaussian, sigma in px), scored the same way: what a
+                      model that puts every colour and edge in the right place but blurs them by sigma would get
     evaluate_default  the trained model (with its logo LoRA when there is one) and random weights on the same
                       pairs, the data generator's throughput, one stamp -> ``benchmarks/default_model_quality.json``
 """
@@ -117,6 +119,23 @@ def evaluate_model(model_dir: Path, seed: int = 999, count: int = 8, steps: int 
     return summarise(rows), rows
 
 
+def blur_reference(seed: int = 999, count: int = 8, sigmas: tuple[float, ...] = (1, 2, 4, 8)) -> dict[str, dict]:
+    """Masked PSNR / SSIM of each held-out target with its masked region blurred by ``sigma`` px (no model)."""
+    import cv2
+
+    out = {}
+    for sigma in sigmas:
+        scores = []
+        for i in range(count):
+            s = make_sample(seed, i)
+            target, m = np.asarray(s.target), np.asarray(s.mask) > 127
+            blurred = Image.fromarray(np.where(m[..., None], cv2.GaussianBlur(target, (0, 0), sigma), target))
+            scores.append((psnr(blurred, s.target, mask=m), ssim(blurred, s.target, mask=m)))
+        out[f"sigma_{sigma:g}px"] = {"masked_psnr": float(np.mean([a for a, _ in scores])),
+                                     "masked_ssim": float(np.mean([b for _, b in scores]))}
+    return out
+
+
 def grid_image(rows: list):
     """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
     w, h = rows[0]["images"][0].size
@@ -152,6 +171,7 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
               f"{summary['logo_psnr_after']:.2f} dB, VAE ceiling {summary['vae_recon_psnr']:.2f} dB", flush=True)
         if name == "trained" and grid:
             grid_image(rows).save(grid)
+    res["blurred_truth"] = blur_reference(seed, count)
     if data_seconds > 0:
         res["data"] = data_throughput(data_seconds)
     res["stamp"] = {**provenance.stamp("cpu"), "model_fingerprint": provenance.fingerprint(model_dir)}

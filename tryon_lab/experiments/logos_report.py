@@ -1,4 +1,5 @@
-"""Notebook 04's logo-pass comparison: the batched pass against one pipeline call per logo, same seeds."""
+"""Notebook 04's logo-pass comparisons: the batched pass against one pipeline call per logo (same seeds), and the
+logo-box PSNR against ground truth before and after the pass, plain model against the trained logo adapter."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from dataclasses import dataclass
 
 from .. import logos, metrics
 from ..notebook import CPU_TIMING
-from ..pipeline import TryOnSettings
+from ..pipeline import TryOnRequest, TryOnSettings, tryon
+from .train_data import box_mask
 
 
 @dataclass
@@ -50,3 +52,24 @@ def timing_note(c: LogoComparison, cpu: bool) -> str:
     if cpu:
         return f"Seconds left out: on this CPU they are {CPU_TIMING} only (they stay in the recorded metrics)."
     return ""
+
+
+def adapter_rows(pipe, sample, steps: int, seed: int, adapter=None) -> list[dict]:
+    """Logo-box PSNR (dB) against ``sample``'s ground truth, at its known logo boxes: on the ground truth itself (a
+    good pass keeps a crisp logo crisp) and on the model's try-on of the same pair (a good pass sharpens it), before
+    and after the batched pass of the plain model and, when given, of the ``adapter`` LoRA."""
+    if not (sample.target and sample.target_logo_boxes):
+        return []
+    settings = TryOnSettings(steps=steps, progress=False)
+    known = logos.known_matches(sample.garment_logo_boxes, sample.target_logo_boxes)
+    inside = box_mask(sample.target_logo_boxes, sample.target.size)
+    made = tryon(pipe, TryOnRequest(sample.person, sample.garment, sample.mask, seed=seed), settings).images[0]
+    rows = []
+    for name, image in (("ground truth", sample.target), ("model's try-on", made)):
+        before = metrics.psnr(image, sample.target, mask=inside) if image is not sample.target else None  # None: inf
+        row = {"logo pass on": name, "before": before}
+        for label, lora in (("plain model", None), ("logo adapter", adapter)) if adapter else (("plain model", None),):
+            after = logos.logo_pass(pipe, image, sample.garment, known, settings, lora=lora, seed=seed).image
+            row[f"after, {label}"] = metrics.psnr(after, sample.target, mask=inside)
+        rows.append(row)
+    return rows

@@ -134,13 +134,19 @@ def save_state(folder: Path, record: dict, ema: dict[str, torch.Tensor], raw: di
     return record
 
 
+def load_record(folder: Path) -> dict:
+    """A state folder's record (``state.json``: config, stage counters, losses, calls) without its weights."""
+    folder = Path(folder)
+    if not (folder / STATE_FILE).exists():
+        raise FileNotFoundError(f"no {STATE_FILE} in {folder}: give the folder a previous `train` wrote (its --out), "
+                                "with every weights-*.safetensors shard next to it.")
+    return json.loads((folder / STATE_FILE).read_text())
+
+
 def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(record, ema, raw, frozen) from a state folder; raw is empty when it was left out."""
     folder = Path(folder)
-    if not (folder / STATE_FILE).exists():
-        raise FileNotFoundError(f"no {STATE_FILE} in {folder}: --resume needs the folder a previous `train` wrote "
-                                "(its --out), with every weights-*.safetensors shard next to it.")
-    record = json.loads((folder / STATE_FILE).read_text())
+    record = load_record(folder)
     shards = load_shards(folder, "weights")
     missing = [s for s in record.get("shards", []) if not (folder / s).exists()]
     if missing:

@@ -296,3 +296,30 @@ def test_compiled_training_follows_the_eager_losses(tmp_path):
     assert default_model.train_config(None, False, {"compile": "True"}).compile is True
     with pytest.raises(ValueError, match="true or false"):
         default_model.train_config(None, False, {"compile": "yes please"})
+
+
+def test_assembly_accepts_float_rounding_of_the_text_embeddings_and_refuses_other_ones(tmp_path, capsys):
+    """A GPU host's torch build computes the factory T5 a few ulps from this one: that passes, said; more does not."""
+    from safetensors.torch import load_file, save_file
+
+    from tryon_lab import checkpoint
+    from tryon_lab.embeddings import encode_prompt
+    from tryon_lab.experiments import default_model
+
+    model = checkpoint.random_checkpoint()
+    prompt, pooled = encode_prompt(model, dtype=torch.float32)
+    exact = tmp_path / "exact.safetensors"
+    save_file({"prompt_embeds": prompt, "pooled_prompt_embeds": pooled}, str(exact))
+    default_model.check_text_embeddings(model, exact)
+    assert "note" not in capsys.readouterr().out
+    for name, scale, ok in (("ulps", 1e-7, True), ("other", 1e-2, False)):
+        ref = load_file(str(exact))
+        noisy = {k: v * (1 + scale * torch.randn(v.shape, generator=torch.Generator().manual_seed(0)))
+                 for k, v in ref.items()}
+        save_file(noisy, str(tmp_path / f"{name}.safetensors"))
+        if ok:
+            default_model.check_text_embeddings(model, tmp_path / f"{name}.safetensors")
+            assert "within float rounding" in capsys.readouterr().out
+        else:
+            with pytest.raises(RuntimeError, match="do not reproduce"):
+                default_model.check_text_embeddings(model, tmp_path / f"{name}.safetensors")

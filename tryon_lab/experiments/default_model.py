@@ -226,18 +226,25 @@ def assemble_checkpoint(weights: dict[str, torch.Tensor], record: dict, out_root
     return out_root
 
 
-def check_text_embeddings(model_dir: Path, embeddings_file: Path) -> None:
-    """The shipped text encoders must reproduce, bit for bit, the embeddings the transformer was trained on."""
+def check_text_embeddings(model_dir: Path, embeddings_file: Path, rounding: float = 1e-5) -> None:
+    """The shipped text encoders must reproduce the embeddings the transformer was trained on: bit for bit, or within
+    float rounding (rel-L2 <= ``rounding``: another torch build or CPU computes T5 a few ulps apart), which is said."""
     from safetensors.torch import load_file
 
     from ..embeddings import encode_prompt
+    from ..metrics import rel_l2
 
     prompt_embeds, pooled = encode_prompt(model_dir, dtype=torch.float32)
     ref = load_file(str(embeddings_file))
-    if not (torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"])):
-        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {embeddings_file}: the trained "
-                           "transformer would see other conditioning than in training. Assemble from the same factory "
-                           "checkpoint the training embeddings came from.")
+    if torch.equal(prompt_embeds, ref["prompt_embeds"]) and torch.equal(pooled, ref["pooled_prompt_embeds"]):
+        return
+    err = max(rel_l2(prompt_embeds, ref["prompt_embeds"]), rel_l2(pooled, ref["pooled_prompt_embeds"]))
+    if err > rounding:
+        raise RuntimeError(f"the text encoders in {model_dir} do not reproduce {embeddings_file} (rel-L2 {err:.2e}): "
+                           "the trained transformer would see other conditioning than in training. Assemble from the "
+                           "same factory checkpoint the training embeddings came from.")
+    print(f"note: the text encoders reproduce {embeddings_file.name} within float rounding (rel-L2 {err:.1e}), "
+          "not bit for bit: this torch build computes them a few ulps apart")
 
 
 def write_logo_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path) -> Path:

@@ -111,9 +111,9 @@ def test_logo_lora_loaded_once_kept_and_hotswapped(model_dir, monkeypatch):
     with_a = logos.logo_pass(pipe, tryon, garment, matches, settings, lora=a, size=32)
     logos.logo_pass(pipe, tryon, garment, matches, settings, lora=a, size=32)
     assert loads == [False] and with_a.lora == str(a)  # loaded once, kept
-    assert list(pipe.fill.get_list_adapters()["transformer"]) == ["logo"]
+    assert list(pipe.fill.get_list_adapters()["transformer"]) == [lora.PASS_ADAPTER]
     with_b = logos.logo_pass(pipe, tryon, garment, matches, settings, lora=b, size=32)
-    assert loads == [False, True] and list(pipe.fill.get_list_adapters()["transformer"]) == ["logo"]
+    assert loads == [False, True] and list(pipe.fill.get_list_adapters()["transformer"]) == [lora.PASS_ADAPTER]
     again_plain = logos.logo_pass(pipe, tryon, garment, matches, settings, size=32)
     assert np.array_equal(np.asarray(plain.image), np.asarray(again_plain.image))
     assert not np.array_equal(np.asarray(plain.patches[0]), np.asarray(with_a.patches[0]))

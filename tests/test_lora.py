@@ -150,3 +150,36 @@ def test_logo_adapter_lookup_refuses_an_adapter_of_other_weights(tmp_path):
         lora.logo_lora_for(mine)
     (folder / provenance.CARD_FILE).write_text(json.dumps({"base_fingerprint": provenance.fingerprint(model)}))
     assert lora.logo_lora_for(mine) == folder == lora.resolve_logo_lora("auto", mine)
+
+
+def test_tryon_and_logo_adapters_share_one_slot_and_swap_under_regional_compile_without_recompiling(tmp_path):
+    """The production shape: a try-on adapter on the main pass, the logo adapter on the logo pass, one compiled
+    model; after the first round every swap is a hotswap (0 graphs compiled) and the images equal eager ones."""
+    from tryon_lab import checkpoint, configure, flow, samples
+    from tryon_lab.metrics import max_abs, psnr
+    from tryon_lab.pipeline import TryOnRequest, TryOnSettings
+
+    compiling.reset_compiled()
+    logo = lora.logo_lora_for(checkpoint.TRAINED_DIR)
+    scratch = configure.build_pipeline(checkpoint.TRAINED_DIR, device="cpu", dtype="float32")
+    tryon_adapter = lora.make_lora(scratch.fill.transformer, 8, seed=3, path=tmp_path / "tryon", b_std=0.2)
+    s = samples.load_sample("s001")
+    req, settings = TryOnRequest(s.person, s.garment, s.mask, seed=0), TryOnSettings(steps=2, progress=False)
+
+    def run(pipe, tryon_lora=tryon_adapter):
+        return flow.tryon_with_logos(pipe, req, settings, s.garment_logo_boxes, logo_lora=logo,
+                                     match_threshold=0.0, tryon_lora=tryon_lora)
+
+    compiled = configure.build_pipeline(checkpoint.TRAINED_DIR, configure.PipelineOptions(
+        device="cpu", dtype="float32", compile="regional", compile_backend="aot_eager",
+        **lora.pass_slot([tryon_adapter, logo])))
+    with torch.no_grad():
+        with compiling.count_recompiles() as first:
+            run(compiled)  # first round: each graph once
+        with compiling.count_recompiles(strict=True) as steady:
+            out = run(compiled)
+        ref, plain = run(scratch), run(scratch, tryon_lora=None)
+    assert first["graphs"] > 0 and steady["graphs"] == 0 and out.logos.calls == 1
+    assert compiled.lora.loaded[lora.PASS_ADAPTER] == str(logo) and compiled.lora.target_rank == 16
+    assert psnr(out.tryon.images[0], ref.tryon.images[0]) > 40 and psnr(out.image, ref.image) > 40
+    assert max_abs(ref.tryon.images[0], plain.tryon.images[0]) > 8  # the try-on adapter took effect

@@ -153,6 +153,8 @@ def test_sample_ids_and_settings_are_checked_before_anything_loads(monkeypatch):
         widgets.TryOnApp(steps=0)
     with pytest.raises(ValueError, match="needs 4 numbers"):
         widgets.TryOnApp(logos_text="1,2,3")
+    with pytest.raises(ValueError, match="'style' is not one of the try-on LoRAs given \\(none, a\\)"):
+        widgets.TryOnApp(tryon_loras={"a": "x"}, tryon_lora="style")
 
 
 def test_a_missing_model_folder_fails_when_the_app_is_made(tmp_path):

@@ -159,12 +159,14 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     transformer = pipe.transformer
     transformer.set_attention_backend(o.attention)
     if o.hotswap_rank is not None or o.loras:
-        from .lora import load_lora, prepare_hotswap
+        from .lora import PASS_ADAPTER, load_lora, prepare_hotswap
 
         if o.hotswap_rank is not None:
             prepare_hotswap(pipe.fill, o.hotswap_rank, pipe.lora)
         for name, path in o.loras:
             load_lora(pipe.fill, path, name, state=pipe.lora)
+        if any(name == PASS_ADAPTER for name, _ in o.loras):  # the passes' slot: each pass enables it for itself
+            pipe.fill.disable_lora()
     if o.fuse_qkv and not quant.fused_qkv(transformer):  # a saved FP8 folder may come fused already
         transformer.fuse_qkv_projections()
     seconds = pipe.build_report.setdefault("seconds", {})  # the cold-start phases of this step

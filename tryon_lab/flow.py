@@ -16,6 +16,7 @@ from PIL import Image
 from . import logos, teacache
 from .images import load_image
 from .loading import SlimPipeline
+from .lora import adapter_enabled
 from .pipeline import TryOnRequest, TryOnResult, TryOnSettings, tryon
 
 
@@ -37,11 +38,12 @@ class TryOnWithLogos:
 
 def tryon_with_logos(pipe: SlimPipeline, request: TryOnRequest, settings: TryOnSettings, logo_boxes: list,
                      teacache_threshold: float = 0.0, logo_lora=None, batched: bool = True, logo_size: int = 64,
-                     match_threshold: float = 0.7, on_step: Callable | None = None) -> TryOnWithLogos:
+                     match_threshold: float = 0.7, on_step: Callable | None = None, tryon_lora=None) -> TryOnWithLogos:
     """One try-on, then every logo in ``logo_boxes`` (garment coordinates) located on it and redrawn in one batch.
 
-    ``teacache_threshold`` > 0 applies TeaCache to the main try-on only; ``logo_lora`` (a path) is enabled only
-    for the logo pass. ``on_step(pipe, i, t, kwargs)`` is called after every denoising step of both passes.
+    ``teacache_threshold`` > 0 applies TeaCache to the main try-on only; ``tryon_lora`` (a path) is enabled only for
+    the try-on, ``logo_lora`` only for the logo pass: both go into one adapter slot, so on a pipeline built with
+    ``hotswap_rank`` they swap in without recompiling. ``on_step(pipe, i, t, kwargs)`` is called after every denoising step of both passes.
     """
     if teacache_threshold < 0:
         raise ValueError(f"TeaCache threshold must be >= 0 (0 = off), got {teacache_threshold}.")
@@ -51,7 +53,7 @@ def tryon_with_logos(pipe: SlimPipeline, request: TryOnRequest, settings: TryOnS
     cache = (teacache.enabled(pipe.transformer, teacache.TeaCacheConfig(rel_l1_thresh=float(teacache_threshold),
                                                                          num_inference_steps=settings.steps))
              if teacache_threshold > 0 else nullcontext())
-    with cache:
+    with cache, adapter_enabled(pipe, tryon_lora):
         main = tryon(pipe, request, settings, callback=on_step)
     image = main.images[0]
     start = time.perf_counter()

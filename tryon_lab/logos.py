@@ -11,12 +11,12 @@ generator (``seed + i``), so the batched and the sequential pass give the same i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .lora import use_adapter
 from .oom import split_on_oom
 from .pipeline import TryOnRequest, TryOnSettings, tryon
 from .timers import Timings
@@ -155,27 +155,6 @@ def feather(mask: Image.Image, size: tuple[int, int], radius: float) -> Image.Im
     return alpha.filter(ImageFilter.GaussianBlur(radius)) if radius > 0 else alpha
 
 
-def _use_lora(pipe, path) -> str | None:
-    """Load the logo LoRA once (hotswapped when the pipe was prepared for it), keep it loaded and enable it."""
-    from . import lora as lora_mod
-
-    fill = pipe.fill
-    if path is None:
-        return None
-    path = str(Path(path))
-    state = pipe.lora
-    loaded = state.loaded.get("logo")
-    if loaded != path:
-        hotswap = loaded is not None and state.target_rank is not None
-        if loaded is not None and not hotswap:
-            with lora_mod.quiet_diffusers():
-                fill.unload_lora_weights()
-            state.loaded.pop("logo")
-        lora_mod.load_lora(fill, path, "logo", hotswap=hotswap, state=state)
-    fill.enable_lora()
-    return path
-
-
 def logo_requests(tryon_image: Image.Image, garment: Image.Image, matches: list[LogoMatch], size: int = 64,
                   seed: int = 0) -> tuple[list[TryOnRequest], list[LogoMatch]]:
     """One diptych request per found logo: garment = logo crop, person = target crop at ``size`` x ``size``."""
@@ -206,7 +185,7 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
             if m.found:
                 validate_box(m.box, tryon_image.size, f"matched box of logo {m.index}")
         reqs, found = logo_requests(tryon_image, garment, matches, size, seed)
-        used = _use_lora(pipe, lora) if reqs else None
+        used = use_adapter(pipe, lora) if reqs else None
     patches: list[Image.Image] = []
     calls = 0
     recoveries: list[str] = []
@@ -226,7 +205,7 @@ def logo_pass(pipe, tryon_image, garment, matches: list[LogoMatch], settings: Tr
                     patches += out.images
                     calls += 1
         finally:
-            if used:  # kept loaded for the next pass, off for everything else (the main try-on)
+            if used:  # kept loaded for the next pass, off for everything else
                 pipe.fill.disable_lora()
     with timings.stage("paste"):
         out = tryon_image.copy()

@@ -29,6 +29,7 @@ from .provenance import CARD_FILE, cache_dir, fingerprint
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LOGO_LORA_SUFFIX = "-logo-lora"  # checkpoints/toy-tryon -> checkpoints/toy-tryon-logo-lora
+PASS_ADAPTER = "pass"  # the one slot the try-on and logo passes load their LoRA into (hotswapped when prepared)
 
 
 @dataclass
@@ -153,6 +154,42 @@ def load_lora(fill_pipe, path: str | Path, adapter_name: str = "default", hotswa
     return {"rank": rank, "seconds": time.perf_counter() - start}
 
 
+def pass_slot(paths: list) -> dict:
+    """``PipelineOptions`` changes for passes that swap ``paths`` under compile: the slot holds the first adapter
+    before compiling (so the graphs include its modules) and is padded to the largest rank."""
+    return {"hotswap_rank": max(lora_rank(p) for p in paths), "loras": ((PASS_ADAPTER, str(paths[0])),)}
+
+
+def use_adapter(pipe, path: str | Path | None) -> str | None:
+    """Load ``path`` into the pass slot and enable it: hotswapped into the loaded adapter's tensors when
+    ``prepare_hotswap`` ran (a compiled model keeps its graphs), else unloaded and loaded; kept loaded, so passes
+    that share an adapter load it once. None: nothing (the caller runs the plain model)."""
+    if path is None:
+        return None
+    fill, state, path = pipe.fill, pipe.lora, str(Path(path))
+    loaded = state.loaded.get(PASS_ADAPTER)
+    if loaded != path:
+        hotswap = loaded is not None and state.target_rank is not None
+        if loaded is not None and not hotswap:
+            with quiet_diffusers():
+                fill.unload_lora_weights()
+            state.loaded.pop(PASS_ADAPTER)
+        load_lora(fill, path, PASS_ADAPTER, hotswap=hotswap, state=state)
+    fill.enable_lora()
+    return path
+
+
+@contextmanager
+def adapter_enabled(pipe, path: str | Path | None):
+    """``use_adapter`` for the block, disabled after it (the LoRA stays loaded for the next pass that wants it)."""
+    used = use_adapter(pipe, path)
+    try:
+        yield used
+    finally:
+        if used:
+            pipe.fill.disable_lora()
+
+
 def logo_lora_for(model_dir: str | Path) -> Path | None:
     """The trained logo adapter beside ``model_dir`` (``<model_dir>-logo-lora``), or None when there is none.
 
@@ -180,10 +217,14 @@ def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path 
     LoRA folder."""
     if choice is None or str(choice) == "none":
         return None
-    if str(choice) == "auto":
-        return logo_lora_for(model_dir)
-    folder = Path(choice)
+    return logo_lora_for(model_dir) if str(choice) == "auto" else lora_folder(choice, "'auto' (the model's trained "
+                                                                              "adapter, if any) or 'none'")
+
+
+def lora_folder(path: str | Path, other_choices: str = "") -> Path:
+    """``path`` as a LoRA folder (it holds ``WEIGHT_NAME``), or an error naming what else could be given."""
+    folder = Path(path)
     if not (folder / WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"logo_lora={str(choice)!r}: no {WEIGHT_NAME} in that folder; give a LoRA folder, "
-                                "'auto' (the model's trained adapter, if any) or 'none'.")
+        raise FileNotFoundError(f"{str(path)!r}: no {WEIGHT_NAME} in that folder; give a LoRA folder"
+                                + (f", {other_choices}." if other_choices else "."))
     return folder

@@ -13,13 +13,14 @@ from __future__ import annotations
 import html
 import io
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import ipywidgets as W
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 from . import checkpoint, configure, flow, loading, logos, pipeline, samples
+from . import lora as lora_mod
 from .images import ImageInputError, load_image
 from .timers import Timings
 
@@ -153,8 +154,8 @@ class TryOnApp:
 
     def __init__(self, model="default", device: str = "auto", dtype: str = "auto", person: str = "s000",
                  garment: str = "s001", steps: int = 8, seed: int = 0, guidance: float = 30.0, teacache: float = 0.0,
-                 logos_text: str = "manifest", loras: dict | None = None, lora: str = "none", fp8: str = "none",
-                 compile: str = "none",
+                 logos_text: str = "manifest", loras: dict | None = None, lora: str = "none",
+                 tryon_loras: dict | None = None, tryon_lora: str = "none", fp8: str = "none", compile: str = "none",
                  logo_size: int = 64, batched: bool = True, display_scale: int = 2):
         # cheap checks first (the manifest, numbers), so a typo fails here and not after a model has loaded
         person, garment = (check_choice(v, what) for v, what in ((person, "person"), (garment, "garment")))
@@ -162,13 +163,19 @@ class TryOnApp:
             raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {steps}.")
         if logos_text not in ("manifest", "none", None):
             logos.parse_boxes(logos_text)
+        self.loras = {"none": None, **(loras or {})}
+        self.tryon_loras = {"none": None, **(tryon_loras or {})}
+        for choice, given, what in ((lora, self.loras, "logo"), (tryon_lora, self.tryon_loras, "try-on")):
+            if choice not in given:
+                raise ValueError(f"{choice!r} is not one of the {what} LoRAs given ({', '.join(given)}).")
         self.model_dir = checkpoint.check_model_dir(checkpoint.resolve_model_dir(model))  # with both snapshots
-        self.options = configure.PipelineOptions(device=device, dtype=dtype, fp8=fp8, compile=compile).resolved()
+        options = configure.PipelineOptions(device=device, dtype=dtype, fp8=fp8, compile=compile)
+        adapters = [p for p in (*self.tryon_loras.values(), *self.loras.values()) if p]
+        if adapters and compile != "none":  # one slot filled before compiling: every adapter then swaps in, no recompile
+            options = replace(options, **lora_mod.pass_slot(adapters))
+        self.options = options.resolved()
         self.device = self.options.device
         self.logo_size, self.batched, self.scale = logo_size, batched, display_scale
-        self.loras = {"none": None, **(loras or {})}
-        if lora not in self.loras:
-            raise ValueError(f"lora={lora!r} is not one of the logo LoRAs given ({', '.join(self.loras)}).")
         self.last: AppResult | None = None
         self.last_error: Exception | None = None
         self._preview_errors: dict[str, Exception] = {}  # preview -> its input's error (cleared once it is fine)
@@ -188,6 +195,8 @@ class TryOnApp:
         self.teacache = W.FloatText(value=teacache, description="TeaCache", style=style,
                                     tooltip="rel-L1 threshold; 0 = off")
         self.lora = W.Dropdown(options=list(self.loras), value=lora, description="logo LoRA", style=style)
+        self.tryon_lora = W.Dropdown(options=list(self.tryon_loras), value=tryon_lora, description="try-on LoRA",
+                                     style=style)
         self.logo_boxes = W.Textarea(value="", description="logo boxes", placeholder="x0,y0,x1,y1; ...",
                                      style=style, layout=W.Layout(width="420px"))
         self.button = W.Button(description="Run", button_style="primary")
@@ -219,7 +228,8 @@ class TryOnApp:
         self.ui = W.VBox([
             W.HBox([W.VBox([self.person, self.person_upload, self.garment, self.garment_upload, self.mask_mode,
                             *self.sliders.values()]), *previews,
-                    W.VBox([self.seed, self.steps, self.guidance, self.teacache, self.lora, self.logo_boxes])]),
+                    W.VBox([self.seed, self.steps, self.guidance, self.teacache, self.tryon_lora, self.lora,
+                            self.logo_boxes])]),
             W.HBox([self.button, self.progress]), self.error, outs,
             W.HBox([self.timing_table, self.match_table], layout=W.Layout(grid_gap="24px"))])
 
@@ -356,7 +366,8 @@ class TryOnApp:
 
         request = pipeline.TryOnRequest(person, garment, mask, seed=seed, name="app")
         res = flow.tryon_with_logos(pipe, request, settings, boxes, float(self.teacache.value),
-                                    self.loras[self.lora.value], self.batched, self.logo_size, on_step=step)
+                                    self.loras[self.lora.value], self.batched, self.logo_size, on_step=step,
+                                    tryon_lora=self.tryon_loras[self.tryon_lora.value])
         out, lp, matches, tryon_img = res.tryon, res.logos, res.matches, res.tryon.images[0]
         self.progress.value = self.progress.max
         t.seconds.update(res.timings)
@@ -371,5 +382,6 @@ class TryOnApp:
                                   else html_table([], "logo matches") + "<i>no logo boxes</i>")
         return AppResult(person, tryon_img, lp.image, boxed, matches, rows, out, lp,
                          {"steps": steps, "seed": seed, "guidance": settings.guidance_scale,
-                          "teacache": float(self.teacache.value), "lora": self.lora.value, "batched": self.batched},
+                          "teacache": float(self.teacache.value), "lora": self.lora.value,
+                          "tryon_lora": self.tryon_lora.value, "batched": self.batched},
                          recoveries)

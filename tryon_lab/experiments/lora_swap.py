@@ -41,3 +41,36 @@ def swap_benchmark(fill_pipe, paths: list, call, compile_mode: str = "regional",
         out.update(reload_recompile_s=m_reload["seconds"], graphs_reload=g_reload["graphs"],
                    swap_vs_reload_rel_l2=rel_l2(lat_b, lat_b2))
     return out
+
+
+def pass_swap_rounds(model_dir, options, tryon_adapter, logo_adapter, request, logo_boxes, settings,
+                     rounds: int = 3) -> dict:
+    """The try-on adapter on the main pass and the logo adapter on the logo pass of one model compiled with
+    ``options`` (one adapter slot, ``lora.pass_slot``), ``rounds`` times; then the same on the eager model.
+
+    Per round: graphs compiled (the first compiles; every later one must compile none: it runs under
+    ``fail_on_recompile``) and seconds; then the last round's images against eager ones (PSNR, dB).
+    """
+    from dataclasses import replace
+
+    from .. import configure, flow, lora
+    from ..metrics import psnr
+
+    def run(pipe):
+        return flow.tryon_with_logos(pipe, request, settings, logo_boxes, logo_lora=logo_adapter, match_threshold=0.0,
+                                     tryon_lora=tryon_adapter)
+
+    compiled = configure.get_pipeline(model_dir, replace(options, **lora.pass_slot([tryon_adapter, logo_adapter])))
+    device = options.device
+    rows = []
+    for i in range(rounds):
+        with count_recompiles(strict=i > 0) as g, measure(device) as m:
+            out = run(compiled)
+        rows.append({"round": i + 1, "graphs compiled": g["graphs"], "seconds": m["seconds"],
+                     "logos redrawn": len(out.logos.patches)})
+    eager = configure.get_pipeline(model_dir, replace(options, compile="none"))
+    ref = run(eager)
+    return {"rounds": rows, "recompiles_after_first": sum(r["graphs compiled"] for r in rows[1:]),
+            "tryon_psnr_vs_eager": min(100.0, psnr(out.tryon.images[0], ref.tryon.images[0])),  # 100: identical
+            "final_psnr_vs_eager": min(100.0, psnr(out.image, ref.image)), "tryon_adapter": str(tryon_adapter),
+            "logo_adapter": str(logo_adapter), "compile": options.compile, "backend": options.compile_backend}

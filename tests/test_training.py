@@ -323,3 +323,15 @@ def test_assembly_accepts_float_rounding_of_the_text_embeddings_and_refuses_othe
         else:
             with pytest.raises(RuntimeError, match="do not reproduce"):
                 default_model.check_text_embeddings(model, tmp_path / f"{name}.safetensors")
+
+
+def test_the_logo_stage_blur_knob_reaches_the_logo_crops():
+    """``logo_max_blur``: how blurred the pass's input crop may be (the model's try-on is far softer than the truth)."""
+    syn = SyntheticConfig(height=192, width=128)
+    sharp, _ = train_data.source("logos", 3, 0, 4, syn, logo_max_blur=0.0)
+    soft, _ = train_data.source("logos", 3, 0, 4, syn, logo_max_blur=6.0)
+    a, b = next(sharp), next(soft)
+    sharp.close(), soft.close()
+    assert np.array_equal(a["person"], a["target"])  # no blur: the input crop is the target crop
+    assert not np.array_equal(b["person"], b["target"]) and np.array_equal(a["target"], b["target"])
+    assert training.TrainConfig().logo_max_blur == 1.5  # the committed adapter's setting stays the default

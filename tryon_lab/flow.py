@@ -43,7 +43,8 @@ def tryon_with_logos(pipe: SlimPipeline, request: TryOnRequest, settings: TryOnS
 
     ``teacache_threshold`` > 0 applies TeaCache to the main try-on only; ``tryon_lora`` (a path) is enabled only for
     the try-on, ``logo_lora`` only for the logo pass: both go into one adapter slot, so on a pipeline built with
-    ``hotswap_rank`` they swap in without recompiling. ``on_step(pipe, i, t, kwargs)`` is called after every denoising step of both passes.
+    ``lora.pass_slot`` they swap in without recompiling. ``on_step(pipe, i, t, kwargs)`` is called after every
+    denoising step of both passes.
     """
     if teacache_threshold < 0:
         raise ValueError(f"TeaCache threshold must be >= 0 (0 = off), got {teacache_threshold}.")

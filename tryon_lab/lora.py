@@ -12,6 +12,7 @@ it (``<model>-logo-lora``, with a card naming the weights it was trained on): ``
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -196,8 +197,6 @@ def logo_lora_for(model_dir: str | Path) -> Path | None:
     Its card records the fingerprint of the weights it was trained on; an adapter trained on other weights (the
     model was retrained since) is an error, not a silent mismatch.
     """
-    import json
-
     model_dir = Path(model_dir)
     folder = model_dir.with_name(model_dir.name + LOGO_LORA_SUFFIX)
     if not (folder / WEIGHT_NAME).is_file():

@@ -143,10 +143,12 @@ class PairPool:
 
 
 def source(kind: str, seed: int, start: int, batch: int, config: SyntheticConfig, workers: int = 0,
-           pool_pairs: int = 0, logo_size: int = 64) -> tuple[Iterator[Batch], Callable[[int], int]]:
+           pool_pairs: int = 0, logo_size: int = 64, logo_max_blur: float = 1.5
+           ) -> tuple[Iterator[Batch], Callable[[int], int]]:
     """Batches of ``kind`` ('pairs' or 'logos') from index ``start``; returns (batches, next_start(steps))."""
     job = {"pairs": partial(make_pairs, seed, count=batch, config=config),
-           "logos": partial(make_logo_crops, seed, count=batch, config=config, size=logo_size)}[kind]
+           "logos": partial(make_logo_crops, seed, count=batch, config=config, size=logo_size,
+                            max_blur=logo_max_blur)}[kind]
     if pool_pairs > 0:
         pool = PairPool(job, start, pool_pairs, batch, workers)
         return pool.batches(batch, seed), lambda steps: start + pool_pairs

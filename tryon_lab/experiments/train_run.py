@@ -177,7 +177,7 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
         kind = "logos" if stage == "logo" else "pairs"
         batch = getattr(cfg, f"{stage}_batch")
         batches, next_start = train_data.source(kind, cfg.data_seed + STAGES.index(stage), rec["data_next"], batch,
-                                                syn, cfg.workers, cfg.pool_pairs, cfg.logo_size)
+                                                syn, cfg.workers, cfg.pool_pairs, cfg.logo_size, cfg.logo_max_blur)
 
         def should_stop(done: int, before: int = steps_this_call) -> bool:
             return (cfg.call_steps > 0 and before + done >= cfg.call_steps) or \

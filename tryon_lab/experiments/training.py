@@ -62,6 +62,7 @@ class TrainConfig:
     logo_warmup: int = 100
     logo_rank: int = 16
     logo_size: int = 64  # the logo pass's crop size (``logos.logo_pass(size=...)``)
+    logo_max_blur: float = 1.5  # the pass's input crop is the ground truth blurred by up to this radius (px)
     guidance_min: float = 10.0  # guidance embedding sees a range around FLUX Fill's usual 30
     guidance_max: float = 40.0
     ema_decay: float = 0.999

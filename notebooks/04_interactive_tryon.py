@@ -50,16 +50,11 @@ from tryon_lab import configure, lora, pipeline, runs, samples, widgets
 from tryon_lab import logos as logo_lib
 from tryon_lab.experiments import logos_report
 
-adapter = lora.resolve_logo_lora(logo_lora, lab.model_dir)
-print(f"logo adapter: {adapter or 'none'}" + (" (none trained for this model)" if logo_lora == "auto" and not adapter
-                                              else ""))
-loras = {"trained logo adapter": adapter} if adapter else {}
-tryon_adapter = (None if tryon_lora == "none" else lora.make_default_loras(lab.model_dir, ranks=(8,), seed=3)[0]
-                 if tryon_lora == "stand-in" else lora.lora_folder(tryon_lora, "'stand-in' or 'none'"))
-tryon_loras = {f"{tryon_lora} try-on adapter": tryon_adapter} if tryon_adapter else {}
+adapter, tryon_adapter = lora.resolve_pass_adapters(lab.model_dir, logo_lora, tryon_lora)
+print(f"logo adapter: {adapter or 'none'}; try-on adapter: {tryon_adapter or 'none'} ({tryon_lora})")
 app = widgets.TryOnApp(model=lab.model_dir, device=lab.device, dtype=lab.dtype_name, person=person, garment=garment,
-                       steps=steps, seed=seed, teacache=teacache, logos_text=logos, loras=loras,
-                       lora=next(iter(loras), "none"), tryon_loras=tryon_loras)
+                       steps=steps, seed=seed, teacache=teacache, logos_text=logos,
+                       **widgets.adapter_options(adapter, tryon_adapter))
 display(app.ui)
 
 # %% [markdown]

@@ -220,6 +220,17 @@ def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path 
                                                                               "adapter, if any) or 'none'")
 
 
+def resolve_pass_adapters(model_dir: str | Path, logo_choice, tryon_choice) -> tuple[Path | None, Path | None]:
+    """Notebook 04's parameters -> (logo adapter, try-on adapter): ``resolve_logo_lora`` for the logo adapter; the
+    try-on adapter "none", "stand-in" (a random rank-8 adapter: no try-on adapter is trained yet) or a folder."""
+    logo = resolve_logo_lora(logo_choice, model_dir)
+    if tryon_choice is None or str(tryon_choice) == "none":
+        return logo, None
+    if str(tryon_choice) == "stand-in":
+        return logo, make_default_loras(model_dir, ranks=(8,), seed=3)[0]
+    return logo, lora_folder(tryon_choice, "'stand-in' or 'none'")
+
+
 def lora_folder(path: str | Path, other_choices: str = "") -> Path:
     """``path`` as a LoRA folder (it holds ``WEIGHT_NAME``), or an error naming what else could be given."""
     folder = Path(path)

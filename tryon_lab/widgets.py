@@ -148,6 +148,13 @@ class AppResult:
     recoveries: list[str] = field(default_factory=list)  # out-of-memory recoveries, also shown under the timings
 
 
+def adapter_options(logo_adapter=None, tryon_adapter=None) -> dict:
+    """``TryOnApp`` keyword arguments offering (and selecting) these adapters in its two LoRA pickers."""
+    loras = {"trained logo adapter": logo_adapter} if logo_adapter else {}
+    tryon_loras = {"try-on adapter": tryon_adapter} if tryon_adapter else {}
+    return {"loras": loras, "lora": next(iter(loras), "none"), "tryon_loras": tryon_loras}
+
+
 class TryOnApp:
     """Pickers, mask and garment previews, settings, logo boxes, Run + progress, three outputs, timing and
     logo-match tables."""

@@ -35,7 +35,7 @@ seed = 0
 teacache = 0.0  # TeaCache rel-L1 threshold (0: off)
 logos = "manifest"  # "manifest" (the garment's boxes), "none", or "x0,y0,x1,y1; ..." on the garment image
 logo_lora = "auto"  # "auto" (the model's trained logo adapter, if it has one), "none", or a LoRA folder
-tryon_lora = "stand-in"  # try-on adapter: "stand-in" (random, rank 8: none is trained yet), "none", or a LoRA folder
+tryon_lora = "auto"  # try-on adapter: "auto" (the model's trained one, else "stand-in": random, rank 8), "none", a folder
 swap_backend = "auto"  # compile backend of the two-adapter section: inductor on GPU, aot_eager on CPU
 output_dir = "runs/scratch/04_interactive_tryon"
 
@@ -51,7 +51,7 @@ from tryon_lab import logos as logo_lib
 from tryon_lab.experiments import logos_report
 
 adapter, tryon_adapter = lora.resolve_pass_adapters(lab.model_dir, logo_lora, tryon_lora)
-print(f"logo adapter: {adapter or 'none'}; try-on adapter: {tryon_adapter or 'none'} ({tryon_lora})")
+print(f"logo adapter: {lora.adapter_label(adapter)}; try-on adapter: {lora.adapter_label(tryon_adapter)}")
 app = widgets.TryOnApp(model=lab.model_dir, device=lab.device, dtype=lab.dtype_name, person=person, garment=garment,
                        steps=steps, seed=seed, teacache=teacache, logos_text=logos,
                        **widgets.adapter_options(adapter, tryon_adapter))
@@ -105,8 +105,9 @@ notebook.table(adapter_rows, note="Logo-box PSNR in dB; before the pass the grou
 # Production runs a try-on adapter on the main pass and a logo adapter on the logo pass under one compiled
 # transformer. Both go into one adapter slot, filled before compiling and padded to the larger rank; each pass then
 # hotswaps its adapter's weights in (peft via diffusers), so after the first round nothing compiles again: later
-# rounds run under `fail_on_recompile`. The try-on adapter here is a random stand-in (no try-on adapter is trained
-# yet); the logo adapter is the trained one when the model has it. The last round is compared with the eager model.
+# rounds run under `fail_on_recompile`. The try-on adapter is the model's trained one when it has one, else a random
+# stand-in (printed above); the logo adapter is the trained one when the model has it. The last round is compared
+# with the eager model.
 
 # %%
 swap = None

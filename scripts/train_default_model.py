@@ -9,10 +9,10 @@
     python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages logo
     # here: factory text encoders + the state's EMA weights -> checkpoints/toy-tryon (+ the logo LoRA beside it)
     python scripts/train_default_model.py assemble --state OUT
-    # a logo adapter for a model that is already assembled (checkpoints/toy-tryon-logo-lora was made so)
-    python scripts/train_default_model.py train --init-from checkpoints/toy-tryon --stages logo --out OUT \
+    # adapters for a model that is already assembled (checkpoints/toy-tryon-logo-lora was made so, --stages logo)
+    python scripts/train_default_model.py train --init-from checkpoints/toy-tryon --stages logo,tryon --out OUT \
         --device cuda --time-budget 330 --set compile=true --set workers=14
-    python scripts/train_default_model.py assemble --state OUT --logo-only
+    python scripts/train_default_model.py assemble --state OUT --adapters-only
     # a few steps of every stage on the CPU (smoke test)
     python scripts/train_default_model.py train --out /tmp/quick --device cpu --quick --stages vae,fill,logo
 """
@@ -58,10 +58,8 @@ def main(argv=None) -> int:
     a = sub.add_parser("assemble", help="build checkpoints/toy-tryon from a training state")
     a.add_argument("--state", required=True, help="the state folder of the last training call")
     a.add_argument("--out", default=str(checkpoint.TRAINED_DIR))
-    a.add_argument("--logo-out", default=None, help="where the logo adapter goes (default: beside the model, "
-                   "<model>-logo-lora)")
-    a.add_argument("--logo-only", action="store_true",
-                   help="only the logo adapter of a `--init-from MODEL --stages logo` state, written beside MODEL")
+    a.add_argument("--adapters-only", action="store_true",
+                   help="only the adapters of a `--init-from MODEL --stages logo,tryon` state, written beside MODEL")
     a.add_argument("--embeddings", help="the training embeddings (default: the committed file for the model's text_tokens)")
     c = sub.add_parser("ceiling", help="the VAE round trip of a training state on the held-out pairs (PSNR)")
     c.add_argument("--state", required=True, help="a state folder a `train` call wrote")
@@ -80,10 +78,10 @@ def main(argv=None) -> int:
                                     dict(kv.split("=", 1) for kv in args.set), args.stages, args.resume,
                                     args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve,
                                     dict(kv.split("=", 1) for kv in args.model))
-    elif args.logo_only:
-        default_model.assemble_logo(args.state, args.logo_out)
+    elif args.adapters_only:
+        default_model.assemble_adapters(args.state)
     else:
-        default_model.assemble_default(args.state, args.out, args.embeddings, args.logo_out)
+        default_model.assemble_default(args.state, args.out, args.embeddings)
     return 0
 
 

@@ -183,3 +183,15 @@ def test_tryon_and_logo_adapters_share_one_slot_and_swap_under_regional_compile_
     assert compiled.lora.loaded[lora.PASS_ADAPTER] == str(logo) and compiled.lora.target_rank == 16
     assert psnr(out.tryon.images[0], ref.tryon.images[0]) > 40 and psnr(out.image, ref.image) > 40
     assert max_abs(ref.tryon.images[0], plain.tryon.images[0]) > 8  # the try-on adapter took effect
+
+
+def test_notebook_04s_adapter_choices_resolve_and_say_what_they_are(tmp_path):
+    from tryon_lab import checkpoint
+
+    logo, tryon = lora.resolve_pass_adapters(checkpoint.TRAINED_DIR, "auto", "auto")  # no trained try-on adapter yet
+    assert logo == lora.logo_lora_for(checkpoint.TRAINED_DIR) and lora.lora_rank(tryon) == 8
+    assert lora.adapter_label(logo) == "trained (toy-tryon-logo-lora)"
+    assert lora.adapter_label(tryon) == "random stand-in, rank 8" and lora.adapter_label(None) == "none"
+    assert lora.resolve_pass_adapters(checkpoint.TRAINED_DIR, "none", "none") == (None, None)
+    with pytest.raises(FileNotFoundError, match="'auto', 'stand-in' or 'none'"):
+        lora.resolve_pass_adapters(checkpoint.TRAINED_DIR, "none", tmp_path)

@@ -131,10 +131,10 @@ def test_pairs_carry_logo_masks_and_logo_crops_are_the_logo_pass_inputs():
 
 def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):
     models = build_models(TINY)
-    training.add_logo_adapter(models["transformer"], rank=2, seed=0)
+    training.add_stage_adapter(models["transformer"], "logo", rank=2, seed=0)
     params = training.stage_params(models, "logo")
     trained = {k: torch.randn_like(p) for k, p in params.items()}
-    train_run.write_logo_lora(models, trained, tiny_cfg(), tmp_path / "lora")
+    train_run.write_stage_lora(models, trained, "logo", tmp_path / "lora")
     fill = train_run._fill_pipe(build_models(TINY))
     lora.load_lora(fill, tmp_path / "lora", "logo")
     assert lora.lora_rank(tmp_path / "lora") == 2
@@ -143,25 +143,31 @@ def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):
         assert torch.equal(loaded[k[len("logo."):]], v)
 
 
-def test_a_logo_stage_on_an_assembled_model_is_written_beside_it_with_that_models_fingerprint(tmp_path):
+def test_adapters_trained_on_an_assembled_model_are_written_beside_it_with_that_models_fingerprint(tmp_path):
     from tryon_lab import checkpoint, provenance
     from tryon_lab.experiments import default_model
 
-    model = checkpoint.random_checkpoint()
+    model = tmp_path / "m"  # beside a link to the random model, so nothing is written into the shared cache
+    model.symlink_to(checkpoint.random_checkpoint(), target_is_directory=True)
     state = tmp_path / "state"
-    lora.make_lora(build_models(TINY)["transformer"], 2, seed=0, path=state / "logo_lora")
+    for stage, rank in (("logo", 2), ("tryon", 4)):
+        lora.make_lora(build_models(TINY)["transformer"], rank, seed=0, path=state / f"{stage}_lora")
+    done = {"step": 2, "done": True, "losses": [0.9, 0.8]}
     record = {"config": {}, "calls": [], "stages": {"vae": {"done": True, "source": str(model), "losses": []},
                                                     "fill": {"done": True, "source": str(model), "losses": []},
-                                                    "logo": {"step": 2, "done": True, "losses": [0.9, 0.8]}}}
+                                                    "logo": done, "tryon": done}}
     (state / train_state.STATE_FILE).write_text(json.dumps(record))
-    out = default_model.assemble_logo(state, tmp_path / "adapter")
-    card = json.loads((out / provenance.CARD_FILE).read_text())
-    assert card["base_fingerprint"] == provenance.fingerprint(model) and list(card["stages"]) == ["logo"]
-    assert (out / lora.WEIGHT_NAME).read_bytes() == (state / "logo_lora" / lora.WEIGHT_NAME).read_bytes()
+    written = default_model.assemble_adapters(state)
+    assert written == [tmp_path / "m-logo-lora", tmp_path / "m-tryon-lora"]
+    for out, stage in zip(written, ("logo", "tryon"), strict=True):
+        card = json.loads((out / provenance.CARD_FILE).read_text())
+        assert card["base_fingerprint"] == provenance.fingerprint(model) and list(card["stages"]) == [stage]
+        assert (out / lora.WEIGHT_NAME).read_bytes() == (state / f"{stage}_lora" / lora.WEIGHT_NAME).read_bytes()
+        assert lora.adapter_for(model, stage) == out
     record["stages"]["fill"].pop("source")  # a state that trained its own transformer: assemble the whole model
     (state / train_state.STATE_FILE).write_text(json.dumps(record))
-    with pytest.raises(ValueError, match="without --logo-only"):
-        default_model.assemble_logo(state, tmp_path / "again")
+    with pytest.raises(ValueError, match="without --adapters-only"):
+        default_model.assemble_adapters(state)
 
 
 @pytest.mark.slow
@@ -216,7 +222,7 @@ def test_a_model_padded_to_32_text_tokens_trains_and_assembles_with_its_own_embe
 
     default_model.train_default(tmp_path / "s", "cpu", quick=True, stages="vae,fill",
                                 model_overrides={"text_tokens": "32"})
-    out = default_model.assemble_default(tmp_path / "s", tmp_path / "m", logo_out=tmp_path / "lora")
+    out = default_model.assemble_default(tmp_path / "s", tmp_path / "m")
     assert checkpoint.text_tokens(out) == 32
     cache = load_file(str(embeddings.embeddings_path(out, torch.float32)))
     trained_on = load_file(str(default_model.training_embeddings(32)))
@@ -335,3 +341,24 @@ def test_the_logo_stage_blur_knob_reaches_the_logo_crops():
     assert np.array_equal(a["person"], a["target"])  # no blur: the input crop is the target crop
     assert not np.array_equal(b["person"], b["target"]) and np.array_equal(a["target"], b["target"])
     assert training.TrainConfig().logo_max_blur == 1.5  # the committed adapter's setting stays the default
+
+
+def test_the_tryon_adapter_stage_trains_its_own_lora_and_leaves_the_logo_one_alone(tmp_path):
+    """``--stages tryon`` after the logo stage (both on a trained model): two adapters on one frozen transformer,
+    each written as its own LoRA; training one changes neither the other nor the transformer."""
+    from safetensors.torch import load_file
+
+    from tryon_lab import checkpoint
+    from tryon_lab.experiments import default_model
+
+    quiet = {"quick": True}
+    default_model.train_default(tmp_path / "a", "cpu", stages="logo", init_from=checkpoint.TRAINED_DIR, **quiet)
+    rec = default_model.train_default(tmp_path / "b", "cpu", stages="tryon", resume=tmp_path / "a", **quiet)
+    assert rec["stages"]["tryon"]["done"] and rec["stages"]["tryon"]["step"] == 3
+    logo_a, logo_b = (load_file(tmp_path / d / "logo_lora" / lora.WEIGHT_NAME) for d in "ab")
+    assert logo_a.keys() == logo_b.keys() and all(torch.equal(logo_a[k], logo_b[k]) for k in logo_a)
+    tryon_b = load_file(tmp_path / "b" / "tryon_lora" / lora.WEIGHT_NAME)
+    assert tryon_b.keys() == logo_b.keys() and lora.lora_rank(tmp_path / "b" / "tryon_lora") == 16
+    assert any(not torch.equal(tryon_b[k], logo_b[k]) for k in tryon_b if "lora_B" in k)
+    shipped_a, shipped_b = (default_model.shipped_weights(tmp_path / d)[1] for d in "ab")
+    assert all(torch.equal(shipped_a[k], shipped_b[k]) for k in shipped_a if k.startswith("transformer."))

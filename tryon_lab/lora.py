@@ -6,8 +6,9 @@ copies a new adapter's weights into the already loaded adapter's tensors: no new
 and a swap costs a file read and a copy instead of unload + load + recompile.
 
 ``make_lora`` writes small random adapters (non-zero B, so they change outputs) in the diffusers Flux LoRA
-format, for tests and notebooks that have no trained adapter. A model folder's trained logo adapter lives beside
-it (``<model>-logo-lora``, with a card naming the weights it was trained on): ``logo_lora_for`` finds it.
+format, for tests and notebooks that have no trained adapter. A model folder's trained adapters live beside it
+(``<model>-logo-lora``, ``<model>-tryon-lora``, each with a card naming the weights it was trained on):
+``adapter_for`` finds them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .provenance import CARD_FILE, cache_dir, fingerprint
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 LOGO_LORA_SUFFIX = "-logo-lora"  # checkpoints/toy-tryon -> checkpoints/toy-tryon-logo-lora
+ADAPTER_SUFFIXES = {"logo": LOGO_LORA_SUFFIX, "tryon": "-tryon-lora"}  # a trained model's adapters live beside it
 PASS_ADAPTER = "pass"  # the one slot the try-on and logo passes load their LoRA into (hotswapped when prepared)
 
 
@@ -191,24 +193,31 @@ def adapter_enabled(pipe, path: str | Path | None):
             pipe.fill.disable_lora()
 
 
-def logo_lora_for(model_dir: str | Path) -> Path | None:
-    """The trained logo adapter beside ``model_dir`` (``<model_dir>-logo-lora``), or None when there is none.
+def adapter_for(model_dir: str | Path, kind: str = "logo") -> Path | None:
+    """The trained ``kind`` adapter ("logo" or "tryon") beside ``model_dir`` (``<model_dir>-logo-lora``), or None
+    when there is none.
 
     Its card records the fingerprint of the weights it was trained on; an adapter trained on other weights (the
     model was retrained since) is an error, not a silent mismatch.
     """
     model_dir = Path(model_dir)
-    folder = model_dir.with_name(model_dir.name + LOGO_LORA_SUFFIX)
+    folder = model_dir.with_name(model_dir.name + ADAPTER_SUFFIXES[kind])
     if not (folder / WEIGHT_NAME).is_file():
         return None
     card = folder / CARD_FILE
     base = json.loads(card.read_text()).get("base_fingerprint") if card.is_file() else None
     if base != fingerprint(model_dir):
-        raise ValueError(f"the logo adapter {folder} was trained on other weights than {model_dir} (its card "
+        raise ValueError(f"the {kind} adapter {folder} was trained on other weights than {model_dir} (its card "
                          f"{'names ' + str(base)[:16] if base else 'is missing or names none'}, the model is "
                          f"{fingerprint(model_dir)[:16]}): retrain it (scripts/train_default_model.py train "
-                         f"--init-from {model_dir} --stages logo, then assemble --logo-only) or remove the folder.")
+                         f"--init-from {model_dir} --stages {kind}, then assemble --adapters-only) or remove the "
+                         "folder.")
     return folder
+
+
+def logo_lora_for(model_dir: str | Path) -> Path | None:
+    """``adapter_for(model_dir, "logo")``."""
+    return adapter_for(model_dir, "logo")
 
 
 def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path | None:
@@ -222,13 +231,26 @@ def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path 
 
 def resolve_pass_adapters(model_dir: str | Path, logo_choice, tryon_choice) -> tuple[Path | None, Path | None]:
     """Notebook 04's parameters -> (logo adapter, try-on adapter): ``resolve_logo_lora`` for the logo adapter; the
-    try-on adapter "none", "stand-in" (a random rank-8 adapter: no try-on adapter is trained yet) or a folder."""
+    try-on adapter "auto" (the model's trained one, else the stand-in), "stand-in" (a random rank-8 adapter),
+    "none" or a folder."""
     logo = resolve_logo_lora(logo_choice, model_dir)
     if tryon_choice is None or str(tryon_choice) == "none":
         return logo, None
-    if str(tryon_choice) == "stand-in":
-        return logo, make_default_loras(model_dir, ranks=(8,), seed=3)[0]
-    return logo, lora_folder(tryon_choice, "'stand-in' or 'none'")
+    trained = adapter_for(model_dir, "tryon") if str(tryon_choice) == "auto" else None
+    if trained or str(tryon_choice) in ("auto", "stand-in"):
+        return logo, trained or make_default_loras(model_dir, ranks=(8,), seed=3)[0]
+    return logo, lora_folder(tryon_choice, "'auto', 'stand-in' or 'none'")
+
+
+def adapter_label(path: str | Path | None) -> str:
+    """What an adapter folder is, for a reader: trained (it has a card), a random stand-in (made by
+    ``make_default_loras``), or just its path."""
+    if path is None:
+        return "none"
+    path = Path(path)
+    if (path / CARD_FILE).is_file():
+        return f"trained ({path.name})"
+    return f"random stand-in, rank {lora_rank(path)}" if path.is_relative_to(cache_dir() / "loras") else str(path)
 
 
 def lora_folder(path: str | Path, other_choices: str = "") -> Path:

@@ -1,9 +1,9 @@
 """The toy try-on default model: train it in resumable calls, assemble the committed checkpoint.
 
     train_default     one training call (``train_run.train_call``): resume, stages, time budget; the state,
-                      its log and (after the logo stage) the logo LoRA into a folder
+                      its log and (after an adapter stage) its LoRA (logo_lora/, tryon_lora/) into a folder
     assemble_default  factory text encoders + the state's shipped weights -> ``checkpoints/toy-tryon``, card,
-                      embeddings, loss curve; the logo adapter -> ``checkpoints/toy-tryon-logo-lora``
+                      embeddings, loss curve; its adapters beside it (``checkpoints/toy-tryon-logo-lora``)
 
 Held-out quality (masked PSNR / SSIM, logo matching and the logo pass, the VAE's ceiling, data throughput)
 is ``default_quality``.
@@ -24,7 +24,6 @@ from .. import checkpoint, embeddings, lora, provenance
 from . import train_run, train_state, training
 
 TRAINING_EMBEDDINGS = provenance.REPO_ROOT / "embeddings" / "training-text-float32.safetensors"
-LOGO_LORA_DIR = checkpoint.TRAINED_DIR.with_name(checkpoint.TRAINED_DIR.name + lora.LOGO_LORA_SUFFIX)
 SAVE_RESERVE_S = 25.0  # of --time-budget, kept for closing the data workers and writing the state
 
 
@@ -94,8 +93,8 @@ def train_config(resume: Path | None, quick: bool, overrides: dict[str, str] | N
     if resume is not None:
         cfg = training.TrainConfig(**_record(resume)["config"])
     if quick:
-        cfg.vae_steps, cfg.fill_steps, cfg.logo_steps = 3, 3, 3
-        cfg.vae_batch, cfg.fill_batch, cfg.logo_batch, cfg.workers, cfg.log_every = 2, 2, 2, 0, 1
+        cfg.vae_steps, cfg.fill_steps, cfg.logo_steps, cfg.tryon_steps = 3, 3, 3, 3
+        cfg.vae_batch, cfg.fill_batch, cfg.logo_batch, cfg.tryon_batch, cfg.workers, cfg.log_every = 2, 2, 2, 2, 0, 1
     for k, v in (overrides or {}).items():
         if not hasattr(cfg, k):
             raise ValueError(f"--set {k}={v}: TrainConfig has no field {k!r}; fields: "
@@ -247,39 +246,46 @@ def check_text_embeddings(model_dir: Path, embeddings_file: Path, rounding: floa
           "not bit for bit: this torch build computes them a few ulps apart")
 
 
-def write_logo_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path) -> Path:
-    """The state's logo LoRA -> ``out`` with a card: its training record and the fingerprint of ``model_dir``, the
-    weights it was trained on (``lora.logo_lora_for`` checks it)."""
-    if not (state_dir / "logo_lora" / lora.WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"{state_dir} holds no logo adapter: run a training call with --stages logo first.")
+def write_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path, stage: str = "logo") -> Path:
+    """The state's ``stage`` LoRA -> ``out`` with a card: its training record and the fingerprint of ``model_dir``,
+    the weights it was trained on (``lora.adapter_for`` checks it)."""
+    if not (state_dir / f"{stage}_lora" / lora.WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"{state_dir} holds no {stage} adapter: run a training call with --stages {stage} "
+                                "first.")
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(state_dir / "logo_lora" / lora.WEIGHT_NAME, out / lora.WEIGHT_NAME)
-    logo_record = {**record, "stages": {"logo": record["stages"]["logo"]}}
-    write_card(out, logo_record, {"adapter_of": provenance.portable(str(model_dir)),
-                                  "base_fingerprint": provenance.fingerprint(model_dir)})
+    shutil.copy2(state_dir / f"{stage}_lora" / lora.WEIGHT_NAME, out / lora.WEIGHT_NAME)
+    write_card(out, {**record, "stages": {stage: record["stages"][stage]}},
+               {"adapter_of": provenance.portable(str(model_dir)), "base_fingerprint": provenance.fingerprint(model_dir)})
     return out
 
 
-def assemble_logo(state_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Only the logo adapter of a ``--init-from MODEL --stages logo`` state, written beside MODEL (or to ``out``)."""
+def adapters_beside(state_dir: Path, record: dict, model_dir: Path) -> list[Path]:
+    """Every adapter the state trained, written beside ``model_dir`` (``<model>-logo-lora``, ``<model>-tryon-lora``)."""
+    return [write_adapter(state_dir, record, model_dir, model_dir.with_name(model_dir.name + suffix), stage)
+            for stage, suffix in lora.ADAPTER_SUFFIXES.items() if (state_dir / f"{stage}_lora").is_dir()]
+
+
+def assemble_adapters(state_dir: str | Path) -> list[Path]:
+    """Only the adapters of a ``--init-from MODEL --stages logo,tryon`` state, written beside MODEL."""
     state_dir = Path(state_dir)
     record = train_state.load_record(state_dir)
     source = record["stages"]["fill"].get("source")
     if not source:
         raise ValueError(f"{state_dir} trained its own Fill transformer: assemble the whole model (without "
-                         "--logo-only), which writes the adapter beside it.")
+                         "--adapters-only), which writes its adapters beside it.")
     model_dir = provenance.REPO_ROOT / source if not Path(source).is_absolute() else Path(source)
-    out = Path(out) if out else model_dir.with_name(model_dir.name + lora.LOGO_LORA_SUFFIX)
-    write_logo_adapter(state_dir, record, model_dir, out)
-    print(f"logo adapter of {source} at {out}")
-    return out
+    written = adapters_beside(state_dir, record, model_dir)
+    if not written:
+        raise FileNotFoundError(f"{state_dir} holds no adapter: run a training call with --stages logo or tryon.")
+    print("adapters of " + source + ": " + ", ".join(str(w) for w in written))
+    return written
 
 
 def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED_DIR,
-                     embeddings_file: str | Path | None = None, logo_out: str | Path | None = None) -> Path:
+                     embeddings_file: str | Path | None = None) -> Path:
     """A training state -> a checkpoint at ``out`` with its card, loss curve and the float32 / bfloat16 embedding
-    caches (text encoders that do not reproduce the training embeddings are refused); its logo LoRA, if trained,
-    beside it (``<out>-logo-lora``, or ``logo_out``)."""
+    caches (text encoders that do not reproduce the training embeddings are refused); its trained adapters beside it
+    (``<out>-logo-lora``, ``<out>-tryon-lora``)."""
     state_dir, out = Path(state_dir), Path(out)
     record, weights = shipped_weights(state_dir)
     base = checkpoint.random_checkpoint(checkpoint.SmallModelConfig())
@@ -291,7 +297,6 @@ def assemble_default(state_dir: str | Path, out: str | Path = checkpoint.TRAINED
     extra = {"fingerprint": provenance.fingerprint(out), "weights_from": state_dir.name,
              "assembled": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     write_card(out, record, extra)
-    if (state_dir / "logo_lora").is_dir():
-        write_logo_adapter(state_dir, record, out, Path(logo_out or out.with_name(out.name + lora.LOGO_LORA_SUFFIX)))
+    adapters_beside(state_dir, record, out)
     print(f"checkpoint at {out}, fingerprint {extra['fingerprint'][:16]}")
     return out

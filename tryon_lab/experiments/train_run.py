@@ -23,12 +23,12 @@ from ..provenance import CONFIG_FILE
 from ..synthetic import SyntheticConfig
 from . import train_data, train_state
 from .training import (
-    LOGO_ADAPTER,
+    ADAPTER_STAGES,
     STAGE_PARTS,
     STAGES,
     TRAINED_PARTS,
     TrainConfig,
-    add_logo_adapter,
+    add_stage_adapter,
     run_stage,
     set_latent_scale,
     stage_params,
@@ -37,11 +37,14 @@ from .training import (
 MAX_STATE_BYTES = 24 * 2**20  # a state travels to the next GPU job beside the repo (29 MiB) and wheels in 64 MiB
 
 
+def new_stage(cfg: TrainConfig, stage: str) -> dict:
+    return {"step": 0, "total": getattr(cfg, f"{stage}_steps"), "done": False, "losses": [], "data_next": 0,
+            "seconds": 0.0}
+
+
 def new_record(cfg: TrainConfig, small: SmallModelConfig) -> dict:
     return {"config": asdict(cfg), "model": asdict(small), "active": None, "calls": [],
-            "vae_shift_factor": None, "vae_scaling_factor": None,
-            "stages": {s: {"step": 0, "total": getattr(cfg, f"{s}_steps"), "done": False, "losses": [],
-                           "data_next": 0, "seconds": 0.0} for s in STAGES}}
+            "vae_shift_factor": None, "vae_scaling_factor": None, "stages": {s: new_stage(cfg, s) for s in STAGES}}
 
 
 def _load_parts(models: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -63,9 +66,9 @@ def _set_params(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.
 
 
 def _frozen_of(models: dict, stage: str) -> dict[str, torch.Tensor]:
-    """A finished stage's weights as they ship: bf16 model parts; the logo adapter in fp32 (it is tiny)."""
-    if stage == "logo":
-        return {k: p.detach().float().cpu().clone() for k, p in stage_params(models, "logo").items()}
+    """A finished stage's weights as they ship: bf16 model parts; an adapter in fp32 (it is tiny)."""
+    if stage in ADAPTER_STAGES:
+        return {k: p.detach().float().cpu().clone() for k, p in stage_params(models, stage).items()}
     return {f"{part}.{k}": v.detach().to(torch.bfloat16).cpu()
             for part in STAGE_PARTS[stage] for k, v in models[part].state_dict().items()}
 
@@ -120,8 +123,8 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     call_start = time.time()
     if resume is not None:
         record, ema_t, raw_t, frozen = train_state.load_state(Path(resume))
-        for s in STAGES:
-            record["stages"][s]["total"] = getattr(cfg, f"{s}_steps")
+        for s in STAGES:  # a state written before a stage existed gets it fresh
+            record["stages"].setdefault(s, new_stage(cfg, s))["total"] = getattr(cfg, f"{s}_steps")
     else:
         record, ema_t, raw_t, frozen = new_record(cfg, small), {}, {}, {}
     record["config"] = asdict(cfg)
@@ -138,8 +141,9 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
         models["vae"].register_to_config(shift_factor=record["vae_shift_factor"],
                                          scaling_factor=record["vae_scaling_factor"])
     recs = record["stages"]
-    if recs["logo"]["step"] > 0:  # the adapter exists from an earlier call
-        _add_adapter(models, cfg, frozen)
+    for s in ADAPTER_STAGES:
+        if recs[s]["step"] > 0:  # the adapter exists from an earlier call
+            _add_adapter(models, cfg, frozen, s)
     text = tuple(t.to(dev, torch.float32) for t in text)
     syn = SyntheticConfig(height=cfg.height, width=cfg.width)
     fill_pipe = _fill_pipe(models)
@@ -149,7 +153,7 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
         rec = recs[stage]
         if rec["done"]:
             continue
-        for earlier in STAGES[:STAGES.index(stage)]:
+        for earlier in (s for s in STAGES[:STAGES.index(stage)] if s not in ADAPTER_STAGES):
             if not recs[earlier]["done"] and earlier != active:
                 raise ValueError(f"stage {stage} needs stage {earlier} trained first: add it to --stages, or start "
                                  "from a trained model with --init-from.")
@@ -157,8 +161,9 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
             _set_params(stage_params(models, active), ema_t, f"EMA of stage {active}")
             frozen.update(_finish(active, models, record, syn, cfg, dev, log))
             active, ema_t, raw_t = None, {}, {}
-        if stage == "logo":  # only now: the Fill stage trains and saves the transformer without it
-            _add_adapter(models, cfg, frozen)
+        if stage in ADAPTER_STAGES:  # only now: the Fill stage trains and saves the transformer without it
+            _add_adapter(models, cfg, frozen, stage)
+            models["transformer"].set_adapter(stage)  # the other adapter stays out of this stage's passes
         params = stage_params(models, stage)
         for p in params.values():
             p.requires_grad_(True)
@@ -205,26 +210,27 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     record["calls"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(call_start)),
                             "seconds": time.time() - call_start, "steps": steps_this_call, "device": device})
     record = train_state.save_state(Path(out), record, ema_t, raw_t, frozen, max_state_bytes)
-    if any(k.startswith("logo.") for k in (*frozen, *ema_t)):
-        write_logo_lora(models, {**frozen, **ema_t}, cfg, Path(out) / "logo_lora")
+    for s in ADAPTER_STAGES:
+        if any(k.startswith(f"{s}.") for k in (*frozen, *ema_t)):
+            write_stage_lora(models, {**frozen, **ema_t}, s, Path(out) / f"{s}_lora")
     log(f"state saved to {out}: {record['state_bytes'] / 2**20:.1f} MiB in {len(record['shards'])} shard(s), "
         f"raw weights {record['raw_weights']}")
     return record
 
 
-def _add_adapter(models: dict, cfg: TrainConfig, frozen: dict[str, torch.Tensor]) -> None:
-    """The logo LoRA on the transformer (once), with its finished weights when ``frozen`` holds them."""
-    if LOGO_ADAPTER in (getattr(models["transformer"], "peft_config", None) or {}):
+def _add_adapter(models: dict, cfg: TrainConfig, frozen: dict[str, torch.Tensor], stage: str) -> None:
+    """An adapter stage's LoRA on the transformer (once), with its finished weights when ``frozen`` holds them."""
+    if stage in (getattr(models["transformer"], "peft_config", None) or {}):
         return
-    add_logo_adapter(models["transformer"], cfg.logo_rank, cfg.model_seed)
+    add_stage_adapter(models["transformer"], stage, getattr(cfg, f"{stage}_rank"), cfg.model_seed)
     models["transformer"].to(next(models["vae"].parameters()).device)
-    done = {k: v for k, v in frozen.items() if k.startswith("logo.")}
+    done = {k: v for k, v in frozen.items() if k.startswith(f"{stage}.")}
     if done:
-        _set_params(stage_params(models, "logo"), done, "logo adapter")
+        _set_params(stage_params(models, stage), done, f"{stage} adapter")
 
 
 def models_train(models: dict, stage: str, on: bool) -> None:
-    for part in ("transformer",) if stage == "logo" else STAGE_PARTS[stage]:
+    for part in ("transformer",) if stage in ADAPTER_STAGES else STAGE_PARTS[stage]:
         models[part].train(on)
 
 
@@ -244,7 +250,7 @@ def _finish(stage: str, models: dict, record: dict, syn: SyntheticConfig, cfg: T
     with torch.no_grad():
         for p in stage_params(models, stage).values():
             p.requires_grad_(False)
-            if stage != "logo":
+            if stage not in ADAPTER_STAGES:
                 p.copy_(p.to(torch.bfloat16).float())
     if stage == "vae":
         batches, _ = train_data.source("pairs", cfg.data_seed, rec["data_next"], cfg.vae_batch, syn)
@@ -275,20 +281,21 @@ def _load_optim(opt, names: list[str], folder: Path | None, stage: str, step: in
     return train_state.load_optimizer_tensors(opt, names, tensors)
 
 
-def write_logo_lora(models: dict, tensors: dict[str, torch.Tensor], cfg: TrainConfig, folder: Path) -> Path:
-    """The logo adapter (``logo.*`` tensors) in the diffusers Flux LoRA format, as ``lora.make_lora`` writes one."""
+def write_stage_lora(models: dict, tensors: dict[str, torch.Tensor], stage: str, folder: Path) -> Path:
+    """An adapter stage's LoRA (``stage.*`` tensors) in the diffusers Flux LoRA format, as ``lora.make_lora``
+    writes one."""
     from diffusers import FluxFillPipeline
     from peft import get_peft_model_state_dict
 
     from ..lora import WEIGHT_NAME
 
-    transformer = models["transformer"]
-    saved = {k: p.detach().clone() for k, p in stage_params(models, "logo").items()}
-    _set_params(stage_params(models, "logo"), {k: v for k, v in tensors.items() if k.startswith("logo.")}, "adapter")
+    transformer, params = models["transformer"], stage_params(models, stage)
+    saved = {k: p.detach().clone() for k, p in params.items()}
+    _set_params(params, {k: v for k, v in tensors.items() if k.startswith(f"{stage}.")}, "adapter")
     state = {k: v.detach().float().cpu().clone()  # a copy: the parameters are put back below
-             for k, v in get_peft_model_state_dict(transformer, adapter_name=LOGO_ADAPTER).items()}
-    _set_params(stage_params(models, "logo"), saved, "adapter")
-    config = transformer.peft_config[LOGO_ADAPTER]
+             for k, v in get_peft_model_state_dict(transformer, adapter_name=stage).items()}
+    _set_params(params, saved, "adapter")
+    config = transformer.peft_config[stage]
     FluxFillPipeline.save_lora_weights(folder, transformer_lora_layers=state,
                                        transformer_lora_adapter_metadata=config.to_dict(), weight_name=WEIGHT_NAME)
     return folder

@@ -5,7 +5,8 @@
         weights-NNNNN.safetensors       shards of at most ``MAX_SHARD_BYTES``: ``ema.<part>.<key>`` fp32 (the
                                         weights that ship), ``raw.<part>.<key>`` (the optimiser's weights: fp32
                                         when they fit ``max_state_bytes``, else a bf16 offset from the EMA, else
-                                        left out) and ``frozen.<part>.<key>`` bf16 (parts no stage trains now)
+                                        left out) and ``frozen.<part>.<key>`` as they ship (parts no stage trains
+                                        now: model parts bf16, finished adapters fp32)
     optimiser dir (optional, separate: it is twice the weights and rarely fits a return limit)
         optim-NNNNN.safetensors         ``raw.*`` fp32 weights and the AdamW moments, for an exact continuation
 
@@ -114,7 +115,7 @@ def save_state(folder: Path, record: dict, ema: dict[str, torch.Tensor], raw: di
     else they are left out and a resume restarts from the EMA.
     """
     tensors = {f"ema.{k}": v.float() for k, v in ema.items()}
-    tensors.update({f"frozen.{k}": v.to(torch.bfloat16) for k, v in frozen.items()})
+    tensors.update({f"frozen.{k}": v for k, v in frozen.items()})  # as they ship: a resume writes the same LoRA
     base = sum(_nbytes(v) for v in tensors.values())
     raw_bytes = sum(v.numel() for v in raw.values())
     if base + 4 * raw_bytes <= max_state_bytes:

@@ -1,6 +1,6 @@
 """Training the toy try-on model that ships as the default checkpoint (read top to bottom, like nanoGPT).
 
-Three stages on procedural pairs (``synthetic.py``), each resumable and cut into time-limited calls:
+Stages on procedural pairs (``synthetic.py``), each resumable and cut into time-limited calls:
 1. ``vae``: the ``AutoencoderKL`` (L1 + MSE reconstruction, optionally weighted up inside logo boxes, + a small
    KL), then its latent shift/scale measured on data and written into its config, as FLUX's VAE carries them;
 2. ``fill``: the FLUX Fill transformer together with the Redux path (SigLIP encoder + ``ReduxImageEncoder``),
@@ -9,7 +9,10 @@ Three stages on procedural pairs (``synthetic.py``), each resumable and cut into
    ``FluxFillPipeline.prepare_mask_latents``, and conditioning = cached text embeddings followed by Redux
    tokens of the garment; optionally the tokens over the target's logos weigh more;
 3. ``logo``: a LoRA on the frozen Fill transformer, same loss, on the logo pass's own diptychs
-   (``train_data.make_logo_crops``); saved in the diffusers LoRA format ``lora.load_lora`` reads.
+   (``train_data.make_logo_crops``); saved in the diffusers LoRA format ``lora.load_lora`` reads;
+4. ``tryon``: a second LoRA (the try-on adapter, as production runs a realism LoRA on the main pass) on the
+   frozen transformer, the Fill stage's loss and weights on try-on pairs. Each adapter stage trains its own
+   adapter only, with the other one inactive.
 
 Every stage keeps an EMA (shipped) and draws its noise from a generator seeded by its step, so a run cut into
 calls and resumed with its optimiser state gives the weights of one uninterrupted run. A finished stage's parts
@@ -32,10 +35,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Attention kernels for training: flash / memory-efficient (and math on a CPU). cuDNN attention's
 # backward failed on the H100 here (CUBLAS_STATUS_EXECUTION_FAILED at the first Fill step).
 _SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-STAGES = ("vae", "fill", "logo")
-STAGE_PARTS = {"vae": ("vae",), "fill": ("transformer", "image_encoder", "image_embedder"), "logo": ("logo",)}
+STAGES = ("vae", "fill", "logo", "tryon")  # the order data seeds follow (data_seed + index): append only
+STAGE_PARTS = {"vae": ("vae",), "fill": ("transformer", "image_encoder", "image_embedder"), "logo": ("logo",),
+               "tryon": ("tryon",)}
+ADAPTER_STAGES = ("logo", "tryon")  # LoRAs on the frozen transformer, each a peft adapter named after its stage
 TRAINED_PARTS = ("transformer", "vae", "image_encoder", "image_embedder")
-LOGO_ADAPTER = "logo"
 
 
 @dataclass
@@ -61,6 +65,11 @@ class TrainConfig:
     logo_lr: float = 1e-3
     logo_warmup: int = 100
     logo_rank: int = 16
+    tryon_steps: int = 2000
+    tryon_batch: int = 64  # try-on pairs per step
+    tryon_lr: float = 1e-3
+    tryon_warmup: int = 100
+    tryon_rank: int = 16
     logo_size: int = 64  # the logo pass's crop size (``logos.logo_pass(size=...)``)
     logo_max_blur: float = 1.5  # the pass's input crop is the ground truth blurred by up to this radius (px)
     guidance_min: float = 10.0  # guidance embedding sees a range around FLUX Fill's usual 30
@@ -210,29 +219,31 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
     return weighted_mean((pred.float() - (noise - x0)) ** 2, weight)
 
 
-def add_logo_adapter(transformer, rank: int, seed: int):
-    """A peft LoRA named ``logo`` on the attention projections ``lora.load_lora`` targets; returns its config."""
+def add_stage_adapter(transformer, stage: str, rank: int, seed: int):
+    """A peft LoRA named ``stage`` on the attention projections ``lora.load_lora`` targets, made the active one;
+    returns its config."""
     from peft import LoraConfig
 
     from ..lora import DEFAULT_TARGETS
 
     config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(DEFAULT_TARGETS))
     torch.manual_seed(seed)
-    transformer.add_adapter(config, adapter_name=LOGO_ADAPTER)
+    transformer.add_adapter(config, adapter_name=stage)
     return config
 
 
 def stage_params(models: dict, stage: str) -> dict[str, torch.nn.Parameter]:
-    """``part.key`` -> trainable parameter of a stage (the logo stage: the adapter's tensors only)."""
-    if stage == "logo":
-        return {f"logo.{k}": p for k, p in models["transformer"].named_parameters() if "lora_" in k}
+    """``part.key`` -> trainable parameter of a stage (an adapter stage: its own adapter's tensors only)."""
+    if stage in ADAPTER_STAGES:
+        return {f"{stage}.{k}": p for k, p in models["transformer"].named_parameters()
+                if "lora_" in k and f".{stage}." in k}
     return {f"{part}.{k}": p for part in STAGE_PARTS[stage] for k, p in models[part].named_parameters()}
 
 
 def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen) -> torch.Tensor:
     if stage == "vae":
         return vae_loss(models["vae"], b, cfg, device, gen)
-    if stage == "fill":
+    if stage in ("fill", "tryon"):
         return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight, cfg.fill_mask_weight)
     return fill_loss(models, fill_pipe, text, b, cfg, device, gen)
 

@@ -46,7 +46,7 @@ lab = notebook.setup(model, device, dtype, output_dir, sample_ids=(person, garme
 
 from IPython.display import display
 
-from tryon_lab import configure, lora, pipeline, runs, samples, widgets
+from tryon_lab import configure, lora, runs, samples, widgets
 from tryon_lab import logos as logo_lib
 from tryon_lab.experiments import logos_report
 
@@ -114,13 +114,9 @@ swap = None
 if tryon_adapter and adapter:
     from tryon_lab.experiments import lora_swap, variants_report
 
-    ref_sample = samples.load_sample(garment)
-    swap_options = configure.PipelineOptions(device=lab.device, dtype=lab.dtype_name, compile="regional",
-                                             compile_backend=variants_report.backends(lab.device, swap_backend)[0])
-    swap = lora_swap.pass_swap_rounds(lab.model_dir, swap_options, tryon_adapter, adapter,
-                                      pipeline.TryOnRequest(ref_sample.person, ref_sample.garment, ref_sample.mask,
-                                                            seed=seed),
-                                      ref_sample.garment_logo_boxes, pipeline.TryOnSettings(steps=steps, progress=False))
+    swap = lora_swap.pass_swap_rounds(lab.model_dir, lab.device, lab.dtype_name,
+                                      variants_report.backends(lab.device, swap_backend)[0], tryon_adapter, adapter,
+                                      ref, steps, seed)
     notebook.table(swap["rounds"], note=f"Regional compile ({swap['backend']}): {swap['recompiles_after_first']} graphs "
                    f"compiled after the first round. Against eager: try-on {swap['tryon_psnr_vs_eager']:.1f} dB, after "
                    f"the logo pass {swap['final_psnr_vs_eager']:.1f} dB PSNR.")

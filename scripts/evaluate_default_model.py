@@ -28,14 +28,14 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=str(checkpoint.TRAINED_DIR))
     p.add_argument("--logo-lora", default="auto",
                    help="a logo LoRA folder; 'auto' (default): the model's trained adapter beside it "
-                        f"(<model>{lora.LOGO_LORA_SUFFIX}) when there is one; 'none': off")
+                        f"(<model>{lora.ADAPTER_SUFFIXES['logo']}) when there is one; 'none': off")
     p.add_argument("--results", default=str(default_quality.RESULTS))
     p.add_argument("--grid", default=None, help="write the trained model's grid here (e.g. docs/heldout_grid.png)")
     p.add_argument("--data-seconds", type=float, default=3.0, help="time per data-throughput measurement (0: skip)")
     args = p.parse_args(argv)
     if args.pairs < 1 or args.steps < 1:
         p.error(f"--pairs and --steps must be >= 1, got {args.pairs} and {args.steps}")
-    adapter = lora.resolve_logo_lora(args.logo_lora, args.model)
+    adapter = lora.resolve_adapter(args.logo_lora, args.model, "logo")
     default_quality.evaluate_default(args.seed, args.pairs, args.steps, args.results, args.grid, args.model, adapter,
                                      args.data_seconds)
     return 0

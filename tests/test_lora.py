@@ -116,7 +116,7 @@ def test_the_committed_logo_adapter_belongs_to_the_committed_model_and_changes_t
     from tryon_lab import checkpoint, configure, logos, samples
     from tryon_lab.pipeline import TryOnSettings
 
-    adapter = lora.logo_lora_for(checkpoint.TRAINED_DIR)
+    adapter = lora.adapter_for(checkpoint.TRAINED_DIR, "logo")
     assert adapter is not None and lora.lora_rank(adapter) == 16
     pipe = configure.build_pipeline(checkpoint.TRAINED_DIR, device="cpu", dtype="float32")
     s = samples.load_sample("s001")
@@ -137,19 +137,19 @@ def test_logo_adapter_lookup_refuses_an_adapter_of_other_weights(tmp_path):
     from tryon_lab import checkpoint, provenance
 
     model = checkpoint.random_checkpoint()
-    assert lora.logo_lora_for(model) is None  # nothing beside it
-    assert lora.resolve_logo_lora("none", model) is None and lora.resolve_logo_lora("auto", model) is None
+    assert lora.adapter_for(model, "logo") is None  # nothing beside it
+    assert lora.resolve_adapter("none", model, "logo") is None and lora.resolve_adapter("auto", model, "logo") is None
     with pytest.raises(FileNotFoundError, match="no pytorch_lora_weights"):
-        lora.resolve_logo_lora(tmp_path, model)
+        lora.resolve_adapter(tmp_path, model, "logo")
     mine = tmp_path / "m"
     mine.symlink_to(model, target_is_directory=True)
-    folder = tmp_path / ("m" + lora.LOGO_LORA_SUFFIX)
+    folder = tmp_path / ("m" + lora.ADAPTER_SUFFIXES["logo"])
     lora.make_lora(tiny_transformer(), 2, seed=0, path=folder)
     (folder / provenance.CARD_FILE).write_text(json.dumps({"base_fingerprint": "0" * 64}))
     with pytest.raises(ValueError, match="trained on other weights"):
-        lora.logo_lora_for(mine)
+        lora.adapter_for(mine, "logo")
     (folder / provenance.CARD_FILE).write_text(json.dumps({"base_fingerprint": provenance.fingerprint(model)}))
-    assert lora.logo_lora_for(mine) == folder == lora.resolve_logo_lora("auto", mine)
+    assert lora.adapter_for(mine, "logo") == folder == lora.resolve_adapter("auto", mine, "logo")
 
 
 def test_tryon_and_logo_adapters_share_one_slot_and_swap_under_regional_compile_without_recompiling(tmp_path):
@@ -160,7 +160,7 @@ def test_tryon_and_logo_adapters_share_one_slot_and_swap_under_regional_compile_
     from tryon_lab.pipeline import TryOnRequest, TryOnSettings
 
     compiling.reset_compiled()
-    logo = lora.logo_lora_for(checkpoint.TRAINED_DIR)
+    logo = lora.adapter_for(checkpoint.TRAINED_DIR, "logo")
     scratch = configure.build_pipeline(checkpoint.TRAINED_DIR, device="cpu", dtype="float32")
     tryon_adapter = lora.make_lora(scratch.fill.transformer, 8, seed=3, path=tmp_path / "tryon", b_std=0.2)
     s = samples.load_sample("s001")
@@ -192,7 +192,7 @@ def test_notebook_04s_adapter_choices_resolve_and_say_what_they_are(tmp_path):
     from tryon_lab import checkpoint
 
     logo, tryon = lora.resolve_pass_adapters(checkpoint.TRAINED_DIR, "auto", "auto")  # no trained try-on adapter yet
-    assert logo == lora.logo_lora_for(checkpoint.TRAINED_DIR) and lora.lora_rank(tryon) == 8
+    assert logo == lora.adapter_for(checkpoint.TRAINED_DIR, "logo") and lora.lora_rank(tryon) == 8
     assert lora.adapter_label(logo) == "trained (toy-tryon-logo-lora)"
     assert lora.adapter_label(tryon) == "random stand-in, rank 8" and lora.adapter_label(None) == "none"
     assert lora.resolve_pass_adapters(checkpoint.TRAINED_DIR, "none", "none") == (None, None)

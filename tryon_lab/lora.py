@@ -30,8 +30,8 @@ from .provenance import CARD_FILE, cache_dir, fingerprint
 # attention projections of both block kinds (single-stream blocks have no add_* / to_add_out)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LOGO_LORA_SUFFIX = "-logo-lora"  # checkpoints/toy-tryon -> checkpoints/toy-tryon-logo-lora
-ADAPTER_SUFFIXES = {"logo": LOGO_LORA_SUFFIX, "tryon": "-tryon-lora"}  # a trained model's adapters live beside it
+# a trained model's adapters live beside it: checkpoints/toy-tryon -> checkpoints/toy-tryon-logo-lora
+ADAPTER_SUFFIXES = {"logo": "-logo-lora", "tryon": "-tryon-lora"}
 PASS_ADAPTER = "pass"  # the one slot the try-on and logo passes load their LoRA into (hotswapped when prepared)
 
 
@@ -206,40 +206,38 @@ def adapter_for(model_dir: str | Path, kind: str = "logo") -> Path | None:
         return None
     card = folder / CARD_FILE
     base = json.loads(card.read_text()).get("base_fingerprint") if card.is_file() else None
-    if base != fingerprint(model_dir):
+    model = fingerprint(model_dir)
+    if base != model:
         raise ValueError(f"the {kind} adapter {folder} was trained on other weights than {model_dir} (its card "
                          f"{'names ' + str(base)[:16] if base else 'is missing or names none'}, the model is "
-                         f"{fingerprint(model_dir)[:16]}): retrain it (scripts/train_default_model.py train "
+                         f"{model[:16]}): retrain it (scripts/train_default_model.py train "
                          f"--init-from {model_dir} --stages {kind}, then assemble --adapters-only) or remove the "
                          "folder.")
     return folder
 
 
-def logo_lora_for(model_dir: str | Path) -> Path | None:
-    """``adapter_for(model_dir, "logo")``."""
-    return adapter_for(model_dir, "logo")
-
-
-def resolve_logo_lora(choice: str | Path | None, model_dir: str | Path) -> Path | None:
-    """A notebook's ``logo_lora`` parameter: "auto" (the model's trained adapter if it has one), "none", or a
-    LoRA folder."""
+def resolve_adapter(choice: str | Path | None, model_dir: str | Path, kind: str = "logo") -> Path | None:
+    """A notebook's or script's adapter parameter: "auto" (the model's trained ``kind`` adapter, None if it has
+    none), "stand-in" (a random rank-8 adapter), "none", or a LoRA folder."""
     if choice is None or str(choice) == "none":
         return None
-    return logo_lora_for(model_dir) if str(choice) == "auto" else lora_folder(choice, "'auto' (the model's trained "
-                                                                              "adapter, if any) or 'none'")
+    if str(choice) == "auto":
+        return adapter_for(model_dir, kind)
+    if str(choice) == "stand-in":
+        return make_default_loras(model_dir, ranks=(8,), seed=3)[0]
+    if not (Path(choice) / WEIGHT_NAME).is_file():
+        raise FileNotFoundError(f"{str(choice)!r}: no {WEIGHT_NAME} in that folder; give a LoRA folder, 'auto', "
+                                "'stand-in' or 'none'.")
+    return Path(choice)
 
 
 def resolve_pass_adapters(model_dir: str | Path, logo_choice, tryon_choice) -> tuple[Path | None, Path | None]:
-    """Notebook 04's parameters -> (logo adapter, try-on adapter): ``resolve_logo_lora`` for the logo adapter; the
-    try-on adapter "auto" (the model's trained one, else the stand-in), "stand-in" (a random rank-8 adapter),
-    "none" or a folder."""
-    logo = resolve_logo_lora(logo_choice, model_dir)
-    if tryon_choice is None or str(tryon_choice) == "none":
-        return logo, None
-    trained = adapter_for(model_dir, "tryon") if str(tryon_choice) == "auto" else None
-    if trained or str(tryon_choice) in ("auto", "stand-in"):
-        return logo, trained or make_default_loras(model_dir, ranks=(8,), seed=3)[0]
-    return logo, lora_folder(tryon_choice, "'auto', 'stand-in' or 'none'")
+    """Notebook 04's parameters -> (logo adapter, try-on adapter), as ``resolve_adapter``, except that a try-on
+    "auto" falls back to the stand-in while no try-on adapter is trained."""
+    tryon = resolve_adapter(tryon_choice, model_dir, "tryon")
+    if tryon is None and str(tryon_choice) == "auto":
+        tryon = resolve_adapter("stand-in", model_dir)
+    return resolve_adapter(logo_choice, model_dir, "logo"), tryon
 
 
 def adapter_label(path: str | Path | None) -> str:
@@ -251,12 +249,3 @@ def adapter_label(path: str | Path | None) -> str:
     if (path / CARD_FILE).is_file():
         return f"trained ({path.name})"
     return f"random stand-in, rank {lora_rank(path)}" if path.is_relative_to(cache_dir() / "loras") else str(path)
-
-
-def lora_folder(path: str | Path, other_choices: str = "") -> Path:
-    """``path`` as a LoRA folder (it holds ``WEIGHT_NAME``), or an error naming what else could be given."""
-    folder = Path(path)
-    if not (folder / WEIGHT_NAME).is_file():
-        raise FileNotFoundError(f"{str(path)!r}: no {WEIGHT_NAME} in that folder; give a LoRA folder"
-                                + (f", {other_choices}." if other_choices else "."))
-    return folder

@@ -246,7 +246,7 @@ def check_text_embeddings(model_dir: Path, embeddings_file: Path, rounding: floa
           "not bit for bit: this torch build computes them a few ulps apart")
 
 
-def write_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path, stage: str = "logo") -> Path:
+def write_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path, stage: str) -> Path:
     """The state's ``stage`` LoRA -> ``out`` with a card: its training record and the fingerprint of ``model_dir``,
     the weights it was trained on (``lora.adapter_for`` checks it)."""
     if not (state_dir / f"{stage}_lora" / lora.WEIGHT_NAME).is_file():

@@ -1,10 +1,15 @@
-"""LoRA hotswap, measured: swap A -> B on a compiled transformer against unload + load + recompile."""
+"""LoRA hotswap, measured: swap A -> B on a compiled transformer against unload + load + recompile; and the
+try-on and logo adapters swapped through one slot of a compiled model, pass after pass."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from .. import configure, flow
 from ..compiling import compile_transformer, count_recompiles
-from ..lora import LoraState, load_lora, lora_rank, prepare_hotswap, quiet_diffusers
-from ..metrics import rel_l2
+from ..lora import LoraState, load_lora, lora_rank, pass_slot, prepare_hotswap, quiet_diffusers
+from ..metrics import psnr, rel_l2
+from ..pipeline import TryOnRequest, TryOnSettings
 from ..timers import measure
 
 
@@ -43,34 +48,32 @@ def swap_benchmark(fill_pipe, paths: list, call, compile_mode: str = "regional",
     return out
 
 
-def pass_swap_rounds(model_dir, options, tryon_adapter, logo_adapter, request, logo_boxes, settings,
-                     rounds: int = 3) -> dict:
-    """The try-on adapter on the main pass and the logo adapter on the logo pass of one model compiled with
-    ``options`` (one adapter slot, ``lora.pass_slot``), ``rounds`` times; then the same on the eager model.
+def pass_swap_rounds(model_dir, device: str, dtype: str, backend: str, tryon_adapter, logo_adapter, sample,
+                     steps: int, seed: int = 0, rounds: int = 3) -> dict:
+    """On ``sample`` (its person, garment, mask and garment logo boxes): the try-on adapter on the main pass and the
+    logo adapter on the logo pass of one regionally compiled model (``backend``; one adapter slot,
+    ``lora.pass_slot``), ``rounds`` times; then the same on the eager model.
 
     Per round: graphs compiled (the first compiles; every later one must compile none: it runs under
     ``fail_on_recompile``) and seconds; then the last round's images against eager ones (PSNR, dB).
     """
-    from dataclasses import replace
-
-    from .. import configure, flow, lora
-    from ..metrics import psnr
+    request, settings = TryOnRequest(sample.person, sample.garment, sample.mask, seed=seed), TryOnSettings(
+        steps=steps, progress=False)
 
     def run(pipe):
-        return flow.tryon_with_logos(pipe, request, settings, logo_boxes, logo_lora=logo_adapter, match_threshold=0.0,
-                                     tryon_lora=tryon_adapter)
+        return flow.tryon_with_logos(pipe, request, settings, sample.garment_logo_boxes, logo_lora=logo_adapter,
+                                     match_threshold=0.0, tryon_lora=tryon_adapter)
 
-    compiled = configure.get_pipeline(model_dir, replace(options, **lora.pass_slot([tryon_adapter, logo_adapter])))
-    device = options.device
+    options = configure.PipelineOptions(device=device, dtype=dtype, compile="regional", compile_backend=backend)
+    compiled = configure.get_pipeline(model_dir, replace(options, **pass_slot([tryon_adapter, logo_adapter])))
     rows = []
     for i in range(rounds):
         with count_recompiles(strict=i > 0) as g, measure(device) as m:
             out = run(compiled)
         rows.append({"round": i + 1, "graphs compiled": g["graphs"], "seconds": m["seconds"],
                      "logos redrawn": len(out.logos.patches)})
-    eager = configure.get_pipeline(model_dir, replace(options, compile="none"))
-    ref = run(eager)
+    ref = run(configure.get_pipeline(model_dir, replace(options, compile="none")))
     return {"rounds": rows, "recompiles_after_first": sum(r["graphs compiled"] for r in rows[1:]),
             "tryon_psnr_vs_eager": min(100.0, psnr(out.tryon.images[0], ref.tryon.images[0])),  # 100: identical
             "final_psnr_vs_eager": min(100.0, psnr(out.image, ref.image)), "tryon_adapter": str(tryon_adapter),
-            "logo_adapter": str(logo_adapter), "compile": options.compile, "backend": options.compile_backend}
+            "logo_adapter": str(logo_adapter), "compile": "regional", "backend": backend}

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
                     help=f"comma list from: {', '.join(gpu_bench.RECIPES)} (empty: none)")
     ap.add_argument("--no-cold", dest="cold", action="store_false", help="skip the cold-start processes")
     ap.add_argument("--cold-cases", help="only these cold-start cases, ';'-separated (default: all)")
+    ap.add_argument("--cold-rounds", type=int, default=1, help="run the cases that save nothing this many times")
     ap.add_argument("--bytecode", action="store_true", help="write the packages' bytecode caches before the cold "
                     "cases, as an image build does (for packages installed with pip --no-compile)")
     ap.add_argument("--steps", type=int, default=None)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         return 0
     cold_cases = [c.strip() for c in a.cold_cases.split(";")] if a.cold_cases else None
     gpu_bench.benchmark(a.out, a.variants, a.cold, a.tiny, a.steps, a.budget, a.work, schedule, cold_cases,
-                        a.bytecode)
+                        a.bytecode, a.cold_rounds)
     return 0
 
 

@@ -281,3 +281,45 @@ def test_import_cache_leaves_the_try_on_bit_identical(tmp_path):
     served, walked = (run_child("-c", TRYON_CHILD, cache, str(TRAINED_DIR)) for cache in (path, "-"))
     assert served.pop("cache") == {"used": True, "hit": True, "structure_misses": 0} and walked.pop("cache") is None
     assert served == walked
+
+
+LEAVE_OUT_CHILD = """
+import hashlib, json, sys
+from tryon_lab import import_cache
+left = import_cache.leave_out() if sys.argv[1] == "leave-out" else []
+from tests.conftest import make_request_images
+from tryon_lab import configure, pipeline
+pipe = configure.build_pipeline(sys.argv[2], configure.PipelineOptions())
+person, garment, mask = make_request_images(64, 96)
+res = pipeline.tryon(pipe, pipeline.TryOnRequest(person, garment, mask, seed=3),
+                     pipeline.TryOnSettings(steps=2, progress=False))
+try:
+    configure.check_options(configure.PipelineOptions(loras=(("a", "folder"),)))
+    refused = None
+except configure.OptionsError as e:
+    refused = str(e)
+print(json.dumps({"latents": hashlib.sha256(res.latents.float().numpy().tobytes()).hexdigest(), "left": left,
+                  "imported": sorted(p for p in import_cache.SERVING_LEFT_OUT if sys.modules.get(p) is not None),
+                  "refused": refused}))
+"""
+
+
+@pytest.mark.slow
+def test_packages_left_out_are_not_imported_and_the_try_on_is_bit_identical():
+    # A serving process that leaves out what the slim path imports but never calls draws the same try-on, bit for
+    # bit, without importing any of it; asking that process for LoRAs is refused with the reason and the fix.
+    from tryon_lab.import_cache import SERVING_LEFT_OUT
+
+    served, full = (run_child("-c", LEAVE_OUT_CHILD, how, str(TRAINED_DIR)) for how in ("leave-out", "-"))
+    assert served["left"] == list(SERVING_LEFT_OUT) and served["imported"] == []
+    assert full["imported"] == sorted(SERVING_LEFT_OUT)  # what the lever keeps out
+    assert served["latents"] == full["latents"]
+    assert "need peft" in served["refused"] and full["refused"] is None
+
+
+def test_leave_out_refuses_a_package_already_imported():
+    from tryon_lab import import_cache
+
+    with pytest.raises(RuntimeError, match="already imported .* call leave_out\\(\\) first"):
+        import_cache.leave_out(("json",))  # this test module imported json
+    assert sys.modules["json"] is not None and import_cache.left_out() == []

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import compiling, quant
+from . import compiling, import_cache, quant
 from .checkpoint import FILL_SUBDIR, check_model_dir, resolve_model_dir
 from .loading import SlimPipeline, load_slim, resolve_device_dtype
 from .timers import sync
@@ -105,6 +105,9 @@ def check_options(options: PipelineOptions) -> None:
         if o.memory is not None or o.loras or o.hotswap_rank is not None:
             raise OptionsError("fp8_weights loads an FP8 transformer as saved; memory modes, LoRA adapters and "
                                "hotswap are applied before FP8, so build those with fp8_weights=None.")
+    if (o.loras or o.hotswap_rank is not None) and "peft" in import_cache.left_out():
+        raise OptionsError("LoRA adapters need peft, which this process left out (import_cache.leave_out, a serving "
+                           "process's lever); build this pipeline in a process that keeps peft.")
     if o.teacache is not None and o.compile == "full":
         raise OptionsError("TeaCache decides per step in Python, which whole-model compile cannot trace; use "
                            "compile='regional' with TeaCache.")

@@ -6,7 +6,12 @@
 - transformers' ``define_import_structure``: the lazy-import table of ``transformers`` and ``transformers.models``,
   built by reading every model file's source for its ``__all__`` (3,121 files on the H200 image, about 1 s).
 
-Both only change when packages are installed or removed, which changes the modification time of the folder they
+``leave_out`` is the other half of a serving image: packages installed for the workbench that the slim serving
+path imports but never calls (peft for LoRAs, scipy for schedulers and losses it does not use, sentencepiece for
+tokenizers it does not run) marked absent in the serving process, so diffusers' and transformers' availability
+checks skip them as if they were not installed.
+
+The cached tables only change when packages are installed or removed, which changes the modification time of the folder they
 live in, so the cache is keyed by ``sys.path``, the modification times of its folders and transformers' folders:
 an install, a removal or another path makes it miss, and a miss computes everything as before and rewrites the
 file. Call ``use(path)`` before the first import of diffusers or transformers (a serving script's first lines);
@@ -31,6 +36,8 @@ DEFAULT_FILE = "import-cache.json"
 SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
 _state: dict = {}  # "cache": this process's cache once use() ran
+# imported by diffusers' and transformers' modules on the slim path behind availability checks, never called by it
+SERVING_LEFT_OUT = ("peft", "scipy", "sentencepiece")
 
 
 def path_key() -> list[list]:
@@ -158,6 +165,23 @@ def write(path: str | Path, imports: tuple[str, ...] = SLIM_IMPORTS) -> dict:
             "import_structures": len(cache.data["structures"])}
 
 
+def leave_out(packages: tuple[str, ...] = SERVING_LEFT_OUT) -> list[str]:
+    """Mark ``packages`` absent in this process (``sys.modules[name] = None``: ``find_spec`` then returns None and an
+    import raises ModuleNotFoundError), before anything imports them; returns the packages left out. For a serving
+    process that runs the slim pipeline only: LoRA loading needs peft (``configure.check_options`` says so)."""
+    if imported := [p for p in packages if sys.modules.get(p) is not None]:
+        raise RuntimeError(f"cannot leave out {imported}: already imported in this process; call leave_out() "
+                           "first thing, before diffusers or transformers is imported")
+    for name in packages:
+        sys.modules[name] = None
+    return list(packages)
+
+
+def left_out() -> list[str]:
+    """The packages this process marked absent (``leave_out``)."""
+    return [name for name, module in sys.modules.items() if module is None and "." not in name]
+
+
 def report() -> dict:
     """This process's cache: hit or not, and the import structures it had to build (0 when all were cached)."""
     cache = _state.get("cache")
@@ -166,7 +190,10 @@ def report() -> dict:
 
 
 def restore() -> None:
-    """Back to importlib's and transformers' own functions (tests; tables transformers already built stay)."""
+    """Back to importlib's and transformers' own functions, and left-out packages importable again (tests; tables
+    transformers already built stay)."""
+    for name in left_out():
+        del sys.modules[name]
     importlib.metadata.packages_distributions = _ORIGINAL_MAP
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterLoad)]
     cache = _state.pop("cache", None)

@@ -45,8 +45,7 @@ _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experim
 
 @dataclass
 class Case:
-    """One fresh process: the stock pipeline, or the slim one with ``options`` (``configure.PipelineOptions``
-    fields); the other fields are levers."""
+    """One fresh process: stock, or slim with ``options`` (``PipelineOptions`` fields); the rest are levers."""
 
     stock: bool = False
     options: dict = field(default_factory=dict)
@@ -57,6 +56,7 @@ class Case:
     aoti: bool = False  # the AOTInductor packages run by a torch-only process (``coldstart_gpu.aoti_child``)
     aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
     import_cache: bool = False  # package map + transformers' import tables from a file written at image build
+    leave_out: bool = False  # what the slim path imports but never calls marked absent (import_cache.leave_out)
 
 
 def _cuda_init() -> None:
@@ -122,8 +122,8 @@ def _count_imports() -> dict:
 
 
 def _split(marks: dict, rest: str, parts: dict[str, float]) -> None:
-    """Move ``parts`` (seconds reported from inside) out of ``marks[rest]``, never below zero, so the phases still
-    add up to the wall time (a part that holds a lazy import was already counted under "imports")."""
+    """Move ``parts`` (seconds reported from inside) out of ``marks[rest]``, never below zero: phases add up to the
+    wall (a part that holds a lazy import was already counted under "imports")."""
     for k, v in parts.items():
         marks[k] = min(max(0.0, v), marks[rest])
         marks[rest] -= marks[k]
@@ -149,9 +149,11 @@ def child(t: float) -> None:
     imports = _count_imports()
     a = json.loads(sys.argv[1])
     marks, lap = _laps(t, imports, a["spawned"])
-    if a.get("import_cache"):  # first, as a serving script would: before anything imports diffusers
-        from .. import import_cache
+    from .. import import_cache  # first, as a serving script would: before anything imports diffusers
 
+    if a.get("leave_out"):
+        marks["left_out"] = import_cache.leave_out()
+    if a.get("import_cache"):
         marks["import_cache"] = import_cache.use(a["import_cache"])
 
     import threading
@@ -319,7 +321,7 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     args = {**base, "model_dir": str(model_dir), "stock": case.stock, "options": options,
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
             "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
-            "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None}
+            "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None, "leave_out": case.leave_out}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()

@@ -173,6 +173,16 @@ GPU_CASES = {
     # importlib's package map and transformers' lazy-import tables read from a file written at image build
     "slim + FP8 weights, AOT blocks loaded, import cache": Case(options=SLIM, fp8_weights=True, aot_blocks="load",
                                                                import_cache=True),
+    # the kernels of the saved blocks from the inductor folder their compile filled, as an image bakes both in
+    "slim + FP8 weights, AOT blocks loaded, import cache, their inductor folder": Case(
+        options=SLIM, fp8_weights=True, aot_blocks="load", import_cache=True,
+        cache="slim + FP8 weights, AOT blocks, empty cache"),
+    # a serving process: the packages the slim path imports but never calls left out (import_cache.leave_out)
+    "slim + FP8 weights, AOT blocks loaded, import cache, packages left out": Case(
+        options=SLIM, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True),
+    "slim, serving: AOT blocks + inductor folder + import cache + packages left out": Case(
+        options=SLIM, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+        cache="slim + FP8 weights, AOT blocks, empty cache"),
     "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
                                                                        aot_blocks="load", cuda_thread=True,
                                                                        import_cache=True),
@@ -230,10 +240,12 @@ def compare_reads(path: Path, device: str) -> dict:
 
 
 def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case=None,
-            names: list[str] | None = None, bytecode: bool = False) -> dict:
+            names: list[str] | None = None, bytecode: bool = False, rounds: int = 1) -> dict:
     """The full-size snapshot (random weights, real layout, local disk) and the ``GPU_CASES`` cases on it
     (``names``: a subset, in ``GPU_CASES`` order), preceded by the saved FP8 transformer they load.
-    ``bytecode``: first write the packages' bytecode caches, as an image build would (``compile_bytecode``)."""
+    ``bytecode``: first write the packages' bytecode caches, as an image build would (``compile_bytecode``).
+    ``rounds``: the cases that save nothing run again, ``NAME (round K)``: the import phase of one process varies
+    by 1-3 s between processes that import the same modules."""
     chosen = select_cases(names)  # before minutes of snapshot building: a typo fails at once
     from .. import embeddings
     from ..provenance import fingerprint
@@ -293,28 +305,48 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
 
         res["import_cache_build"] = write_import_cache(work)
         print(f"  import cache written: {res['import_cache_build']}", flush=True)
-    spent = time.perf_counter() - start + res["snapshot_s"]
-    res["cases"] = run(root, cases, work, steps, budget_s - spent, height=s.height, width=s.width // 2, options=base,
-                       on_case=lambda done: on_case and on_case({**res, "cases": done}))
+    res["cases"] = {}
+    again = {k: c for k, c in cases.items() if c.aot_blocks != "save" and not (c.artifacts or "").startswith(
+        ("save", "load"))}  # (a round deletes the artefact files the first one saved)
+    for r in range(1, rounds + 1):
+        spent, suffix = time.perf_counter() - start + res["snapshot_s"], f" (round {r})" if r > 1 else ""
+
+        def record(new: dict, suffix: str = suffix) -> None:
+            res["cases"].update({k + suffix: v for k, v in new.items()})
+            if on_case:
+                on_case(res)
+
+        record(run(root, cases if r == 1 else again, work, steps, budget_s - spent, height=s.height,
+                   width=s.width // 2, options=base, on_case=record))
     return res
 
 
 def targets(cases: dict) -> list[str]:
-    """The issue's cold-start targets, read off the cases: warm <= 15 s and <= 0.5x stock; empty cache <= 30 s."""
-    ok = {k: v for k, v in cases.items() if v.get("status") == "ok"}
-    stock = ok.get("stock eager")
-    if not stock:
+    """The issue's cold-start targets, read off the cases: warm <= 15 s and <= 0.5x stock; empty cache <= 30 s.
+    A case run in several rounds counts with its median time to the first image."""
+    import statistics
+
+    runs: dict[str, list[float]] = {}
+    for k, v in cases.items():
+        if v.get("status") == "ok":
+            runs.setdefault(k.split(" (round ")[0], []).append(v["first_image_wall_s"])
+    wall = {k: statistics.median(v) for k, v in runs.items()}
+    if "stock eager" not in wall:
         return []
-    warm = {k: v for k, v in ok.items() if "empty cache" not in k and k != "stock eager"}
+
+    def said(name: str) -> str:
+        n = len(runs[name])
+        return f"{name} {wall[name]:.1f} s" + (f" (median of {n}: {min(runs[name]):.1f}-{max(runs[name]):.1f})"
+                                               if n > 1 else "")
+
+    warm = [k for k in wall if "empty cache" not in k and k != "stock eager"]
     out = []
     if warm:
-        name, best = min(warm.items(), key=lambda kv: kv[1]["first_image_wall_s"])
-        t, ratio = best["first_image_wall_s"], best["first_image_wall_s"] / stock["first_image_wall_s"]
-        out.append(f"warm: {name} {t:.1f} s vs stock {stock['first_image_wall_s']:.1f} s = {ratio:.2f}x "
+        best = min(warm, key=wall.get)
+        t, ratio = wall[best], wall[best] / wall["stock eager"]
+        out.append(f"warm: {said(best)} vs stock {said('stock eager')[12:]} = {ratio:.2f}x "
                    f"(target <= 15 s and <= 0.5x: {'met' if t <= 15 and ratio <= 0.5 else 'NOT met'})")
-    empty = {k: v for k, v in ok.items() if "empty cache" in k}
-    if empty:
-        name, best = min(empty.items(), key=lambda kv: kv[1]["first_image_wall_s"])
-        t = best["first_image_wall_s"]
-        out.append(f"empty cache: {name} {t:.1f} s (target <= 30 s: {'met' if t <= 30 else 'NOT met'})")
+    if empty := [k for k in wall if "empty cache" in k]:
+        best = min(empty, key=wall.get)
+        out.append(f"empty cache: {said(best)} (target <= 30 s: {'met' if wall[best] <= 30 else 'NOT met'})")
     return out

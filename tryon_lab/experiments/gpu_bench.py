@@ -299,7 +299,8 @@ def targets(res: dict, ms_target: float = 75.0) -> list[str]:
 
 def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, tiny: bool = False,
               steps: int | None = None, budget_s: float = 540, work: str | Path = "/tmp/bench_gpu_work",
-              schedule: list[bool] | None = None, cold_cases: list[str] | None = None, bytecode: bool = False) -> dict:
+              schedule: list[bool] | None = None, cold_cases: list[str] | None = None, bytecode: bool = False,
+              cold_rounds: int = 1) -> dict:
     """Step-speed variants and/or the cold-start cases, written to ``out_dir/bench_gpu.json`` and ``.md``
     (stamped with device, commit and date) after every variant, so a run stopped early keeps its numbers."""
     from ..plots import markdown_table
@@ -336,7 +337,7 @@ def benchmark(out_dir: str | Path, variants: str = DEFAULT, cold: bool = True, t
         left = budget_s - (time.perf_counter() - start)
         res["cold"] = coldstart_gpu.gpu_run(s, Path(work), steps, budget_s=left,
                                         on_case=lambda c: write({**res, "cold": c}), names=cold_cases,
-                                        bytecode=bytecode)
+                                        bytecode=bytecode, rounds=cold_rounds)
         write(res)
     return res
 

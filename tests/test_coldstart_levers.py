@@ -312,7 +312,7 @@ def test_packages_left_out_are_not_imported_and_the_try_on_is_bit_identical():
 
     served, full = (run_child("-c", LEAVE_OUT_CHILD, how, str(TRAINED_DIR)) for how in ("leave-out", "-"))
     assert served["left"] == list(SERVING_LEFT_OUT) and served["imported"] == []
-    assert full["imported"] == sorted(SERVING_LEFT_OUT)  # what the lever keeps out
+    assert {"peft", "scipy"} <= set(full["imported"]) <= set(SERVING_LEFT_OUT)  # what the lever keeps out
     assert served["latents"] == full["latents"]
     assert "need peft" in served["refused"] and full["refused"] is None
 

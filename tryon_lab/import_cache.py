@@ -7,7 +7,7 @@
   built by reading every model file's source for its ``__all__`` (3,121 files on the H200 image, about 1 s).
 
 ``leave_out`` is the other half of a serving image: packages installed for the workbench that the slim serving
-path imports but never calls (peft for LoRAs, scipy for schedulers and losses it does not use, sentencepiece for
+path imports but never calls (peft for LoRAs, scipy and scikit-learn for schedulers, losses and generation it does not use, sentencepiece for
 tokenizers it does not run) marked absent in the serving process, so diffusers' and transformers' availability
 checks skip them as if they were not installed.
 
@@ -37,7 +37,7 @@ SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipeli
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
 _state: dict = {}  # "cache": this process's cache once use() ran
 # imported by diffusers' and transformers' modules on the slim path behind availability checks, never called by it
-SERVING_LEFT_OUT = ("peft", "scipy", "sentencepiece")
+SERVING_LEFT_OUT = ("peft", "scipy", "sklearn", "sentencepiece")
 
 
 def path_key() -> list[list]:

@@ -150,7 +150,7 @@ def _where(entry: dict, stamp: dict) -> str:
             f"{entry['model']}; {entry['shape']}")
 
 
-GPU_COLD_KEY = "bench_gpu_cold_bytecode"  # the latest cold-start run in benchmarks/bench_gpu.json (run 15)
+GPU_COLD_KEY = "bench_gpu_cold_serving"  # the latest cold-start run in benchmarks/bench_gpu.json (run 16)
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:

@@ -143,7 +143,10 @@ if cold:
 # transformers, peft, torchao), then torch; stock imports as much. Of that, diffusers and transformers spent
 # about 2 s on the H200 image rebuilding tables of the installed packages in every process (importlib's map of
 # packages to distributions, twice; transformers' lazy-import tables, read from every model file's source):
-# the import cache (`tryon_lab/import_cache.py`) writes them once at image build.
+# the import cache (`tryon_lab/import_cache.py`) writes them once at image build. A serving process also leaves
+# out what the slim path imports but never calls (`import_cache.leave_out`: peft, scipy, scikit-learn,
+# sentencepiece), which took its imports from 6.0-7.5 s to 4.4-5.3 s. Each case ran twice ("round 2"): two
+# processes of the same case differ by up to 2 s, so compare medians.
 
 # %%
 gpu_cold, phases, measured_on = variants_report.gpu_cold_start()

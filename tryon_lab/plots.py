@@ -105,9 +105,10 @@ def phase_bars(rows: list[dict], phases: list[str], label: str = "case", unit: s
     fig, ax = plt.subplots(figsize=(11, 0.6 * len(rows) + 2.0))
     left = np.zeros(len(rows))
     names = [str(r[label]) for r in rows]
-    for phase in phases:
+    colours = plt.get_cmap("tab20").colors  # 13 phases: the default cycle of 10 would give two phases one colour
+    for i, phase in enumerate(phases):
         vals = np.array([float(r.get(phase, 0.0) or 0.0) for r in rows])
-        ax.barh(names, vals, left=left, label=phase)
+        ax.barh(names, vals, left=left, label=phase, color=colours[i % len(colours)])
         left += vals
     for y, total in enumerate(left):
         ax.text(total, y, f" {total:.1f} {unit}", va="center", fontsize=8)

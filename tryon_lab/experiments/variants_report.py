@@ -161,8 +161,9 @@ def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dic
 
     entry = _gpu_entry(results_file, key)
     rows = [r for r in coldstart.phase_rows(entry["cold"]["cases"]) if "interpreter" in r]
-    order = list(GPU_CASES)  # the results file keeps cases sorted by name: show them in the order they ran
-    rows.sort(key=lambda r: order.index(r["case"]) if r["case"] in order else len(order))
+    order = list(GPU_CASES)  # the results file keeps cases sorted by name: show them in the order they ran,
+    rows.sort(key=lambda r: (order.index(base) if (base := r["case"].split(" (round ")[0]) in order else len(order),
+                             r["case"]))  # each case's later rounds right after it
     return rows, [*coldstart.PHASES, "other"], _where(entry, entry.get("cold_stamp", entry["stamp"]))
 
 

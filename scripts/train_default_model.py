@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     t = sub.add_parser("train", help="one training call: continue or start, then save the state")
     t.add_argument("--out", required=True, help="folder for the state (state.json, weights-*.safetensors), log, LoRA")
     t.add_argument("--resume", help="a state folder a previous call wrote (its --out)")
-    t.add_argument("--stages", default="vae,fill", help="comma-separated, in order: vae, fill, logo")
+    t.add_argument("--stages", default="vae,fill", help="comma-separated, in order: vae, fill, logo, tryon")
     t.add_argument("--time-budget", type=float, help="seconds for the whole call, saving included")
     t.add_argument("--save-reserve", type=float, default=default_model.SAVE_RESERVE_S,
                    help="seconds of the budget kept for saving")

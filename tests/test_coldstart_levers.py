@@ -317,9 +317,23 @@ def test_packages_left_out_are_not_imported_and_the_try_on_is_bit_identical():
     assert "need peft" in served["refused"] and full["refused"] is None
 
 
-def test_leave_out_refuses_a_package_already_imported():
+def test_leave_out_hides_a_package_until_restored_and_refuses_one_already_imported(tmp_path, monkeypatch):
+    import importlib.util
+
     from tryon_lab import import_cache
 
+    (tmp_path / "pkg_left_out_here.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert import_cache.leave_out(("pkg_left_out_here",)) == ["pkg_left_out_here"]
+        assert importlib.util.find_spec("pkg_left_out_here") is None  # what availability checks ask
+        with pytest.raises(ModuleNotFoundError):
+            importlib.import_module("pkg_left_out_here")
+        assert import_cache.left_out() == ["pkg_left_out_here"]
+    finally:
+        import_cache.restore()
+    assert import_cache.left_out() == [] and importlib.import_module("pkg_left_out_here").VALUE == 1
+    del sys.modules["pkg_left_out_here"]
     with pytest.raises(RuntimeError, match="already imported .* call leave_out\\(\\) first"):
         import_cache.leave_out(("json",))  # this test module imported json
     assert sys.modules["json"] is not None and import_cache.left_out() == []

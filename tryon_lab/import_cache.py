@@ -7,12 +7,12 @@
   built by reading every model file's source for its ``__all__`` (3,121 files on the H200 image, about 1 s).
 
 ``leave_out`` is the other half of a serving image: packages installed for the workbench that the slim serving
-path imports but never calls (peft for LoRAs, scipy and scikit-learn for schedulers, losses and generation it does not use, sentencepiece for
-tokenizers it does not run) marked absent in the serving process, so diffusers' and transformers' availability
-checks skip them as if they were not installed.
+path imports but never calls (peft for LoRAs; scipy and scikit-learn for schedulers, losses and generation it does
+not use; sentencepiece for tokenizers it does not run) marked absent in the serving process, so diffusers' and
+transformers' availability checks skip them as if they were not installed.
 
-The cached tables only change when packages are installed or removed, which changes the modification time of the folder they
-live in, so the cache is keyed by ``sys.path``, the modification times of its folders and transformers' folders:
+The cached tables only change when packages are installed or removed, which changes the modification time of the
+folder they live in, so the cache is keyed by ``sys.path``, the modification times of its folders and transformers' folders:
 an install, a removal or another path makes it miss, and a miss computes everything as before and rewrites the
 file. Call ``use(path)`` before the first import of diffusers or transformers (a serving script's first lines);
 write the file at image build with ``write(path)``, as pip writes bytecode at install time.
@@ -35,7 +35,7 @@ _ORIGINAL_MAP = importlib.metadata.packages_distributions
 DEFAULT_FILE = "import-cache.json"
 SLIM_IMPORTS = ("diffusers.pipelines.flux.pipeline_flux_fill", "diffusers.pipelines.flux.pipeline_flux_prior_redux")
 _STRUCTURE_MODULE = "transformers.utils.import_utils"
-_state: dict = {}  # "cache": this process's cache once use() ran
+_state: dict = {"left_out": []}  # "cache": this process's cache once use() ran; "left_out": leave_out()'s packages
 # imported by diffusers' and transformers' modules on the slim path behind availability checks, never called by it
 SERVING_LEFT_OUT = ("peft", "scipy", "sklearn", "sentencepiece")
 
@@ -174,12 +174,14 @@ def leave_out(packages: tuple[str, ...] = SERVING_LEFT_OUT) -> list[str]:
                            "first thing, before diffusers or transformers is imported")
     for name in packages:
         sys.modules[name] = None
+        if name not in _state["left_out"]:
+            _state["left_out"].append(name)
     return list(packages)
 
 
 def left_out() -> list[str]:
-    """The packages this process marked absent (``leave_out``)."""
-    return [name for name, module in sys.modules.items() if module is None and "." not in name]
+    """The packages ``leave_out`` marked absent in this process."""
+    return list(_state["left_out"])
 
 
 def report() -> dict:
@@ -192,8 +194,10 @@ def report() -> dict:
 def restore() -> None:
     """Back to importlib's and transformers' own functions, and left-out packages importable again (tests; tables
     transformers already built stay)."""
-    for name in left_out():
-        del sys.modules[name]
+    for name in _state["left_out"]:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
+    _state["left_out"] = []
     importlib.metadata.packages_distributions = _ORIGINAL_MAP
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterLoad)]
     cache = _state.pop("cache", None)

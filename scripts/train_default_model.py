@@ -65,15 +65,21 @@ def main(argv=None) -> int:
     c.add_argument("--state", required=True, help="a state folder a `train` call wrote")
     c.add_argument("--pairs", type=int, default=8)
     args = p.parse_args(argv)
+    if args.cmd == "train" and (bad := [kv for kv in args.set + args.model if "=" not in kv]):
+        p.error(f"--set and --model take FIELD=VALUE, got {bad[0]!r}")
+    try:
+        run(args)
+    except FileNotFoundError as e:  # a wrong folder: its message names it and the fix, a traceback adds nothing
+        p.exit(2, f"{p.prog} {args.cmd}: error: {e}\n")
+    return 0
+
+
+def run(args) -> None:
     if args.cmd == "ceiling":
         import json
 
         print(json.dumps(default_model.vae_ceiling_of_state(args.state, count=args.pairs), indent=1))
-        return 0
-    if args.cmd == "train":
-        bad = [kv for kv in args.set + args.model if "=" not in kv]
-        if bad:
-            p.error(f"--set and --model take FIELD=VALUE, got {bad[0]!r}")
+    elif args.cmd == "train":
         default_model.train_default(args.out, args.device, args.embeddings, args.quick,
                                     dict(kv.split("=", 1) for kv in args.set), args.stages, args.resume,
                                     args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve,
@@ -82,7 +88,6 @@ def main(argv=None) -> int:
         default_model.assemble_adapters(args.state)
     else:
         default_model.assemble_default(args.state, args.out, args.embeddings)
-    return 0
 
 
 if __name__ == "__main__":

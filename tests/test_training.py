@@ -362,3 +362,17 @@ def test_the_tryon_adapter_stage_trains_its_own_lora_and_leaves_the_logo_one_alo
     assert any(not torch.equal(tryon_b[k], logo_b[k]) for k in tryon_b if "lora_B" in k)
     shipped_a, shipped_b = (default_model.shipped_weights(tmp_path / d)[1] for d in "ab")
     assert all(torch.equal(shipped_a[k], shipped_b[k]) for k in shipped_a if k.startswith("transformer."))
+
+
+def test_training_script_names_a_wrong_state_folder_in_one_line(tmp_path):
+    # Every subcommand that reads a state folder: exit code 2 and one error line naming the folder and the fix,
+    # not a traceback.
+    script = Path(__file__).resolve().parent.parent / "scripts" / "train_default_model.py"
+    missing = tmp_path / "no-state"
+    for args in (["train", "--resume", str(missing), "--out", str(tmp_path / "out"), "--quick", "--device", "cpu"],
+                 ["assemble", "--state", str(missing)], ["assemble", "--state", str(missing), "--adapters-only"],
+                 ["ceiling", "--state", str(missing)]):
+        p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert f"{args[0]}: error: no state.json in {missing}" in p.stderr and "a previous `train` wrote" in p.stderr
+        assert "Traceback" not in p.stderr

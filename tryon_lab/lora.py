@@ -193,15 +193,19 @@ def adapter_enabled(pipe, path: str | Path | None):
             pipe.fill.disable_lora()
 
 
+def adapter_dir(model_dir: str | Path, kind: str = "logo") -> Path:
+    """Where a model's trained ``kind`` adapter ("logo" or "tryon") lives: beside it, ``<model_dir>-<kind>-lora``."""
+    model_dir = Path(model_dir)
+    return model_dir.with_name(model_dir.name + ADAPTER_SUFFIXES[kind])
+
+
 def adapter_for(model_dir: str | Path, kind: str = "logo") -> Path | None:
-    """The trained ``kind`` adapter ("logo" or "tryon") beside ``model_dir`` (``<model_dir>-logo-lora``), or None
-    when there is none.
+    """The trained ``kind`` adapter beside ``model_dir`` (``adapter_dir``), or None when there is none.
 
     Its card records the fingerprint of the weights it was trained on; an adapter trained on other weights (the
     model was retrained since) is an error, not a silent mismatch.
     """
-    model_dir = Path(model_dir)
-    folder = model_dir.with_name(model_dir.name + ADAPTER_SUFFIXES[kind])
+    model_dir, folder = Path(model_dir), adapter_dir(model_dir, kind)
     if not (folder / WEIGHT_NAME).is_file():
         return None
     card = folder / CARD_FILE

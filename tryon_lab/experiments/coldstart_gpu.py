@@ -190,6 +190,16 @@ GPU_CASES = {
 }
 
 
+def round_name(name: str, r: int) -> str:
+    """A case's name in round ``r`` of ``gpu_run(rounds=...)`` (the first round keeps the name)."""
+    return name if r == 1 else f"{name} (round {r})"
+
+
+def base_case(name: str) -> str:
+    """The ``GPU_CASES`` name behind a ``round_name``."""
+    return name.split(" (round ")[0]
+
+
 def select_cases(names: list[str] | None = None) -> dict[str, Case]:
     """``GPU_CASES`` named in ``names`` (all when None), in ``GPU_CASES`` order whatever order they were named in:
     a warm case reads the cache folder or artefacts that an earlier case wrote."""
@@ -309,10 +319,10 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     again = {k: c for k, c in cases.items() if c.aot_blocks != "save" and not (c.artifacts or "").startswith(
         ("save", "load"))}  # (a round deletes the artefact files the first one saved)
     for r in range(1, rounds + 1):
-        spent, suffix = time.perf_counter() - start + res["snapshot_s"], f" (round {r})" if r > 1 else ""
+        spent = time.perf_counter() - start + res["snapshot_s"]
 
-        def record(new: dict, suffix: str = suffix) -> None:
-            res["cases"].update({k + suffix: v for k, v in new.items()})
+        def record(new: dict, r: int = r) -> None:
+            res["cases"].update({round_name(k, r): v for k, v in new.items()})
             if on_case:
                 on_case(res)
 
@@ -329,7 +339,7 @@ def targets(cases: dict) -> list[str]:
     runs: dict[str, list[float]] = {}
     for k, v in cases.items():
         if v.get("status") == "ok":
-            runs.setdefault(k.split(" (round ")[0], []).append(v["first_image_wall_s"])
+            runs.setdefault(base_case(k), []).append(v["first_image_wall_s"])
     wall = {k: statistics.median(v) for k, v in runs.items()}
     if "stock eager" not in wall:
         return []

@@ -261,8 +261,8 @@ def write_adapter(state_dir: Path, record: dict, model_dir: Path, out: Path, sta
 
 def adapters_beside(state_dir: Path, record: dict, model_dir: Path) -> list[Path]:
     """Every adapter the state trained, written beside ``model_dir`` (``<model>-logo-lora``, ``<model>-tryon-lora``)."""
-    return [write_adapter(state_dir, record, model_dir, model_dir.with_name(model_dir.name + suffix), stage)
-            for stage, suffix in lora.ADAPTER_SUFFIXES.items() if (state_dir / f"{stage}_lora").is_dir()]
+    return [write_adapter(state_dir, record, model_dir, lora.adapter_dir(model_dir, stage), stage)
+            for stage in lora.ADAPTER_SUFFIXES if (state_dir / f"{stage}_lora").is_dir()]
 
 
 def assemble_adapters(state_dir: str | Path) -> list[Path]:

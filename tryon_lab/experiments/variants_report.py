@@ -157,12 +157,12 @@ def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dic
     """The measured H200 cold start, phase by phase (``benchmarks/bench_gpu.json``, written by
     ``scripts/bench_gpu.py``; ``key``: which run): rows, the phase names in order, and a line saying where they
     were measured."""
-    from .coldstart_gpu import GPU_CASES
+    from .coldstart_gpu import GPU_CASES, base_case
 
     entry = _gpu_entry(results_file, key)
     rows = [r for r in coldstart.phase_rows(entry["cold"]["cases"]) if "interpreter" in r]
     order = list(GPU_CASES)  # the results file keeps cases sorted by name: show them in the order they ran,
-    rows.sort(key=lambda r: (order.index(base) if (base := r["case"].split(" (round ")[0]) in order else len(order),
+    rows.sort(key=lambda r: (order.index(base) if (base := base_case(r["case"])) in order else len(order),
                              r["case"]))  # each case's later rounds right after it
     return rows, [*coldstart.PHASES, "other"], _where(entry, entry.get("cold_stamp", entry["stamp"]))
 

@@ -249,6 +249,7 @@ def _transformer_worker(rank: int, world: int, port: int, out: str, quant: str, 
         if graphed:
             assert (hook.state.captures, hook.state.replays) == (1, 2)
         torch.save(sample.clone(), f"{out}/rank{rank}.pt")  # clone: a gathered output may still be an async tensor
+        _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -269,8 +270,17 @@ def _tryon_worker(rank: int, world: int, port: int, out: str, model_dir: str, an
         assert pipe.text_multiple == (1 if anything else world)
         res = tryon(pipe, TryOnRequest(*make_request_images(), seed=5), TryOnSettings(steps=2, progress=False))
         torch.save(res.latents.clone(), f"{out}/rank{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """Every rank waits here after its last result: gloo aborts a rank (SIGABRT, "terminate called without an active
+    exception", seen once on CI) whose peer tears its sockets down while a last exchange is still in flight."""
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _spawn(fn, args: tuple, world: int = 2, timeout: float = 180) -> None:
@@ -502,6 +512,7 @@ def _vae_worker(rank: int, world: int, port: int, out: str, halo: int) -> None:
         with torch.no_grad():
             z = vae.encode(_smooth_image()).latent_dist.mode()
             torch.save({"z": z, "image": vae.decode(z).sample}, f"{out}/rank{rank}.pt")
+            _leave_together()
     finally:
         dist.destroy_process_group()
 
@@ -549,6 +560,7 @@ def _cache_dit_worker(rank: int, world: int, port: int, out: str, graphed: bool 
         if graphed:
             assert (hook.state.captures, hook.state.replays) == (1, 1)
         torch.save(sample.clone(), f"{out}/rank{rank}.pt")
+        _leave_together()
     finally:
         dist.destroy_process_group()
 

@@ -37,9 +37,9 @@
 model = "default"  # "default" (trained toy model if committed, else random), "random", or a folder with real snapshots
 device = "auto"  # "auto", "cpu", "cuda"
 dtype = "auto"  # reference dtype: "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32"
-# quantization (fp8_weight_only, fp8_dynamic_row, fp8_dynamic_tensor) + compile (regional, full) + lora, "@backend"
-variants = ["fp8_weight_only", "fp8_dynamic_row", "regional@inductor", "full", "fp8_weight_only+regional",
-            "fp8_weight_only+lora", "regional+lora"]
+# quantization (fp8_weight_only, fp8_dynamic_row, fp8_dynamic_tensor, fp8_static_tensor) + compile (regional, full) + lora, "@backend"
+variants = ["fp8_weight_only", "fp8_dynamic_row", "fp8_static_tensor", "regional@inductor", "full",
+            "fp8_weight_only+regional", "fp8_weight_only+lora", "regional+lora"]
 all_variants = False  # True: every FP8 mode x compile mode, each with and without LoRA (slow on a CPU)
 backend = "auto"  # variants without @backend: inductor on GPU, aot_eager on CPU (inductor: tens of s of gcc per variant)
 steps = 4

@@ -1,5 +1,5 @@
-"""One fresh process of the AOT-blocks test (``python -m tests.aot_child``): build with compile_aot, run two
-images (and one of another size)."""
+"""One fresh process of the AOT-blocks test (``python -m tests.aot_child FOLDER OTHER_SIZE EAGER NAME [FP8]``):
+build with compile_aot, run two images (and one of another size)."""
 import json
 import sys
 
@@ -16,7 +16,7 @@ def request(w: int, h: int) -> pipeline.TryOnRequest:
 folder, other_size = sys.argv[1], sys.argv[2] == "1"
 model_dir = checkpoint.random_checkpoint()
 settings = pipeline.TryOnSettings(steps=2, progress=False)
-opts = dict(device="cpu", dtype="float32", fp8="fp8_weight_only")
+opts = dict(device="cpu", dtype="float32", fp8=sys.argv[5] if len(sys.argv) > 5 else "fp8_weight_only")
 pipe = configure.build_pipeline(model_dir, compile="regional", compile_aot=folder, **opts)
 images = [np.asarray(pipeline.tryon(pipe, [request(128, 192)], settings).images[0]) for _ in range(2)]
 from torch._dynamo.utils import counters  # noqa: E402

@@ -14,28 +14,30 @@ from tryon_lab import aot_blocks, checkpoint, configure
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _child(folder: Path, cache: Path, name: str, other_size: bool, eager: bool) -> tuple[dict, str]:
+def _child(folder: Path, cache: Path, name: str, other_size: bool, eager: bool, fp8: str) -> tuple[dict, str]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
     p = subprocess.run([sys.executable, "-m", "tests.aot_child", str(folder), str(int(other_size)),
-                        str(int(eager)), name], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+                        str(int(eager)), name, fp8], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads([x for x in p.stdout.splitlines() if x.startswith("RESULT ")][-1][7:]), p.stderr
 
 
 @pytest.mark.slow
-def test_aot_blocks_compile_once_then_load_in_a_fresh_process_without_tracing(tmp_path):
-    """Process 1 (FP8 weights, CPU inductor) compiles each block class on its first call and saves it; its image
-    equals eager's. Process 2, with an empty inductor folder, loads both classes, compiles no graph at all and
-    draws the same image bit for bit; a request of another size falls back to ordinary compile, with a warning."""
+@pytest.mark.parametrize("fp8", ["fp8_weight_only", "fp8_static_tensor"])
+def test_aot_blocks_compile_once_then_load_in_a_fresh_process_without_tracing(tmp_path, fp8):
+    """Process 1 (FP8 weights, or static FP8 as a serving image would ship it; CPU inductor) compiles each block
+    class on its first call and saves it; its image equals eager's. Process 2, with an empty inductor folder, loads
+    both classes, compiles no graph at all and draws the same image bit for bit; a request of another size falls
+    back to ordinary compile, with a warning."""
     folder = tmp_path / "aot"
-    first, _ = _child(folder, tmp_path / "inductor-a", "a", other_size=False, eager=True)
+    first, _ = _child(folder, tmp_path / "inductor-a", "a", other_size=False, eager=True, fp8=fp8)
     for name in ("FluxTransformerBlock", "FluxSingleTransformerBlock"):
         built = first["after"][name]
         assert built["loaded"] is False and built["compile_reason"] == "no saved code" and built["bytes"] > 0
         assert (folder / f"{name}.bin").is_file() and (folder / f"{name}.json").is_file()
     assert first["max_abs_vs_eager"] <= 2 and first["same_twice"]
 
-    second, stderr = _child(folder, tmp_path / "inductor-b", "b", other_size=True, eager=False)
+    second, stderr = _child(folder, tmp_path / "inductor-b", "b", other_size=True, eager=False, fp8=fp8)
     assert second["graphs"] == 0  # nothing traced by dynamo for the two images
     for name in ("FluxTransformerBlock", "FluxSingleTransformerBlock"):
         assert second["build"][name]["loaded"] is True and second["build"][name]["fallback_calls"] == 0
@@ -46,7 +48,7 @@ def test_aot_blocks_compile_once_then_load_in_a_fresh_process_without_tracing(tm
     # saved for another torch: not loaded, compiled again on the first call, and the report says why
     meta = folder / "FluxSingleTransformerBlock.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "torch": "0.0"}))
-    pipe = configure.build_pipeline(checkpoint.random_checkpoint(), device="cpu", dtype="float32", fp8="fp8_weight_only",
+    pipe = configure.build_pipeline(checkpoint.random_checkpoint(), device="cpu", dtype="float32", fp8=fp8,
                                     compile="regional", compile_aot=str(folder))
     rep = aot_blocks.report(pipe.aot_blocks)
     assert rep["FluxSingleTransformerBlock"]["compile_reason"] == "saved for another torch"

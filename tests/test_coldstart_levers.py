@@ -17,6 +17,7 @@ import torch
 from tests.conftest import make_request_images
 from tryon_lab import configure, loading, pipeline, quant
 from tryon_lab.checkpoint import FILL_SUBDIR, TRAINED_DIR
+from tryon_lab.samples import load_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = pipeline.TryOnSettings(steps=2, progress=False)
@@ -83,6 +84,8 @@ def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
             assert torch.equal(x.scale, y.scale) and x.scale.dtype == y.scale.dtype, k
             for attr in ("block_size", "mm_config", "act_quant_kwargs", "kernel_preference", "dtype", "shape"):
                 assert getattr(x, attr) == getattr(y, attr), (k, attr)
+            if hasattr(x, "act_quant_scale"):  # static FP8: the calibrated activation scale travels with the weight
+                assert torch.equal(x.act_quant_scale, y.act_quant_scale), k
         else:
             assert torch.equal(x, y), k
     assert n_fp8 > 0
@@ -126,6 +129,35 @@ def test_saved_fp8_with_fused_qkv_loads_fused_and_equal(tmp_path):
     assert torch.equal(pipeline.tryon(on_load, req, FAST).latents, pipeline.tryon(saved, req, FAST).latents)
     with pytest.raises(quant.FP8WeightsError, match="fuse_qkv=True"):
         configure.build_pipeline(TRAINED_DIR, fp8_weights=str(folder), **{**opts, "fuse_qkv": False})
+
+
+def test_static_fp8_is_calibrated_once_then_saved_and_loaded_bit_for_bit(tmp_path):
+    """The best step variant's lever as an option: ``fp8_static_tensor`` calibrates every block Linear's activation
+    scale on a 2-step try-on of the bundled sample (the projections fused QKV leaves unused get scale 1 and are
+    counted), stays close to the unquantized model, and its saved folder loads the same scales, weights and output
+    without calibrating again, saying what it was calibrated on."""
+    opts = dict(device="cpu", fuse_qkv=True)
+    plain = configure.build_pipeline(TRAINED_DIR, **opts)
+    static = configure.build_pipeline(TRAINED_DIR, fp8=quant.STATIC, **opts)
+    rep = static.build_report["quant"]
+    n_blocks = len(static.transformer.transformer_blocks) + len(static.transformer.single_transformer_blocks)
+    assert rep["fp8_layers"] > 0 and rep["calibration"].startswith("sample s000 at 128x192, 2 steps")
+    assert rep["uncalibrated_unused_layers"] == 6 * len(static.transformer.transformer_blocks) + 3 * (
+        n_blocks - len(static.transformer.transformer_blocks))  # q, k, v (and the text ones) once fused
+    assert not static.redux_cache  # the calibration's Redux tokens are nobody's request
+    s = load_sample(1)  # another pair than the calibration's: 0.020 rel-L2 here (FP8 weights alone: 0.014)
+    req = pipeline.TryOnRequest(s.person, s.garment, s.mask, seed=3)
+    ref, out = pipeline.tryon(plain, req, FAST).latents, pipeline.tryon(static, req, FAST).latents
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.03
+
+    info = configure.save_fp8_weights(TRAINED_DIR, tmp_path / "static", quant.STATIC, device="cpu", fuse_qkv=True)
+    assert info["mode"] == quant.STATIC and info["calibration"] == rep["calibration"]
+    saved = configure.build_pipeline(TRAINED_DIR, fp8=quant.STATIC, fp8_weights=str(tmp_path / "static"), **opts)
+    same_weights(static.transformer, saved.transformer)
+    assert saved.build_report["quant"]["calibration"] == rep["calibration"]
+    assert torch.equal(pipeline.tryon(saved, req, FAST).latents, out)
+    with pytest.raises(quant.SpeedConfigError, match="calibrate="):
+        quant.quantize_transformer(plain.transformer, quant.STATIC)
 
 
 def test_per_row_dynamic_fp8_round_trips_bit_for_bit(tmp_path):

@@ -43,6 +43,7 @@ class PipelineOptions:
     device: str = "auto"  # "auto": CUDA when there is a GPU, else CPU
     dtype: str = "auto"  # "auto": bfloat16 on CUDA, float32 on the CPU; or "bfloat16" / "float16" / "float32"
     fp8: str = "none"  # quant.QUANT_MODES
+    fp8_calibration: int | None = None  # fp8_static_tensor: the bundled sample's height for its 2-step calibration
     fp8_weights: str | None = None  # a folder quant.save_fp8_transformer wrote (save_fp8_weights): loaded, not quantized
     fuse_qkv: bool = False  # one QKV matmul per attention (diffusers' fuse_qkv_projections)
     compile: str = "none"  # compiling.COMPILE_MODES: "regional" (repeated blocks) or "full"
@@ -83,7 +84,7 @@ def check_options(options: PipelineOptions) -> None:
     o = options
     quant.check_mode(o.fp8, quant.QUANT_MODES, "quantization")
     compiling.check_compile_mode(o.compile)
-    if o.fp8.startswith("fp8_dynamic") and (problem := quant.fp8_dynamic_problem(o.device)):
+    if problem := quant.fp8_matmul_problem(o.fp8, o.device):
         raise OptionsError(f"fp8={o.fp8!r}: {problem}")
     if o.memory is not None:
         mode = MemoryMode.parse(o.memory)
@@ -177,11 +178,16 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     if o.memory is not None:
         apply_mode(pipe, MemoryMode.parse(o.memory), o.device)
     elif o.fp8_weights is not None:  # loaded already quantized
+        calibrated = quant.read_fp8_info(o.fp8_weights)[0].get("calibration")  # the static scales' source
         pipe.build_report["quant"] = {"quant": o.fp8, "fp8_weights": o.fp8_weights,
+                                      **({"calibration": calibrated} if calibrated else {}),
                                       "weight_bytes": quant.weight_bytes(transformer),
                                       "fp8_layers": sum(quant.fp8_filter()(m, n) for n, m in transformer.named_modules())}
     else:
-        pipe.build_report["quant"] = quant.quantize_transformer(transformer, o.fp8)
+        pipe.build_report["quant"] = quant.quantize_transformer(transformer, o.fp8,
+                                                                calibrate=lambda: calibration_tryon(pipe, o))
+        if o.fp8 == quant.STATIC:
+            pipe.build_report["quant"]["calibration"] = pipe.build_report.pop("calibration")
     sync(o.device)
     seconds["quantize"] = time.perf_counter() - start
     if o.context_parallel is not None:
@@ -253,18 +259,32 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     return apply_options(pipe, o)
 
 
+def calibration_tryon(pipe: SlimPipeline, o: PipelineOptions) -> None:
+    """The static-FP8 calibration run: a 2-step try-on of the bundled sample (at ``o.fp8_calibration`` pixels
+    high, else as stored), recorded in ``pipe.build_report["calibration"]``."""
+    from .pipeline import TryOnRequest, TryOnSettings, tryon
+    from .samples import load_sample
+
+    s = load_sample(0, height=o.fp8_calibration)
+    with torch.no_grad():
+        tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=0), TryOnSettings(steps=2, progress=False))
+    pipe.redux_cache.clear()  # the sample's Redux tokens are no request's
+    pipe.build_report["calibration"] = f"sample {s.id} at {s.person.width}x{s.person.height}, 2 steps, seed 0"
+
+
 def save_fp8_weights(model_dir: str | Path, folder: str | Path, fp8: str, device: str = "auto",
-                     dtype: str = "auto", fuse_qkv: bool = False) -> dict:
+                     dtype: str = "auto", fuse_qkv: bool = False, calibration: int | None = None) -> dict:
     """Quantize the model's transformer exactly as ``build_pipeline`` does (fused QKV first, if asked) and save
-    it for ``fp8_weights``.
+    it for ``fp8_weights``; ``calibration``: ``fp8_calibration`` for the static mode.
 
     Loading the folder later reads the FP8 bytes straight onto the device and skips the bf16 read and the
     quantization; make it once per model, mode, dtype and fusing, where the mode can run (dynamic FP8: a GPU).
     """
     if fp8 == "none":
         raise OptionsError("save_fp8_weights needs an FP8 mode; choose one of " + ", ".join(quant.QUANT_MODES[1:]))
-    pipe = build_pipeline(model_dir, device=device, dtype=dtype, fp8=fp8, fuse_qkv=fuse_qkv)
-    return quant.save_fp8_transformer(pipe.transformer, folder, source=pipe.model_dir / FILL_SUBDIR / "transformer")
+    pipe = build_pipeline(model_dir, device=device, dtype=dtype, fp8=fp8, fuse_qkv=fuse_qkv, fp8_calibration=calibration)
+    return quant.save_fp8_transformer(pipe.transformer, folder, source=pipe.model_dir / FILL_SUBDIR / "transformer",
+                                      calibration=pipe.build_report["quant"].get("calibration"))
 
 
 _WARM: dict[tuple[str, str], SlimPipeline] = {}  # the one warm-pipeline cache: (model folder, options) -> pipeline

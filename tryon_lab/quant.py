@@ -4,6 +4,10 @@ Only the ``nn.Linear`` layers inside the transformer blocks become FP8 (``quanti
 embedders, norms and the output head stay in the model dtype (they are small, and precision matters most
 there). LoRA adapter Linears are left alone.
 
+``fp8_static_tensor`` fixes each Linear's activation scale once, from what torchao's observers record during a
+calibration run (``quantize_transformer(..., calibrate=...)``), so no amax pass runs per call: the fastest
+single-GPU step measured (``benchmarks/bench_gpu.md``).
+
 An FP8 transformer can be saved already quantized (``save_fp8_transformer``: safetensors, torchao's own
 flattening of its tensor subclasses, never pickle) and loaded back without the bf16 weights or any
 quantization work (``load_fp8_transformer``; ``PipelineOptions.fp8_weights`` in ``configure``).
@@ -14,11 +18,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-QUANT_MODES = ("none", "fp8_weight_only", "fp8_dynamic_row", "fp8_dynamic_tensor")
+QUANT_MODES = ("none", "fp8_weight_only", "fp8_dynamic_row", "fp8_dynamic_tensor", "fp8_static_tensor")
+STATIC = "fp8_static_tensor"  # FP8 activations with per-tensor scales calibrated once (torchao's observer flow)
+_STATIC_TENSOR = "PrototypeFloat8Tensor"  # torchao's weight class of that flow
 BLOCKS = ("transformer_blocks.*", "single_transformer_blocks.*")  # only Linears in here may become FP8
 # fnmatch patterns on full module names kept in the model dtype ("*norm*": the AdaLN modulation Linears,
 # which see one token per sample, so FP8 saves memory there but no time and costs precision)
@@ -64,6 +71,14 @@ def fp8_dynamic_problem(device: str | torch.device) -> str | None:
             "or mode='none'.")
 
 
+def fp8_matmul_problem(mode: str, device: str | torch.device) -> str | None:
+    """Why FP8 ``mode`` cannot run on ``device``, or None: dynamic FP8 needs an FP8 GPU; static FP8 runs on the
+    CPU too (torch's CPU float8 matmul, indicative there) but on CUDA needs the same FP8 tensor cores."""
+    if mode.startswith("fp8_dynamic") or (mode == STATIC and torch.device(device).type == "cuda"):
+        return fp8_dynamic_problem(device)
+    return None
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Storage bytes of a tensor, looking inside tensor subclasses (torchao's Float8Tensor holds qdata + scale)."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
@@ -103,33 +118,64 @@ def fp8_config(mode: str, inductor_tuning: bool = False):
     tune = dict(set_inductor_config=inductor_tuning)
     if mode == "fp8_weight_only":
         return Float8WeightOnlyConfig(**tune)
+    if mode == STATIC:
+        raise SpeedConfigError(f"{STATIC} is calibrated, not configured: quantize_transformer(..., calibrate=fn).")
     granularity = PerRow() if mode == "fp8_dynamic_row" else PerTensor()
     return Float8DynamicActivationFloat8WeightConfig(granularity=granularity, **tune)
 
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep: tuple[str, ...] = DEFAULT_KEEP,
-                         inductor_tuning: bool = False, device: str | torch.device | None = None) -> dict:
+                         inductor_tuning: bool = False, device: str | torch.device | None = None,
+                         calibrate: Callable[[], object] | None = None) -> dict:
     """Quantize the block Linears in place with torchao; returns weight bytes before/after and the layer count.
 
-    Dynamic FP8 on a device without FP8 matmuls raises ``SpeedConfigError`` (never a silent fallback).
+    FP8 on a device without FP8 matmuls raises ``SpeedConfigError`` (never a silent fallback).
     Load LoRA adapters before calling this: adapter Linears are left alone, their base layers become FP8.
     ``inductor_tuning`` is torchao's ``set_inductor_config``: it turns on inductor's coordinate-descent
     autotuning for the whole process (every later compile too), which costs minutes of compile on a GPU.
     ``device``: quantize a model held on the CPU layer by layer on this device (torchao moves each Linear
     there first), so a card smaller than the bf16 model can still make the FP8 one.
+    ``calibrate``: for ``fp8_static_tensor``, a call that runs the model once (a short try-on) while observers
+    record each Linear's input range.
     """
     check_mode(mode, QUANT_MODES, "quantization")
     before = weight_bytes(transformer)
     fn = fp8_filter(keep)
     layers = [n for n, m in transformer.named_modules() if fn(m, n)]
+    extra: dict = {}
     if mode != "none":
         from torchao.quantization import quantize_
 
-        if mode.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(device or _device_of(transformer))):
+        if problem := fp8_matmul_problem(mode, device or _device_of(transformer)):
             raise SpeedConfigError(f"{mode}: {problem}")
-        quantize_(transformer, fp8_config(mode, inductor_tuning), filter_fn=fn, device=device)
+        if mode == STATIC:
+            extra = _quantize_static(transformer, fn, calibrate)
+        else:
+            quantize_(transformer, fp8_config(mode, inductor_tuning), filter_fn=fn, device=device)
     return {"quant": mode, "weight_bytes_before": before, "weight_bytes": weight_bytes(transformer),
-            "fp8_layers": len(layers) if mode != "none" else 0}
+            "fp8_layers": len(layers) if mode != "none" else 0, **extra}
+
+
+def _quantize_static(transformer: torch.nn.Module, fn, calibrate: Callable[[], object] | None) -> dict:
+    """torchao's observer flow: observers in, ``calibrate()``, then FP8 weights with the observed input scales."""
+    from torchao.quantization import Float8StaticActivationFloat8WeightConfig, PerTensor, quantize_
+
+    if calibrate is None:
+        raise SpeedConfigError(f"{STATIC} needs calibrate=: a call that runs the model once (e.g. a 2-step try-on) "
+                               "so each Linear's activation scale can be fixed; or load a saved static folder.")
+    # set_inductor_config off: it would turn on coordinate-descent tuning for every later compile (minutes)
+    cfg = dict(granularity=PerTensor(), set_inductor_config=False)
+    quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", **cfg), filter_fn=fn)
+    calibrate()
+    unused = []
+    for name, m in transformer.named_modules():
+        obs = getattr(m, "input_act_obs", None)
+        if obs is not None and getattr(obs, "min_val", None) is None:
+            # never called (fused QKV replaced it): scale 1, so it is FP8 like the rest and the file stays one mode
+            obs(torch.tensor([-448.0, 448.0], device=m.weight.device, dtype=m.weight.dtype))
+            unused.append(name)
+    quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="convert", **cfg), filter_fn=fn)
+    return {"uncalibrated_unused_layers": len(unused)}
 
 
 # ----------------------------------------------------------------------------- FP8 saved already quantized
@@ -150,11 +196,27 @@ def weights_signature(folder: str | Path) -> str:
 def _fp8_weights(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torchao.quantization import Float8Tensor
 
-    return {n: p for n, p in transformer.named_parameters() if isinstance(p, Float8Tensor)}
+    return {n: p for n, p in transformer.named_parameters()
+            if isinstance(p, Float8Tensor) or type(p).__name__ == _STATIC_TENSOR}
+
+
+def _allow_static_tensors() -> None:
+    """torchao's safetensors support (de)serialises the tensor subclasses it lists; its static-activation FP8
+    weight (a prototype) follows the same protocol (tensor data + JSON attributes) but is not listed yet."""
+    from torchao.prototype.quantization.float8_static_quant.prototype_float8_tensor import (
+        PrototypeFloat8Tensor,
+    )
+    from torchao.prototype.safetensors import safetensors_utils
+
+    if _STATIC_TENSOR not in safetensors_utils.ALLOWED_TENSORS_SUBCLASSES:
+        safetensors_utils.ALLOWED_TENSORS_SUBCLASSES.append(_STATIC_TENSOR)
+    safetensors_utils.ALLOWED_CLASSES.setdefault(_STATIC_TENSOR, PrototypeFloat8Tensor)
 
 
 def _mode_of(weight) -> str:
-    """The QUANT_MODES name of one torchao Float8Tensor weight (weight-only, or dynamic per row / per tensor)."""
+    """The QUANT_MODES name of one torchao FP8 weight (weight-only, dynamic per row / per tensor, or static)."""
+    if type(weight).__name__ == _STATIC_TENSOR:
+        return STATIC
     if weight.act_quant_kwargs is None:
         return "fp8_weight_only"
     return "fp8_dynamic_row" if list(weight.block_size) == [1, weight.shape[-1]] else "fp8_dynamic_tensor"
@@ -166,12 +228,13 @@ def fused_qkv(transformer: torch.nn.Module) -> bool:
 
 
 def save_fp8_transformer(transformer: torch.nn.Module, folder: str | Path, source: str | Path | None = None,
-                         keep: tuple[str, ...] = DEFAULT_KEEP) -> dict:
+                         keep: tuple[str, ...] = DEFAULT_KEEP, calibration: str | None = None) -> dict:
     """Write a transformer quantized by ``quantize_transformer`` to ``folder``: config.json + one safetensors file.
 
     torchao's ``flatten_tensor_state_dict`` stores each FP8 weight as its qdata + scale tensors with the subclass
     attributes as JSON metadata; beside them the mode, ``keep``, dtype and ``source``'s ``weights_signature``
-    (default: the folder the transformer was loaded from), so loading refuses another mode or model.
+    (default: the folder the transformer was loaded from), so loading refuses another mode or model;
+    ``calibration``: what the static mode's scales were observed on, recorded with them.
     """
     from safetensors.torch import save_file
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
@@ -190,12 +253,13 @@ def save_fp8_transformer(transformer: torch.nn.Module, folder: str | Path, sourc
     if not (source / "config.json").is_file():
         raise FP8WeightsError(f"no config.json in source={str(source)!r}: pass source= the bf16 transformer folder "
                               "this transformer was loaded from (it identifies the model at load time).")
+    _allow_static_tensors()
     tensors, metadata = flatten_tensor_state_dict(transformer.state_dict())
     dtype = next(iter(fp8.values())).dtype
     metadata["tryon_lab"] = json.dumps({
         "format": FP8_FORMAT, "mode": modes.pop(), "keep": list(keep), "dtype": str(dtype).removeprefix("torch."),
         "fp8_layers": len(fp8), "fused_qkv": fused_qkv(transformer), "source": str(source),
-        "source_signature": weights_signature(source)})
+        "source_signature": weights_signature(source), **({"calibration": calibration} if calibration else {})})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     transformer.save_config(folder)
@@ -297,6 +361,7 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
         if info.get("fused_qkv"):  # the same modules as the saved model: fused QKV Linears beside the originals
             model.fuse_qkv_projections()
     read = prefetched.result() if prefetched is not None else read_fp8_tensors(folder, device)
+    _allow_static_tensors()
     state, leftover = unflatten_tensor_state_dict(read["tensors"], read["metadata"])  # torchao's, from the header
     if leftover:
         raise FP8WeightsError(f"{folder}: tensors {sorted(leftover)[:3]} do not belong to any weight; save it again.")

@@ -38,6 +38,7 @@ BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingfac
                      "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
                      "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
                      "scipy", "sklearn")
+FP8_FOLDER = "fp8-transformer-{}"  # in the work folder: the FP8 transformer of one mode (``prepare_fp8``)
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
                "aoti_child; aoti_child(T)")
@@ -298,19 +299,19 @@ def _by_package(imports: dict) -> dict:
 def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, timeout: float) -> dict:
     """One fresh process for ``case``; its phases, "other" (wall to the first image minus the phases) and status."""
     how, _, which = (case.artifacts or "").partition(":")
-    art, fp8 = work / f"artifacts{'-' + which if which else ''}.bin", work / "fp8-transformer"
+    options = {**base.get("options", {}), **case.options}
+    art, fp8 = work / f"artifacts{'-' + which if which else ''}.bin", work / FP8_FOLDER.format(options.get("fp8"))
     if case.fp8_weights and not fp8.exists():
-        return {"status": "skipped", "reason": "no saved FP8 transformer (prepare_fp8 did not run)"}
+        return {"status": "skipped", "reason": f"no saved {fp8.name} (prepare_fp8 did not run for its mode)"}
     cache = work / ("inductor-" + (name if case.cache == "empty" else case.cache).replace(" ", "_").replace(",", ""))
     if case.cache == "empty":
         shutil.rmtree(cache, ignore_errors=True)
-    options = {**base.get("options", {}), **case.options}
     if how == "load" and art.exists():  # a backend with nothing to cache (CPU aot_eager) saves none
         options["compile_artifacts"] = str(art)
     if case.fp8_weights:
         options["fp8_weights"] = str(fp8)
     if case.aot_blocks:  # the folder a deployment would ship beside the weights
-        blocks = work / "aot-blocks"
+        blocks = work / f"aot-blocks-{options.get('fp8', 'none')}"  # the blocks hold their weights' FP8 layout
         if case.aot_blocks == "save":
             shutil.rmtree(blocks, ignore_errors=True)
         elif not any(blocks.glob("*.bin")):
@@ -342,8 +343,7 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
 
 
 def write_import_cache(work: Path) -> dict:
-    """The import cache for the cases that use it, written by the image build step a user runs
-    (``python -m tryon_lab.import_cache PATH``) from the cases' folder, so its key is theirs."""
+    """The cases' import cache, written as an image build would (``python -m tryon_lab.import_cache PATH``)."""
     p = subprocess.run([sys.executable, "-m", "tryon_lab.import_cache", str(Path(work) / IMPORT_CACHE_FILE)],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     if p.returncode or not p.stdout.strip():
@@ -368,8 +368,7 @@ def run(model_dir: str | Path, cases: dict[str, Case], work: str | Path, steps: 
         if left < 30:
             res[name] = {"status": "skipped", "reason": "no time left in the budget"}
             continue
-        res[name] = run_case(name, case, Path(model_dir), work, base, left)
-        c = res[name]
+        res[name] = c = run_case(name, case, Path(model_dir), work, base, left)
         print(f"  cold {name}: " + (f"first image after {c['first_image_wall_s']:.1f} s" if c["status"] == "ok"
                                      else f"{c['status']} {c.get('reason', '')[-300:]}"), flush=True)
         if on_case:

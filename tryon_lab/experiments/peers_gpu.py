@@ -1,8 +1,8 @@
 """Levers and peers for the GPU step-speed benchmark that are not pipeline options: each is built from stock
 libraries around an already configured pipeline, so ``gpu_bench`` can time it beside our variants.
 
-- ``static_fp8``: torchao's observer flow (``Float8StaticActivationFloat8WeightConfig`` prepare -> calibrate ->
-  convert): per-tensor activation scales fixed once on a calibration image, so no amax pass runs per call.
+- ``static_fp8``: ``quant``'s ``fp8_static_tensor`` (torchao's observer flow) calibrated on the benchmark's own
+  input: per-tensor activation scales fixed once, so no amax pass runs per call.
 - ``flux_fast_vae``: the published flux-fast recipe's VAE part: FP8 per-row on the VAE's Linears, channels-last,
   the decoder compiled with max-autotune.
 - ``cache_dit``: cache-dit's DBCache (Fn=1, Bn=0) + TaylorSeer order 1, forced to a compute/skip mask, as the
@@ -16,25 +16,12 @@ import torch
 
 
 def static_fp8(pipe, calibrate) -> dict:
-    """Replace the transformer's block Linears by FP8 with static per-tensor activation scales.
+    """The transformer's block Linears to FP8 with static per-tensor activation scales (``quant``'s
+    ``fp8_static_tensor``), calibrated by ``calibrate()`` on the benchmark's own input instead of the bundled sample."""
+    from ..quant import STATIC, quantize_transformer
 
-    ``calibrate()`` runs the pipeline once while observers record each Linear's input range.
-    """
-    from torchao.quantization import Float8StaticActivationFloat8WeightConfig, PerTensor, quantize_
-
-    from ..quant import DEFAULT_KEEP, fp8_filter
-
-    fn = fp8_filter(DEFAULT_KEEP)
-    t = pipe.transformer
-    # set_inductor_config off: it would turn on coordinate-descent tuning for every later compile (minutes)
-    cfg = dict(granularity=PerTensor(), set_inductor_config=False)
-    quantize_(t, Float8StaticActivationFloat8WeightConfig(step="prepare", **cfg), filter_fn=fn)
-    calibrate()
-    # convert what calibration observed (fused QKV leaves the unfused projections unused: they stay as they are)
-    quantize_(t, Float8StaticActivationFloat8WeightConfig(step="convert", **cfg),
-              filter_fn=lambda m, n: fn(m, n) and getattr(getattr(m, "input_act_obs", None), "min_val", None) is not None)
-    n = sum(1 for m in t.modules() if "Float8" in type(getattr(m, "weight", None)).__name__)
-    return {"static_fp8_layers": n}
+    report = quantize_transformer(pipe.transformer, STATIC, calibrate=calibrate)
+    return {"static_fp8_layers": report["fp8_layers"], **report}
 
 
 def flux_fast_vae(pipe, gpu: bool = True) -> dict:

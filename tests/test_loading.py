@@ -57,6 +57,17 @@ def test_missing_folder_is_a_clear_error(tmp_path):
         loading.load_slim(tmp_path, torch.float32, "cpu")
 
 
+def test_siglip_read_on_a_worker_before_the_imports_loads_the_same_model(slim, model_dir):
+    """The slim loader starts SigLIP's read beside the imports and builds the model from those tensors: the same
+    weights, buffers and config as transformers loading the folder itself."""
+    row = next(r for r in slim.load_report if r["component"] == "image_encoder")
+    assert row["read_thread"].startswith("siglip-read") and row["read_s"] > 0
+    own, _ = loading.load_component("image_encoder", model_dir, slim.dtype, "cpu", slim=True)
+    a, b = own.state_dict(), slim.redux.image_encoder.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert own.config.to_dict() == slim.redux.image_encoder.config.to_dict() and not slim.redux.image_encoder.training
+
+
 def test_standard_loads_everything(model_dir):
     std = loading.load_standard(model_dir, torch.float32, "cpu")
     assert std.fill.text_encoder is not None and std.redux.text_encoder_2 is not None

@@ -115,3 +115,30 @@ def _read_each(fd: int, header: dict, start: int, workers: int) -> dict[str, tor
     with ThreadPoolExecutor(workers, thread_name_prefix="bulk-read") as pool:
         list(pool.map(read_one, out))
     return out
+
+
+def read_files(paths: list[str | Path], device: str | torch.device = "cpu") -> dict:
+    """Every tensor of ``paths`` (safetensors files) on ``device``, merged: {"tensors", "metadata" (the first
+    file's), "read_s", "thread" (the one that read them)}."""
+    import threading
+    import time
+
+    start, tensors, metadata = time.perf_counter(), {}, None
+    for path in paths:
+        more, meta = read_safetensors(path, device)
+        tensors.update(more)
+        metadata = meta if metadata is None else metadata
+    return {"tensors": tensors, "metadata": metadata or {}, "read_s": time.perf_counter() - start,
+            "thread": threading.current_thread().name}
+
+
+def prefetch(paths: list[str | Path], device: str | torch.device = "cpu", name: str = "prefetch"):
+    """Start ``read_files`` on a worker thread (named ``name``) and return its future.
+
+    The reads (page cache or disk, then host to device) release the GIL, so they run while the calling thread
+    imports diffusers and builds the models on the meta device, which a cold process spends seconds on.
+    """
+    pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+    future = pool.submit(read_files, paths, device)
+    pool.shutdown(wait=False)  # the worker ends with its one task
+    return future

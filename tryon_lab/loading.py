@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from . import quant
+from .bulk_read import prefetch
 from .checkpoint import (
     FILL_SUBDIR,
     PICKLE_SUFFIXES,
@@ -227,13 +228,19 @@ def load_fp8_component(folder: str | Path, mode: str, model_dir: Path, dtype: to
     return obj, row
 
 
-def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, slim: bool):
-    """Load one component; returns (object, report row). Slim: safetensors only, straight to device, SDPA."""
-    sub, _, _ = COMPONENTS[name]
-    folder = model_dir / sub / name
-    cls = _cls(name)
+def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, slim: bool, prefetched=None):
+    """Load one component; returns (object, report row). Slim: safetensors only, straight to device, SDPA.
+    ``prefetched``: a transformers model's weights read already (``bulk_read.prefetch``, started before the
+    imports); built from its config and those tensors (``from_pretrained(None, state_dict=...)``)."""
+    folder, cls, kwargs = model_dir / COMPONENTS[name][0] / name, _cls(name), load_kwargs(name, dtype, device, slim)
     with measure(device) as m:
-        obj = cls.from_pretrained(folder, **load_kwargs(name, dtype, device, slim))
+        if prefetched is None:
+            obj = cls.from_pretrained(folder, **kwargs)
+        else:  # named after its folder, as when loaded from it
+            read, config = prefetched.result(), cls.config_class.from_pretrained(folder, local_files_only=True)
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("local_files_only", "use_safetensors")}
+            obj = cls.from_pretrained(None, config=config, state_dict=read["tensors"], **kwargs)
+            obj.name_or_path = obj.config.name_or_path = str(folder)
         if isinstance(obj, torch.nn.Module):
             obj.eval().requires_grad_(False)
             if slim and name == "transformer":
@@ -241,7 +248,8 @@ def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, 
             if not slim or torch.device(device).type != "cuda":
                 obj.to(device)
     row = {"component": name, "params": n_params(obj), "bytes": n_bytes(obj), "load_s": m["seconds"],
-           "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"]}
+           "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
+           **({"read_s": read["read_s"], "read_thread": read["thread"]} if prefetched is not None else {})}
     return obj, row
 
 
@@ -312,6 +320,8 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
                                fuse_qkv)
         # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
         prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
+    # SigLIP's too (0.26-0.46 s of the H200 serving start when read after the imports), on a worker of its own
+    encoder = prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype, device)
     with measure(device) as m:
@@ -326,7 +336,8 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
         if name == "transformer" and fp8_weights is not None:
             parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device, prefetched)
         else:
-            parts[name], row = load_component(name, model_dir, dtype, device, slim=True)
+            parts[name], row = load_component(name, model_dir, dtype, device, True, encoder if name == "image_encoder"
+                                              else None)
         report.append(row)
     report.append({"component": "cached text embeddings", "params": 0,
                    "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),

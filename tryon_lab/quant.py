@@ -313,31 +313,17 @@ def check_fp8_folder(folder: str | Path, source: str | Path, mode: str, dtype: t
 
 def read_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu") -> dict:
     """The saved FP8 file's flattened tensors on ``device`` (``bulk_read``: several chunked reads in flight, through
-    pinned buffers to the GPU), with the seconds the read took and the thread that read them
-    (``prefetch_fp8_tensors`` reads on a worker)."""
-    import threading
-    import time
+    pinned buffers to the GPU), with the seconds the read took and the thread that read them."""
+    from .bulk_read import read_files
 
-    from .bulk_read import read_safetensors
-
-    start = time.perf_counter()
-    tensors, metadata = read_safetensors(Path(folder) / FP8_FILE, device)
-    return {"tensors": tensors, "metadata": metadata, "read_s": time.perf_counter() - start,
-            "thread": threading.current_thread().name}
+    return read_files([Path(folder) / FP8_FILE], device)
 
 
 def prefetch_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu"):
-    """Start ``read_fp8_tensors`` on a worker thread and return its future.
+    """``read_fp8_tensors`` started on a worker thread (``bulk_read.prefetch``); returns its future."""
+    from .bulk_read import prefetch
 
-    The read (page cache or disk, then host to device) releases the GIL, so it runs while the calling thread
-    imports diffusers and builds the model on the meta device, which a cold process spends about 10 s on.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(1, thread_name_prefix="fp8-read")
-    future = pool.submit(read_fp8_tensors, folder, device)
-    pool.shutdown(wait=False)  # the worker ends with its one task
-    return future
+    return prefetch([Path(folder) / FP8_FILE], device, "fp8-read")
 
 
 def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtype: torch.dtype,

@@ -189,6 +189,20 @@ def test_evaluation_script_writes_every_key(tmp_path):
     assert blurred == sorted(blurred, reverse=True) and blurred[-1] > res["random"]["masked_psnr"]
 
 
+def test_the_conditioning_probe_scores_own_inputs_as_the_evaluation_does_and_swaps_one_path_at_a_time():
+    """The probe's "own garment" is the evaluation's masked PSNR on the same pairs; each swap really ran (the
+    one-path swaps used the other garment's Redux tokens, else it raises); the trained model reads the garment."""
+    from tryon_lab.checkpoint import TRAINED_DIR
+    from tryon_lab.experiments import default_quality
+
+    probe = default_quality.conditioning_probe(TRAINED_DIR, count=2, steps=4, fewer_steps=(1,))
+    assert set(probe) == {"own garment", "next pair's garment", "grey garment", "1 step",
+                          "next pair's Redux tokens, own diptych half", "own Redux tokens, next pair's diptych half"}
+    summary, _ = default_quality.evaluate_model(TRAINED_DIR, count=2, steps=4)
+    assert probe["own garment"] == pytest.approx(summary["masked_psnr"], abs=1e-9)
+    assert probe["next pair's garment"] < probe["own garment"] - 1  # 16.5 against 12.5 dB at full size
+
+
 def test_a_logo_counts_as_matched_only_where_the_ground_truth_puts_it():
     from tryon_lab.experiments.default_quality import MATCH_IOU, box_iou
 

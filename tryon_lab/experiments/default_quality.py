@@ -7,6 +7,9 @@
                       reconstruction PSNR of the target (mask, logo boxes): the ceiling the Fill model can reach
     blur_reference    the ground truth blurred inside the mask (Gaussian, sigma in px), scored the same way: what a
                       model that puts every colour and edge in the right place but blurs them by sigma would get
+    conditioning_probe  what the model takes from each input: the pairs scored with another pair's garment or a grey
+                      one, with the other garment in one path only (Redux tokens, or the diptych's garment half),
+                      and with fewer steps (1 step: the model's own estimate of the mean image)
     evaluate_default  the trained model (with its logo LoRA when there is one) and random weights on the same
                       pairs, the data generator's throughput, one stamp -> ``benchmarks/default_model_quality.json``
 """
@@ -23,9 +26,10 @@ from PIL import Image
 
 from .. import checkpoint, provenance
 from ..configure import build_pipeline
+from ..images import image_hash
 from ..logos import known_matches, locate_logos, logo_pass
 from ..metrics import psnr, ssim
-from ..pipeline import TryOnRequest, TryOnSettings, tryon
+from ..pipeline import TryOnRequest, TryOnSettings, encode_garment, tryon
 from ..synthetic import make_sample
 from . import train_data
 
@@ -136,6 +140,36 @@ def blur_reference(seed: int = 999, count: int = 8, sigmas: tuple[float, ...] = 
     return out
 
 
+def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20,
+                       fewer_steps: tuple[int, ...] = (1, 2, 4)) -> dict[str, float]:
+    """Masked PSNR on the held-out pairs (as ``evaluate_model``) with the garment changed in both paths, in one path
+    only, and with fewer steps; a model that ignores an input scores the same without it."""
+    pipe = build_pipeline(model_dir, device="cpu", dtype="float32")
+    pairs = [make_sample(seed, i) for i in range(count)]
+
+    def score(i: int, garment: Image.Image, redux_from: Image.Image | None = None, n: int = steps) -> float:
+        s = pairs[i]
+        pipe.redux_cache.clear()
+        if redux_from is not None:  # the Redux tokens of another garment under this garment's key
+            pipe.redux_cache[image_hash(garment)] = encode_garment(pipe.redux, redux_from)
+        out = tryon(pipe, TryOnRequest(s.person, garment, s.mask, seed=i), TryOnSettings(steps=n, progress=False))
+        if redux_from is not None and out.redux_cache_hits != 1:
+            raise RuntimeError("the swapped Redux tokens were not used (the garment was changed before encoding)")
+        return psnr(out.images[0], s.target, mask=np.asarray(s.mask) > 127)
+
+    def other(i: int) -> Image.Image:
+        return pairs[(i + 1) % count].garment
+
+    cases = {"own garment": lambda i: score(i, pairs[i].garment),
+             "next pair's garment": lambda i: score(i, other(i)),
+             "grey garment": lambda i: score(i, Image.new("RGB", pairs[i].garment.size, (128, 128, 128))),
+             "next pair's Redux tokens, own diptych half": lambda i: score(i, pairs[i].garment, redux_from=other(i)),
+             "own Redux tokens, next pair's diptych half": lambda i: score(i, other(i), redux_from=pairs[i].garment),
+             **{f"{n} step{'s' if n > 1 else ''}": lambda i, n=n: score(i, pairs[i].garment, n=n) for n in fewer_steps}}
+    pipe.redux_cache.clear()
+    return {name: float(np.mean([f(i) for i in range(count)])) for name, f in cases.items()}
+
+
 def grid_image(rows: list):
     """garment | person | try-on | ground truth, one row per pair, as one PIL image."""
     w, h = rows[0]["images"][0].size
@@ -156,9 +190,10 @@ def data_throughput(seconds: float = 3.0, demand: float = H100_FILL_PAIRS_PER_S)
 
 def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: str | Path = RESULTS,
                      grid: str | Path | None = None, model: str | Path = checkpoint.TRAINED_DIR,
-                     logo_lora: str | Path | None = None, data_seconds: float = 3.0) -> dict:
+                     logo_lora: str | Path | None = None, data_seconds: float = 3.0, probe: bool = False) -> dict:
     """Trained (``model``, with ``logo_lora`` when given) and random weights on the same held-out pairs, the
-    data throughput and a stamp, written to ``results``; the trained model's grid to ``grid`` when given."""
+    data throughput and a stamp, written to ``results``; the trained model's grid to ``grid`` when given;
+    ``probe``: the trained model's ``conditioning_probe`` too."""
     model_dir = checkpoint.check_model_dir(model)
     res: dict = {"settings": {"seed": seed, "pairs": count, "steps": steps, "match_threshold": "locate_logos default",
                               "logo_lora": provenance.portable(str(logo_lora)) if logo_lora else None}}
@@ -171,6 +206,9 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
               f"{summary['logo_psnr_after']:.2f} dB, VAE ceiling {summary['vae_recon_psnr']:.2f} dB", flush=True)
         if name == "trained" and grid:
             grid_image(rows).save(grid)
+        if name == "trained" and probe:
+            summary["conditioning_probe"] = conditioning_probe(model_dir, seed, count, steps)
+            print(f"  what it takes from its inputs (masked PSNR, dB): {summary['conditioning_probe']}", flush=True)
     res["blurred_truth"] = blur_reference(seed, count)
     if data_seconds > 0:
         res["data"] = data_throughput(data_seconds)

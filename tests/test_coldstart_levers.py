@@ -158,6 +158,9 @@ def test_static_fp8_is_calibrated_once_then_saved_and_loaded_bit_for_bit(tmp_pat
     assert torch.equal(pipeline.tryon(saved, req, FAST).latents, out)
     with pytest.raises(quant.SpeedConfigError, match="calibrate="):
         quant.quantize_transformer(plain.transformer, quant.STATIC)
+    for changes in (dict(fp8="fp8_weight_only"), dict(fp8=quant.STATIC, fp8_weights=str(tmp_path / "static"))):
+        with pytest.raises(configure.OptionsError, match="nothing is calibrated"):  # never silently ignored
+            configure.build_pipeline(TRAINED_DIR, fp8_calibration=256, **changes, **opts)
 
 
 def test_per_row_dynamic_fp8_round_trips_bit_for_bit(tmp_path):

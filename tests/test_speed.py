@@ -410,6 +410,22 @@ def test_bench_gpu_profile_writes_a_stamped_results_file(tmp_path):
     assert res["rows"] and all(r["ms_per_step"] >= 0 and r["top_kernels"] for r in res["rows"])
 
 
+def test_a_cold_run_without_disk_for_an_fp8_folder_skips_its_cases_and_says_why(tmp_path, monkeypatch):
+    """Each FP8 mode a case loads is a folder of ~2/3 of the bf16 transformer (16 GiB at full size, on a 64 GiB
+    disk): when it does not fit, it is not written and its cases are skipped with the free space in the reason."""
+    import shutil
+    from collections import namedtuple
+
+    from tryon_lab.experiments import coldstart_gpu, fullsize
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: namedtuple("usage", "total used free")(0, 0, 0))
+    name = "slim + FP8 weights, AOT blocks loaded"
+    res = coldstart_gpu.gpu_run(fullsize.shape(tiny=True), tmp_path, steps=1, names=[name])
+    saved = res["fp8_saved_by_mode"]["fp8_weight_only"]  # the CPU stand-in of every FP8 mode
+    assert saved["status"] == "skipped" and "GiB free" in saved["reason"] and "fp8_read" not in res
+    assert res["cases"][name]["status"] == "skipped" and "prepare_fp8 did not run" in res["cases"][name]["reason"]
+
+
 def test_cold_targets_take_each_case_median_over_its_rounds():
     # Best-of-N would flatter a lever: a case run in several rounds counts with its median, stock's too.
     from tryon_lab.experiments.coldstart_gpu import targets

@@ -86,6 +86,9 @@ def check_options(options: PipelineOptions) -> None:
     compiling.check_compile_mode(o.compile)
     if problem := quant.fp8_matmul_problem(o.fp8, o.device):
         raise OptionsError(f"fp8={o.fp8!r}: {problem}")
+    if o.fp8_calibration is not None and (o.fp8 != quant.STATIC or o.fp8_weights is not None):
+        raise OptionsError(f"fp8_calibration={o.fp8_calibration} sets where fp8={quant.STATIC!r} calibrates on load; "
+                           "here nothing is calibrated (another mode, or a saved folder's scales): leave it None.")
     if o.memory is not None:
         mode = MemoryMode.parse(o.memory)
         if o.fp8 != "none":

@@ -178,7 +178,7 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         if any(name == PASS_ADAPTER for name, _ in o.loras):  # the passes' slot: each pass enables it for itself
             pipe.fill.disable_lora()
     if o.fuse_qkv and not quant.fused_qkv(transformer):  # a saved FP8 folder may come fused already
-        transformer.fuse_qkv_projections()
+        quant.fuse_qkv(transformer)
     seconds = pipe.build_report.setdefault("seconds", {})  # the cold-start phases of this step
     start = time.perf_counter()
     if o.memory is not None:

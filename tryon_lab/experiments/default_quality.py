@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import checkpoint, provenance
 from ..configure import build_pipeline
@@ -166,8 +167,10 @@ def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: 
              "next pair's Redux tokens, own diptych half": lambda i: score(i, pairs[i].garment, redux_from=other(i)),
              "own Redux tokens, next pair's diptych half": lambda i: score(i, other(i), redux_from=pairs[i].garment),
              **{f"{n} step{'s' if n > 1 else ''}": lambda i, n=n: score(i, pairs[i].garment, n=n) for n in fewer_steps}}
+    out = {name: float(np.mean([f(i) for i in range(count)]))
+           for name, f in tqdm(cases.items(), desc="conditioning probe", unit="case")}
     pipe.redux_cache.clear()
-    return {name: float(np.mean([f(i) for i in range(count)])) for name, f in cases.items()}
+    return out
 
 
 def grid_image(rows: list):

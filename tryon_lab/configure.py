@@ -184,7 +184,7 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     if o.memory is not None:
         apply_mode(pipe, MemoryMode.parse(o.memory), o.device)
     elif o.fp8_weights is not None:  # loaded already quantized
-        calibrated = quant.read_fp8_info(o.fp8_weights)[0].get("calibration")  # the static scales' source
+        calibrated = getattr(transformer, "fp8_info", {}).get("calibration")  # the static scales' source
         pipe.build_report["quant"] = {"quant": o.fp8, "fp8_weights": o.fp8_weights,
                                       **({"calibration": calibrated} if calibrated else {}),
                                       "weight_bytes": quant.weight_bytes(transformer),
@@ -192,8 +192,6 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     else:
         pipe.build_report["quant"] = quant.quantize_transformer(transformer, o.fp8,
                                                                 calibrate=lambda: calibration_tryon(pipe, o))
-        if o.fp8 == quant.STATIC:
-            pipe.build_report["quant"]["calibration"] = pipe.build_report.pop("calibration")
     sync(o.device)
     seconds["quantize"] = time.perf_counter() - start
     if o.context_parallel is not None:
@@ -265,9 +263,9 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     return apply_options(pipe, o)
 
 
-def calibration_tryon(pipe: SlimPipeline, o: PipelineOptions) -> None:
+def calibration_tryon(pipe: SlimPipeline, o: PipelineOptions) -> str:
     """The static-FP8 calibration run: a 2-step try-on of the bundled sample (at ``o.fp8_calibration`` pixels
-    high, else as stored), recorded in ``pipe.build_report["calibration"]``."""
+    high, else as stored); returns what it ran on."""
     from .pipeline import TryOnRequest, TryOnSettings, tryon
     from .samples import load_sample
 
@@ -275,7 +273,7 @@ def calibration_tryon(pipe: SlimPipeline, o: PipelineOptions) -> None:
     with torch.no_grad():
         tryon(pipe, TryOnRequest(s.person, s.garment, s.mask, seed=0), TryOnSettings(steps=2, progress=False))
     pipe.redux_cache.clear()  # the sample's Redux tokens are no request's
-    pipe.build_report["calibration"] = f"sample {s.id} at {s.person.width}x{s.person.height}, 2 steps, seed 0"
+    return f"sample {s.id} at {s.person.width}x{s.person.height}, 2 steps, seed 0"
 
 
 def save_fp8_weights(model_dir: str | Path, folder: str | Path, fp8: str, device: str = "auto",

@@ -126,7 +126,7 @@ def fp8_config(mode: str, inductor_tuning: bool = False):
 
 def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep: tuple[str, ...] = DEFAULT_KEEP,
                          inductor_tuning: bool = False, device: str | torch.device | None = None,
-                         calibrate: Callable[[], object] | None = None) -> dict:
+                         calibrate: Callable[[], str] | None = None) -> dict:
     """Quantize the block Linears in place with torchao; returns weight bytes before/after and the layer count.
 
     FP8 on a device without FP8 matmuls raises ``SpeedConfigError`` (never a silent fallback).
@@ -136,27 +136,28 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str = "none", keep:
     ``device``: quantize a model held on the CPU layer by layer on this device (torchao moves each Linear
     there first), so a card smaller than the bf16 model can still make the FP8 one.
     ``calibrate``: for ``fp8_static_tensor``, a call that runs the model once (a short try-on) while observers
-    record each Linear's input range.
+    record each Linear's input range, and returns what it ran on (the report's ``calibration``).
     """
     check_mode(mode, QUANT_MODES, "quantization")
     before = weight_bytes(transformer)
     fn = fp8_filter(keep)
     layers = [n for n, m in transformer.named_modules() if fn(m, n)]
+    report = {"quant": mode, "weight_bytes_before": before, "fp8_layers": len(layers) if mode != "none" else 0}
     if mode != "none":
         from torchao.quantization import quantize_
 
         if problem := fp8_matmul_problem(mode, device or _device_of(transformer)):
             raise SpeedConfigError(f"{mode}: {problem}")
         if mode == STATIC:
-            _quantize_static(transformer, fn, calibrate)
+            report["calibration"] = _quantize_static(transformer, fn, calibrate)
         else:
             quantize_(transformer, fp8_config(mode, inductor_tuning), filter_fn=fn, device=device)
-    return {"quant": mode, "weight_bytes_before": before, "weight_bytes": weight_bytes(transformer),
-            "fp8_layers": len(layers) if mode != "none" else 0}
+    return {**report, "weight_bytes": weight_bytes(transformer)}
 
 
-def _quantize_static(transformer: torch.nn.Module, fn, calibrate: Callable[[], object] | None) -> None:
-    """torchao's observer flow: observers in, ``calibrate()``, then FP8 weights with the observed input scales."""
+def _quantize_static(transformer: torch.nn.Module, fn, calibrate: Callable[[], str] | None) -> str:
+    """torchao's observer flow: observers in, ``calibrate()``, then FP8 weights with the observed input scales;
+    returns what ``calibrate`` says it ran on."""
     from torchao.quantization import Float8StaticActivationFloat8WeightConfig, PerTensor, quantize_
 
     if calibrate is None:
@@ -165,12 +166,13 @@ def _quantize_static(transformer: torch.nn.Module, fn, calibrate: Callable[[], o
     # set_inductor_config off: it would turn on coordinate-descent tuning for every later compile (minutes)
     cfg = dict(granularity=PerTensor(), set_inductor_config=False)
     quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="prepare", **cfg), filter_fn=fn)
-    calibrate()
+    calibrated_on = calibrate()
     if unseen := [n for n, m in transformer.named_modules()
                   if getattr(getattr(m, "input_act_obs", None), "min_val", 0) is None]:
         raise SpeedConfigError(f"{STATIC}: the calibration run never called {len(unseen)} Linears ({unseen[:3]} ...), "
                                "so they have no activation scale; calibrate with a call that runs the whole model.")
     quantize_(transformer, Float8StaticActivationFloat8WeightConfig(step="convert", **cfg), filter_fn=fn)
+    return calibrated_on
 
 
 # ----------------------------------------------------------------------------- FP8 saved already quantized
@@ -345,7 +347,7 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
     The model is built on the meta device (no weight init) and takes the loaded tensors as they are
     (``load_state_dict(assign=True)``), so its FP8 weights are the saved qdata and scales, bit for bit.
     ``prefetched``: the future of ``prefetch_fp8_tensors`` for this folder, started earlier (else read here).
-    Its read is recorded on the model as ``fp8_read`` (seconds and thread).
+    Its read is recorded on the model as ``fp8_read`` (seconds and thread), the folder's record as ``fp8_info``.
     """
     import importlib
 
@@ -365,4 +367,5 @@ def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtyp
         raise FP8WeightsError(f"{folder}: tensors {sorted(leftover)[:3]} do not belong to any weight; save it again.")
     model.load_state_dict(state, strict=True, assign=True)
     model.fp8_read = {"read_s": read["read_s"], "thread": read["thread"]}
+    model.fp8_info = info  # what the folder records (mode, fusing, a static mode's calibration): no second read
     return model.eval().requires_grad_(False)

@@ -220,12 +220,13 @@ def prepare_fp8(model_dir: Path, work: Path, options: dict, calibration: int | N
     """The FP8 transformer saved once before the cases (what a deployment ships beside the bf16 weights), with
     the fusing and mode the cases use; static FP8 calibrated on the bundled sample ``calibration`` px high."""
     from ..configure import save_fp8_weights
+    from ..quant import STATIC
 
     start = time.perf_counter()
     o = {**SLIM, **options}
     info = save_fp8_weights(model_dir, work / FP8_FOLDER.format(o["fp8"]), o["fp8"], o.get("device", "auto"),
                             o.get("dtype", "auto"), fuse_qkv=o["fuse_qkv"],
-                            calibration=calibration if o["fp8"] == STATIC_SLIM["fp8"] else None)
+                            calibration=calibration if o["fp8"] == STATIC else None)  # only it calibrates
     return {**info, "seconds": time.perf_counter() - start}
 
 
@@ -302,15 +303,15 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     for old in [*work.glob("fp8-transformer*"), work / "aoti"]:
         shutil.rmtree(old, ignore_errors=True)
     # saved only for the modes a case loads (disk: 16 GiB each at full size), each with the shape's height
-    bf16_bytes = sum(f.stat().st_size for f in (root / FILL_SUBDIR / "transformer").glob("*.safetensors"))
+    fp8_bytes = 0.75 * sum(f.stat().st_size for f in (root / FILL_SUBDIR / "transformer").glob("*.safetensors"))
     for mode in dict.fromkeys(c.options.get("fp8", SLIM["fp8"]) for c in cases.values() if c.fp8_weights):
-        if (free := shutil.disk_usage(work).free) < 0.75 * bf16_bytes + 2**31:  # FP8 ~2/3 of bf16, 2 GiB to spare
-            res.setdefault("fp8_saved_by_mode", {})[mode] = {"status": "skipped", "reason": (
-                f"{free / 2**30:.1f} GiB free for a ~{0.75 * bf16_bytes / 2**30:.0f} GiB FP8 folder: its cases skip")}
-            print(f"  FP8 transformer ({mode}) not saved: {res['fp8_saved_by_mode'][mode]['reason']}", flush=True)
+        by_mode = res.setdefault("fp8_saved_by_mode", {})
+        if (free := shutil.disk_usage(work).free) < fp8_bytes + 2**31:  # FP8 ~2/3 of bf16, 2 GiB to spare
+            by_mode[mode] = {"status": "skipped", "reason": (
+                f"{free / 2**30:.1f} GiB free for a ~{fp8_bytes / 2**30:.0f} GiB FP8 folder: its cases skip")}
+            print(f"  FP8 transformer ({mode}) not saved: {by_mode[mode]['reason']}", flush=True)
             continue
-        saved = prepare_fp8(root, work, {**base, "fp8": mode}, calibration=s.height)
-        res.setdefault("fp8_saved_by_mode", {})[mode] = saved
+        by_mode[mode] = saved = prepare_fp8(root, work, {**base, "fp8": mode}, calibration=s.height)
         print(f"  FP8 transformer ({mode}) saved in {saved['seconds']:.0f} s ({saved['bytes'] / 2**30:.1f} GiB)",
               flush=True)
         if "fp8_read" not in res:  # the read itself, both ways, once

@@ -16,7 +16,7 @@ from ..configure import PipelineOptions, build_pipeline
 from ..embeddings import dtype_name
 from ..metrics import psnr, rel_l2, ssim
 from ..pipeline import tryon
-from ..quant import QUANT_MODES, SpeedConfigError, fp8_dynamic_problem
+from ..quant import QUANT_MODES, SpeedConfigError, fp8_matmul_problem
 from ..timers import measure
 
 
@@ -131,7 +131,7 @@ def run_variant(model_dir, variant: str | Variant, requests: list, settings, dty
     v = parse_variant(variant, backend) if isinstance(variant, str) else variant
     row: dict = {**asdict(v), "variant": v.name, "status": "ok", "reason": ""}
     row.pop("name")
-    if v.quant.startswith("fp8_dynamic") and (problem := fp8_dynamic_problem(device)):
+    if problem := fp8_matmul_problem(v.quant, device):
         return VariantRun({**row, "status": "skipped", "reason": problem})
     reset_compiled()
     options = PipelineOptions(device=device, dtype=dtype_name(dtype), fp8=v.quant, compile=v.compile,

@@ -30,8 +30,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: the same code path in seconds")
     ap.add_argument("--profile", metavar="VARIANT", help="only: where one step's GPU time goes, by kernel kind "
                     "(written to OUT/profile_VARIANT.json)")
-    ap.add_argument("--step-cache", metavar="RESULTS_JSON", help="only: per image with the step cache, replaying the "
-                    "pattern `step_cache_pattern` in this results file (recorded on the trained model)")
     ap.add_argument("--schedule", metavar="RESULTS_JSON", help="the step-cache rows replay `step_cache_pattern` "
                     "(or `step_cache_pattern_order1` when present) from this results file")
     a = ap.parse_args(argv)
@@ -58,18 +56,6 @@ def main(argv=None) -> int:
         path = Path(a.out) / f"profile_{a.profile}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(res, indent=1, default=str) + "\n")
-        print(json.dumps(res, indent=1, default=str))
-        return 0
-    if a.step_cache:
-        import json
-        from pathlib import Path
-
-        pattern = json.loads(Path(a.step_cache).read_text())["step_cache_pattern"]
-        res = gpu_bench.step_cache_images(pattern["schedule"], a.tiny, a.steps or pattern["steps"])
-        res["pattern"] = {k: pattern[k] for k in ("model", "threshold", "min_psnr_db", "computed", "stamp")}
-        from tryon_lab.provenance import stamp, write_results
-
-        write_results(Path(a.out) / "step_cache.json", "step_cache_gpu", {"stamp": stamp(), **res})
         print(json.dumps(res, indent=1, default=str))
         return 0
     cold_cases = [c.strip() for c in a.cold_cases.split(";")] if a.cold_cases else None

@@ -287,6 +287,35 @@ def test_gpu_bench_levers_and_peers_on_the_tiny_model():
     assert any("per image" in t for t in gpu_bench.targets({"variants": res}))
 
 
+def test_gpu_bench_stops_a_variant_at_its_budget_and_records_where(monkeypatch):
+    """A variant that outruns the budget (a compile longer than a machine's call) is interrupted and kept as a
+    "timed out" row naming the part it was in; the next variant, with no time left, is skipped with the reason;
+    the transformer-only peer row is the full peer recipe less its VAE lever."""
+    import time
+
+    from tryon_lab.experiments import fullsize, gpu_bench
+    from tryon_lab.timers import DeadlinePassed, deadline
+
+    def slow(name, r, s, x, steps, quick_steps, reference, schedule=None, phase=None):
+        phase["now"] = "first image (compiles)"
+        time.sleep(30)
+        raise AssertionError("the deadline should have stopped this")
+
+    monkeypatch.setattr(gpu_bench, "run_recipe", slow)
+    start = time.perf_counter()
+    res = gpu_bench.run(["full", "regional"], fullsize.shape(tiny=True), steps=2, budget_s=16.5)["variants"]
+    assert time.perf_counter() - start < 15
+    assert res["full"]["status"] == "timed out" and "first image (compiles)" in res["full"]["reason"]
+    assert res["regional"]["status"] == "skipped" and "left of the budget" in res["regional"]["reason"]
+    with pytest.raises(DeadlinePassed), deadline(0.2):
+        time.sleep(5)
+    with deadline(0.3):  # a block that ends in time leaves no alarm behind
+        pass
+    time.sleep(0.5)
+    peer, half = gpu_bench.RECIPES["flux_fast_peer_aten_gemm"], gpu_bench.RECIPES["flux_fast_peer_transformer"]
+    assert half.options == peer.options and half.inductor == peer.inductor and half.extra is None
+
+
 def test_gpu_tables_judge_each_row_against_its_own_runs_eager(tmp_path):
     """Notebook 03's GPU tables: a variant is equivalent only within the tolerance of eager's latents; per-image
     rows divide by the eager image time of their own run, never another run's."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import resource
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +40,31 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return {**self.seconds, "total": self.total()}
+
+
+class DeadlinePassed(TimeoutError):
+    """Raised inside a ``deadline`` block when its time is up."""
+
+
+@contextmanager
+def deadline(seconds: float):
+    """Interrupt the block after ``seconds`` of wall time with ``DeadlinePassed``, so a benchmark stopped by its
+    budget still records what it measured (a compile that would outrun a machine's call limit, say). Main thread
+    on POSIX only; elsewhere, or with ``seconds <= 0``, the block runs unguarded."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def _passed(*_):
+        raise DeadlinePassed(f"not done after {seconds:.0f} s")
+
+    previous = signal.signal(signal.SIGALRM, _passed)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def rss_bytes() -> int:

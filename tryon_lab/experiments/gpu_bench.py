@@ -24,7 +24,7 @@ from ..configure import PipelineOptions, apply_options
 from ..metrics import rel_l2
 from ..pipeline import decode
 from ..quant import weight_bytes
-from ..timers import measure, peak_memory_bytes
+from ..timers import DeadlinePassed, deadline, measure, peak_memory_bytes
 from . import fullsize, step_profile
 
 
@@ -75,6 +75,10 @@ RECIPES = {
                                                        compile_exact_casts=False, **FP8_FUSED), 500,
                                        inductor={**FLUX_FAST_INDUCTOR, "max_autotune_gemm_backends": "ATEN"},
                                        extra="flux_fast_vae"),
+    # its transformer half alone (the VAE left stock): the per-step row, in a call that a VAE autotune cannot outrun
+    "flux_fast_peer_transformer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune",
+                                                         compile_exact_casts=False, **FP8_FUSED), 420,
+                                         inductor={**FLUX_FAST_INDUCTOR, "max_autotune_gemm_backends": "ATEN"}),
     # per image with the step cache, replaying the schedule recorded on the trained model
     "fp8_row_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", **FP8_FUSED), 50, cache="teacache1"),
     "fp8_static_fused_regional_teacache1": Recipe(PipelineOptions(compile="regional", fuse_qkv=True), 50,
@@ -179,8 +183,12 @@ def configure(pipe, r: Recipe, opts: PipelineOptions, s: fullsize.Shape, x: dict
 
 
 def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, quick_steps: int,
-               reference: torch.Tensor | None, schedule: list[bool] | None = None) -> tuple[dict, torch.Tensor | None]:
-    """Build, apply the variant's options, time a first and a steady image; returns the row and the latents."""
+               reference: torch.Tensor | None, schedule: list[bool] | None = None,
+               phase: dict | None = None) -> tuple[dict, torch.Tensor | None]:
+    """Build, apply the variant's options, time a first and a steady image; returns the row and the latents.
+    ``phase["now"]`` names the part under way (where a variant stopped by its deadline was)."""
+    phase = {} if phase is None else phase
+    phase["now"] = "build"
     free()
     t0 = time.perf_counter()
     pipe = fullsize.slim_pipeline(s)
@@ -194,7 +202,9 @@ def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, qui
     try:
         for k, v in r.inductor.items():
             setattr(inductor_config, k, v)
+        phase["now"] = "configure"
         row.update(configure(pipe, r, opts, s, x, schedule))
+        phase["now"] = "first image (compiles)"
         row["build_s"] = time.perf_counter() - t0
         compiled = opts.compile != "none"
         n = quick_steps if r.quick else steps
@@ -203,6 +213,7 @@ def run_recipe(name: str, r: Recipe, s: fullsize.Shape, x: dict, steps: int, qui
         row.update(first_image_s=first["seconds"], graphs_first=g1["graphs"], steps=n)
         timed = first
         if not r.quick:
+            phase["now"] = "steady image"
             with count_recompiles(strict=compiled and opts.compile_mode is None) as g2:
                 timed = run_image(pipe.fill, s, x, n)
             row.update(image_s=timed["seconds"], recompiles_steady=g2["graphs"],
@@ -239,15 +250,20 @@ def run(names: list[str], s: fullsize.Shape, steps: int = 28, quick_steps: int =
             raise ValueError(f"unknown variant {name!r}; choose from {', '.join(RECIPES)}")
         est = RECIPES[name].est_s if s.device == "cuda" else 0.0
         left = budget_s - (time.perf_counter() - start)
-        if est > left:
+        if est > left or left <= 15:  # 15 s kept to write the results
             res["variants"][name] = {"variant": name, "status": "skipped",
                                      "reason": f"needs ~{est:.0f} s, {left:.0f} s left of the budget"}
             continue
         print(f"{name} ({time.perf_counter() - start:.0f} s elapsed, ~{est:.0f} s)...", flush=True)
-        try:
-            row, latents = run_recipe(name, RECIPES[name], s, x, steps, quick_steps, reference, schedule)
+        phase: dict = {}
+        try:  # stopped when the budget is spent, so an overlong compile is a measured row, not a lost call
+            with deadline(left - 15):
+                row, latents = run_recipe(name, RECIPES[name], s, x, steps, quick_steps, reference, schedule, phase)
             if name == "eager":
                 reference = latents
+        except DeadlinePassed as e:
+            row = {"variant": name, "status": "timed out", "reason": f"{e} of the budget, in: {phase.get('now')}"}
+            free()
         except Exception as e:  # one broken variant must not lose the others' numbers
             traceback.print_exc()
             row = {"variant": name, "status": "failed", "reason": f"{type(e).__name__}: {e}"[:400]}
@@ -357,38 +373,3 @@ def profile_step(name: str = "fp8_row_fused_regional", tiny: bool = False, steps
         run_image(pipe.fill, s, x, 2)
         prof, _ = step_profile.profile_window(pipe.fill, x, steps, s.device == "cuda")
     return step_profile.time_by_kind(prof, s.device == "cuda", steps)
-
-
-@torch.no_grad()  # inference only; restores the caller's grad mode on return
-def step_cache_images(schedule: list[bool], tiny: bool = False, steps: int = 28, repeats: int = 2) -> dict:
-    """Per image (``steps`` steps + VAE decode), in one process: stock bf16 eager, the best variant, and the best
-    variant with the step cache replaying ``schedule`` (a pattern TeaCache chose on the trained model)."""
-    from ..teacache import TeaCacheConfig, apply_teacache, teacache_stats
-
-    if len(schedule) != steps:
-        raise ValueError(f"the schedule has {len(schedule)} steps, the run {steps}: record it at {steps} steps.")
-    s = fullsize.shape(tiny=tiny)
-    x = fullsize.diptych_inputs(s)
-    out: dict = {"shape": f"{s.describe()}, {steps} steps", "model": MODEL, "schedule": list(schedule),
-                 "computed": int(sum(schedule))}
-    for name, recipe, cache in (("stock eager", "eager", False), ("best variant", "fp8_row_fused_regional", False),
-                                ("best variant + step cache", "fp8_row_fused_regional", True)):
-        free()
-        pipe = fullsize.slim_pipeline(s)
-        opts = for_shape(RECIPES[recipe].options, s)
-        apply_options(pipe, opts)
-        if cache:
-            apply_teacache(pipe.transformer, TeaCacheConfig(schedule=tuple(schedule), num_inference_steps=steps))
-        run_image(pipe.fill, s, x, steps)  # warm-up (compile)
-        times = [run_image(pipe.fill, s, x, steps)["seconds"] for _ in range(repeats)]
-        row = {"s_per_image": statistics.median(times), "variant": recipe}
-        if cache:
-            stats = teacache_stats(pipe.transformer)
-            row["computed_last_image"] = sum(st["computed"] for st in stats["last_trajectory"])
-        out[name] = row
-        print(name, row, flush=True)
-        del pipe
-    e = out["stock eager"]["s_per_image"]
-    for k in ("best variant", "best variant + step cache"):
-        out[k]["vs_stock"] = e / out[k]["s_per_image"]
-    return out

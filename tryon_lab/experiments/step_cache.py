@@ -3,10 +3,10 @@
 Cache decisions only mean something on trained weights: ``find_pattern`` fits TeaCache's coefficients on
 calibration requests of the trained default model (CPU), picks the largest threshold whose held-out images stay
 at or above ``min_psnr`` dB against full compute, and records the compute/skip pattern it makes there.
-``gpu_bench.step_cache_images`` replays that pattern (``TeaCacheConfig(schedule=...)``) on the full-size model to
-time it, so the speed number and the quality number come from one decision pattern. A pattern found with
-``order=1`` (the skipped residual extrapolated) is replayed with ``order=1`` too: the decisions are the same, the
-skipped steps' values are not.
+``scripts/bench_gpu.py --schedule`` replays that pattern (``TeaCacheConfig(schedule=...)``) on the full-size model
+to time it (``gpu_bench``'s step-cache rows), so the speed number and the quality number come from one decision
+pattern. A pattern found with ``order=1`` (the skipped residual extrapolated) is replayed with ``order=1`` too: the
+decisions are the same, the skipped steps' values are not.
 """
 
 from __future__ import annotations

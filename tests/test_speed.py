@@ -217,6 +217,8 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert loaded["dynamo_graphs"] == 0 < saved["dynamo_graphs"]  # the loading process traced nothing
     assert "transformer (saved FP8)" in loaded["weights_by_component"]  # which read the build waited for
     assert all(v["load_s"] >= 0 for v in cases["stock eager"]["weights_by_component"].values())
+    calls = loaded["transformer_calls_ms"]  # each image's transformer calls, one per step (tiny: 3 steps)
+    assert len(calls["first_image"]) == len(calls["steady_image"]) == 3 and min(calls["steady_image"]) > 0
     for name, c in cases.items():  # with the bytecode written first, no case compiles the packages' sources itself
         if not GPU_CASES[name].aoti:  # (the AOTInductor child is a torch-only process of its own)
             assert c["bytecode"]["python_modules"] > 100

@@ -156,6 +156,17 @@ fig = plots.phase_bars(gpu_cold, phases, title="fresh process -> first full-size
 notebook.markdown(f"Measured on {measured_on}.")
 
 # %% [markdown]
+# The same serving process with the best variant's step: static FP8 activation scales, calibrated once on the
+# bundled sample and saved with the FP8 weights (`fp8="fp8_static_tensor"`), in a later run on another host
+# (compare cases within a run: this host imported more slowly, stock included). Target: <= 15 s and <= 0.5x
+# stock's median with a warm cache, <= 30 s with an empty one.
+
+# %%
+static_cold, phases, measured_on = variants_report.gpu_cold_start(key=variants_report.GPU_COLD_STATIC_KEY)
+fig = plots.phase_bars(static_cold, phases, title="with static FP8 scales: fresh process -> first image (seconds)")
+notebook.markdown(f"Measured on {measured_on}.")
+
+# %% [markdown]
 # ### On the GPU: step speed and per image, with a verdict each
 # Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
 # weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the

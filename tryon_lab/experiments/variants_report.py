@@ -150,7 +150,8 @@ def _where(entry: dict, stamp: dict) -> str:
             f"{entry['model']}; {entry['shape']}")
 
 
-GPU_COLD_KEY = "bench_gpu_cold_serving"  # the latest cold-start run in benchmarks/bench_gpu.json (run 16)
+GPU_COLD_KEY = "bench_gpu_cold_serving"  # run 16 in benchmarks/bench_gpu.json: each lever alone, then together
+GPU_COLD_STATIC_KEY = "bench_gpu_cold_static_serving"  # run 17: the serving process with static FP8 scales
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:

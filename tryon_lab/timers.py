@@ -1,4 +1,4 @@
-"""One timer (``Timings``/``measure``) and one memory reader, imported everywhere; imports nothing of ours."""
+"""One timer (``Timings``/``measure``), one memory reader and a deadline for long blocks; imports nothing of ours."""
 
 from __future__ import annotations
 

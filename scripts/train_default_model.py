@@ -5,6 +5,8 @@
     # every later call: continue the state the previous call wrote (AdamW state too, if it is still on disk)
     python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages fill \
         --optim-dir /tmp/optim
+    # the last call of a stage: its LR decays linearly to 0 over the steps this call's budget allows
+    python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages fill --finish
     # the logo adapter on the trained model (a stage of the same trainer)
     python scripts/train_default_model.py train --resume PREV --out OUT --time-budget 540 --stages logo
     # here: factory text encoders + the state's EMA weights -> checkpoints/toy-tryon (+ the logo LoRA beside it)
@@ -51,6 +53,9 @@ def main(argv=None) -> int:
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--embeddings", help="fp32 prompt embeddings of the factory text encoders (default: the committed "
                    "file for the model's text_tokens, made if missing)")
+    t.add_argument("--finish", action="store_true",
+                   help="end the stage in this call: its LR falls linearly to 0 over the steps the budget allows "
+                   "(measured on the call's first steps); needs --time-budget")
     t.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     t.add_argument("--set", action="append", default=[], help="override a TrainConfig field, e.g. --set fill_lr=3e-4")
     t.add_argument("--model", action="append", default=[],
@@ -67,6 +72,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "train" and (bad := [kv for kv in args.set + args.model if "=" not in kv]):
         p.error(f"--set and --model take FIELD=VALUE, got {bad[0]!r}")
+    if args.cmd == "train" and args.finish and not args.time_budget:
+        p.error("--finish plans the LR decay to end with the call's budget: give --time-budget SECONDS")
     try:
         run(args)
     except FileNotFoundError as e:  # a wrong folder: its message names it and the fix, a traceback adds nothing
@@ -83,7 +90,7 @@ def run(args) -> None:
         default_model.train_default(args.out, args.device, args.embeddings, args.quick,
                                     dict(kv.split("=", 1) for kv in args.set), args.stages, args.resume,
                                     args.time_budget, args.optim_dir, args.init_from, STARTED, args.save_reserve,
-                                    dict(kv.split("=", 1) for kv in args.model))
+                                    dict(kv.split("=", 1) for kv in args.model), args.finish)
     elif args.adapters_only:
         default_model.assemble_adapters(args.state)
     else:

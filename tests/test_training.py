@@ -66,6 +66,28 @@ def test_resume_without_optimizer_state_rewarms(tmp_path):
         train_run.train_call(tmp_path / "c", tiny_cfg(), TINY, tiny_text(), "cpu", ["fill"], log=lambda m: None)
 
 
+def test_a_finishing_call_decays_the_lr_to_its_planned_end_and_a_resume_keeps_that_end(tmp_path, monkeypatch):
+    """``--finish``: the plan is made from the call's own speed (here forced: 2 more steps); the stage's total
+    becomes the plan's end, a call cut inside the decay resumes towards that end, not the configured total."""
+    import time
+
+    assert training.lr_at(5, 100, 1.0, 1, decay={"from": 4, "to": 8, "lr": 0.5}) == pytest.approx(0.5 * 3 / 4)
+    assert training.lr_at(3, 100, 1.0, 1, decay={"from": 4, "to": 8, "lr": 0.5}) == training.lr_at(3, 100, 1.0, 1)
+    assert training.finish_plan(100, 10.0, 20.0, 0.3, 1000) == {"from": 100, "to": 290, "lr": 0.3}
+    assert training.finish_plan(100, 10.0, 20.0, 0.3, 200) is None  # the stage ends by its own total first
+    with pytest.raises(ValueError, match="time budget"):
+        call(tmp_path / "x", tiny_cfg(), finish=True)
+    monkeypatch.setattr(training, "FINISH_PROBE", (0, 1))
+    monkeypatch.setattr(training, "finish_plan", lambda step, rate, left, lr, total: None if step + 2 >= total
+                        else {"from": step, "to": step + 2, "lr": lr})  # the VAE's 2 steps end by its own total
+    far = time.time() + 3600
+    cut = call(tmp_path / "a", tiny_cfg(call_steps=4), deadline=far, finish=True)  # 2 VAE steps, 2 Fill steps
+    fill = cut["stages"]["fill"]
+    assert fill["decay"]["from"] == 1 and fill["total"] == 3 and fill["step"] == 2 and not fill["done"]
+    done = call(tmp_path / "b", tiny_cfg(), resume=tmp_path / "a")  # configured total 6; the plan's end stands
+    assert done["stages"]["fill"]["step"] == 3 and done["stages"]["fill"]["done"]
+
+
 def test_ema_update_follows_diffusers_decay():
     p = torch.nn.Parameter(torch.zeros(3))
     ema = train_state.make_ema([p], decay=0.999)
@@ -103,6 +125,14 @@ def test_shards_respect_the_limit_and_state_shrinks_to_fit(tmp_path):
             assert raw2 == {}
         else:  # the bf16 offset is exact to 2^-8 of the offset
             assert (raw2["p.w"] - raw["p.w"]).abs().max() <= 2**-8 * (raw["p.w"] - ema["p.w"]).abs().max()
+        assert rec["ema_weights"] == "float32" and not rec["over_budget"]
+    # below the fp32 EMA's 4000 bytes: the EMA as it ships (bf16), read back as fp32; below that still written
+    for budget, over in ((3000, False), (1000, True)):
+        rec = train_state.save_state(tmp_path / f"b{budget}", {}, ema, raw, {}, budget)
+        _, ema2, raw2, _ = train_state.load_state(tmp_path / f"b{budget}")
+        assert (rec["ema_weights"], rec["raw_weights"], rec["over_budget"]) == ("bfloat16", "none", over)
+        assert raw2 == {} and ema2["p.w"].dtype == torch.float32
+        assert torch.equal(ema2["p.w"], ema["p.w"].to(torch.bfloat16).float())
 
 
 def test_pairs_carry_logo_masks_and_logo_crops_are_the_logo_pass_inputs():

@@ -137,13 +137,15 @@ def train_default(out: str | Path, device: str, embeddings_file: str | Path | No
                   overrides: dict[str, str] | None = None, stages: str = "vae,fill", resume: str | Path | None = None,
                   time_budget: float | None = None, optim_dir: str | Path | None = None,
                   init_from: str | Path | None = None, started: float | None = None,
-                  save_reserve: float = SAVE_RESERVE_S, model_overrides: dict[str, str] | None = None) -> dict:
+                  save_reserve: float = SAVE_RESERVE_S, model_overrides: dict[str, str] | None = None,
+                  finish: bool = False) -> dict:
     """One training call: the state, ``train_log.txt`` (this call's lines after the earlier calls') and, once
     the logo stage has run, ``logo_lora/`` into ``out``.
 
     ``time_budget``: seconds for the whole call from ``started`` (default: now), of which ``save_reserve`` is
     kept for saving; ``optim_dir``: where the AdamW state is written and, if it matches, read back;
-    ``model_overrides``: ``SmallModelConfig`` fields (as text) of a model trained from scratch.
+    ``model_overrides``: ``SmallModelConfig`` fields (as text) of a model trained from scratch; ``finish``: a
+    stage the budget cannot complete ends with it, its LR decayed linearly to 0 (``training.finish_plan``).
     """
     started = time.time() if started is None else started
     resume = Path(resume) if resume else None
@@ -170,7 +172,7 @@ def train_default(out: str | Path, device: str, embeddings_file: str | Path | No
         record = train_run.train_call(out, cfg, small, load_text(embeddings_file, small.text_tokens), device,
                                       [s.strip() for s in stages.split(",") if s.strip()], resume,
                                       Path(optim_dir) if optim_dir else None, deadline,
-                                      Path(init_from) if init_from else None, log)
+                                      Path(init_from) if init_from else None, log, finish=finish)
         record["calls"][-1]["stamp"] = provenance.stamp(device)
         (out / train_state.STATE_FILE).write_text(json.dumps(record, default=str))
         log("; ".join(f"{s} {r['step']}/{r['total']}{' done' if r['done'] else ''}"

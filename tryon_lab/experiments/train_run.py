@@ -34,7 +34,9 @@ from .training import (
     stage_params,
 )
 
-MAX_STATE_BYTES = 24 * 2**20  # a state travels to the next GPU job beside the repo (29 MiB) and wheels in 64 MiB
+# A state travels to the next GPU call inside its 64 MiB with the tracked tree (30.4 MiB) and the training
+# wheels (diffusers + huggingface-hub, 6.9 MiB): a Fill state (bf16 EMA 18.4 MiB + the frozen VAE) fits.
+MAX_STATE_BYTES = 26 * 2**20
 
 
 def new_stage(cfg: TrainConfig, stage: str) -> dict:
@@ -113,8 +115,12 @@ def init_from_checkpoint(model_dir: Path, models: dict, record: dict, stages: li
 def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple[torch.Tensor, torch.Tensor],
                device: str, stages: list[str], resume: Path | None = None, optim_dir: Path | None = None,
                deadline: float | None = None, init_from: Path | None = None, log=print,
-               max_state_bytes: int = MAX_STATE_BYTES) -> dict:
-    """Continue (or start) training; writes the state to ``out`` and, with ``optim_dir``, the AdamW state there."""
+               max_state_bytes: int = MAX_STATE_BYTES, finish: bool = False) -> dict:
+    """Continue (or start) training; writes the state to ``out`` and, with ``optim_dir``, the AdamW state there.
+    ``finish``: a stage this call cannot complete by ``deadline`` ends at it, its LR decayed to 0 (``run_stage``)."""
+    if finish and deadline is None:
+        raise ValueError("finishing a stage in this call needs its time budget (--time-budget): the LR decay is "
+                         "planned to end when the budget does.")
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"unknown stage(s) {bad or stages}: choose from {', '.join(STAGES)}, e.g. --stages vae,fill.")
@@ -123,8 +129,9 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     call_start = time.time()
     if resume is not None:
         record, ema_t, raw_t, frozen = train_state.load_state(Path(resume))
-        for s in STAGES:  # a state written before a stage existed gets it fresh
-            record["stages"].setdefault(s, new_stage(cfg, s))["total"] = getattr(cfg, f"{s}_steps")
+        for s in STAGES:  # a state written before a stage existed gets it fresh; a finishing plan keeps its end
+            rec = record["stages"].setdefault(s, new_stage(cfg, s))
+            rec["total"] = rec["decay"]["to"] if rec.get("decay") else getattr(cfg, f"{s}_steps")
     else:
         record, ema_t, raw_t, frozen = new_record(cfg, small), {}, {}, {}
     record["config"] = asdict(cfg)
@@ -189,7 +196,8 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
                 (deadline is not None and time.time() > deadline)
 
         try:
-            n = run_stage(stage, models, fill_pipe, text, batches, rec, cfg, dev, opt, ema, should_stop, log)
+            n = run_stage(stage, models, fill_pipe, text, batches, rec, cfg, dev, opt, ema, should_stop, log,
+                          deadline if finish else None)
         finally:
             batches.close()
         steps_this_call += n
@@ -214,7 +222,9 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
         if any(k.startswith(f"{s}.") for k in (*frozen, *ema_t)):
             write_stage_lora(models, {**frozen, **ema_t}, s, Path(out) / f"{s}_lora")
     log(f"state saved to {out}: {record['state_bytes'] / 2**20:.1f} MiB in {len(record['shards'])} shard(s), "
-        f"raw weights {record['raw_weights']}")
+        f"EMA {record['ema_weights']}, raw weights {record['raw_weights']}"
+        + (f"; over the {max_state_bytes / 2**20:.0f} MiB a device call can carry back in" if record["over_budget"]
+           else ""))
     return record
 
 

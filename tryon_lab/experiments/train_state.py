@@ -2,11 +2,12 @@
 
     state dir (small enough to come back from a device call and be carried into the next one)
         state.json                      stage counters, LR-schedule position, losses, data positions, config
-        weights-NNNNN.safetensors       shards of at most ``MAX_SHARD_BYTES``: ``ema.<part>.<key>`` fp32 (the
-                                        weights that ship), ``raw.<part>.<key>`` (the optimiser's weights: fp32
-                                        when they fit ``max_state_bytes``, else a bf16 offset from the EMA, else
-                                        left out) and ``frozen.<part>.<key>`` as they ship (parts no stage trains
-                                        now: model parts bf16, finished adapters fp32)
+        weights-NNNNN.safetensors       shards of at most ``MAX_SHARD_BYTES``: ``ema.<part>.<key>`` (the
+                                        weights that ship: fp32, or bf16 when even the fp32 EMA would not fit
+                                        ``max_state_bytes``), ``raw.<part>.<key>`` (the optimiser's weights: fp32
+                                        when they fit, else a bf16 offset from the EMA, else left out) and
+                                        ``frozen.<part>.<key>`` as they ship (parts no stage trains now: model
+                                        parts bf16, finished adapters fp32)
     optimiser dir (optional, separate: it is twice the weights and rarely fits a return limit)
         optim-NNNNN.safetensors         ``raw.*`` fp32 weights and the AdamW moments, for an exact continuation
 
@@ -110,25 +111,33 @@ def save_state(folder: Path, record: dict, ema: dict[str, torch.Tensor], raw: di
                frozen: dict[str, torch.Tensor], max_state_bytes: int) -> dict:
     """Write ``state.json`` and the weight shards; returns what was kept of the raw weights and the sizes.
 
-    The EMA always goes in fp32. The raw (optimiser) weights follow in fp32 when the whole state stays under
+    The EMA goes in fp32. The raw (optimiser) weights follow in fp32 when the whole state stays under
     ``max_state_bytes``, else as a bf16 offset from the EMA (error <= 2^-9 of the offset) when that fits,
-    else they are left out and a resume restarts from the EMA.
+    else they are left out and a resume restarts from the EMA. When even the fp32 EMA would not fit (a Fill
+    transformer in training), the EMA goes in bf16, as the weights ship: a resume continues from the rounded
+    EMA, which costs a little exactness and keeps the run going in a later session. A state still over the
+    budget is written all the same (``over_budget`` in the record): a call's result is never dropped.
     """
-    tensors = {f"ema.{k}": v.float() for k, v in ema.items()}
-    tensors.update({f"frozen.{k}": v for k, v in frozen.items()})  # as they ship: a resume writes the same LoRA
+    frozen_t = {f"frozen.{k}": v for k, v in frozen.items()}  # as they ship: a resume writes the same LoRA
+    frozen_bytes = sum(_nbytes(v) for v in frozen_t.values())
+    ema_dtype = torch.float32 if frozen_bytes + 4 * sum(v.numel() for v in ema.values()) <= max_state_bytes \
+        else torch.bfloat16
+    tensors = {f"ema.{k}": v.to(ema_dtype) for k, v in ema.items()}
+    tensors.update(frozen_t)
     base = sum(_nbytes(v) for v in tensors.values())
     raw_bytes = sum(v.numel() for v in raw.values())
-    if base + 4 * raw_bytes <= max_state_bytes:
+    if ema_dtype == torch.float32 and base + 4 * raw_bytes <= max_state_bytes:
         kept = "fp32"
         tensors.update({f"raw.{k}": v.float() for k, v in raw.items()})
-    elif base + 2 * raw_bytes <= max_state_bytes:
+    elif ema_dtype == torch.float32 and base + 2 * raw_bytes <= max_state_bytes:
         kept = "bf16-offset-from-ema"
         tensors.update({f"rawoff.{k}": (v.float() - ema[k].float()).to(torch.bfloat16) for k, v in raw.items()})
     else:
         kept = "none"
     paths = save_shards(tensors, Path(folder), "weights")
-    record = {**record, "raw_weights": kept, "state_bytes": sum(p.stat().st_size for p in paths),
-              "shards": [p.name for p in paths]}
+    size = sum(p.stat().st_size for p in paths)
+    record = {**record, "raw_weights": kept, "ema_weights": str(ema_dtype).removeprefix("torch."),
+              "state_bytes": size, "over_budget": size > max_state_bytes, "shards": [p.name for p in paths]}
     tmp = Path(folder) / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(record, default=str))
     os.replace(tmp, Path(folder) / STATE_FILE)
@@ -157,6 +166,6 @@ def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, t
     def take(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) + 1:]: v for k, v in shards.items() if k.startswith(prefix + ".")}
 
-    ema, frozen = take("ema"), take("frozen")
+    ema, frozen = {k: v.float() for k, v in take("ema").items()}, take("frozen")  # a bf16 EMA continues in fp32
     raw = take("raw") or {k: ema[k] + v.float() for k, v in take("rawoff").items()}
     return record, ema, raw, frozen

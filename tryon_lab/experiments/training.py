@@ -94,13 +94,29 @@ def _mask(arr: np.ndarray, device) -> torch.Tensor:
     return torch.from_numpy(arr).to(device).float()[:, None]
 
 
-def lr_at(step: int, total: int, base: float, warmup: int, resumed_at: int | None = None, rewarm: int = 0) -> float:
-    """Linear warm-up then cosine to 0 at ``total``; times a ramp over ``rewarm`` steps after ``resumed_at``."""
-    lr = base * (step + 1) / warmup if step < warmup else \
-        base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+def lr_at(step: int, total: int, base: float, warmup: int, resumed_at: int | None = None, rewarm: int = 0,
+          decay: dict | None = None) -> float:
+    """Linear warm-up then cosine to 0 at ``total``; from ``decay["from"]`` on (a finishing call's plan), linear
+    from ``decay["lr"]`` to 0 at ``decay["to"]``; times a ramp over ``rewarm`` steps after ``resumed_at``."""
+    if decay is not None and step >= decay["from"]:
+        lr = decay["lr"] * max(0, decay["to"] - step) / max(1, decay["to"] - decay["from"])
+    else:
+        lr = base * (step + 1) / warmup if step < warmup else \
+            base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
     if resumed_at is not None and rewarm > 0:
         lr *= min(1.0, (step - resumed_at + 1) / rewarm)
     return lr
+
+
+# A finishing call measures its speed between these two of its steps (the first ones hold compiling), then plans.
+FINISH_PROBE = (10, 40)
+
+
+def finish_plan(step: int, steps_per_s: float, seconds_left: float, lr: float, total: int) -> dict | None:
+    """The LR decay a finishing call runs: linear from ``lr`` at ``step`` to 0 at the step its speed reaches by its
+    deadline (95 % of the way: the pace varies); None when the stage's own ``total`` comes first."""
+    end = step + int(0.95 * steps_per_s * max(0.0, seconds_left))
+    return None if end >= total else {"from": step, "to": max(step + 1, end), "lr": lr}
 
 
 def generator(seed: int, step: int, device) -> torch.Generator:
@@ -250,19 +266,32 @@ def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainCon
 
 @torch.enable_grad()  # training, whatever grad mode the caller left set
 def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg: TrainConfig, device,
-              opt: torch.optim.Optimizer, ema, should_stop, log=print) -> int:
+              opt: torch.optim.Optimizer, ema, should_stop, log=print, finish_deadline: float | None = None) -> int:
     """Optimiser steps from ``rec['step']`` until the stage's total or ``should_stop(steps_this_call)``.
 
-    ``rec`` (the stage's record: step, total, losses, resumed_at) is updated in place; returns steps done.
+    ``rec`` (the stage's record: step, total, losses, resumed_at, decay) is updated in place; returns steps done.
+    With ``finish_deadline`` (a call that ends the stage), the speed of the call's first steps plans a linear LR
+    decay to 0 by then, and the stage's total becomes the step it ends at (``rec["decay"]``; kept on resume).
     """
     params = [p for g in opt.param_groups for p in g["params"]]
     base, warmup = getattr(cfg, f"{stage}_lr"), getattr(cfg, f"{stage}_warmup")
     seed = cfg.data_seed + STAGES.index(stage)
-    done, start, waited = 0, time.time(), 0.0
+    done, start, waited, probe_start = 0, time.time(), 0.0, 0.0
     while rec["step"] < rec["total"] and not should_stop(done):
         step = rec["step"]
+        lr = lr_at(step, rec["total"], base, warmup, rec.get("resumed_at"), cfg.rewarm_steps, rec.get("decay"))
+        if finish_deadline is not None and done in FINISH_PROBE:
+            if done == FINISH_PROBE[0]:
+                probe_start = time.time()
+            else:
+                rate = (FINISH_PROBE[1] - FINISH_PROBE[0]) / max(1e-9, time.time() - probe_start)
+                plan = finish_plan(step, rate, finish_deadline - time.time(), lr, rec["total"])
+                if plan is not None:
+                    rec["decay"], rec["total"] = plan, plan["to"]
+                    log(f"{stage}: finishing in this call: LR {lr:.3g} -> 0 linearly over steps {step}-{plan['to']} "
+                        f"({rate:.2f} steps/s, {finish_deadline - time.time():.0f} s left)")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, rec["total"], base, warmup, rec.get("resumed_at"), cfg.rewarm_steps)
+            g["lr"] = lr
         before = time.time()
         batch = next(batches)  # the time waited here says whether the data workers or the device set the pace
         waited += time.time() - before

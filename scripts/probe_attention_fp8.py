@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tryon_lab.metrics import rel_l2  # noqa: E402
 from tryon_lab.provenance import stamp  # noqa: E402
+from tryon_lab.timers import kernel_ms  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
 
@@ -85,29 +84,6 @@ def kernels(dev: str) -> dict:
     return out
 
 
-def timed(fn, args, reps: int, dev: str) -> tuple[torch.Tensor, float, float]:
-    """(output, first call s, median ms of ``reps`` later calls)."""
-    begin = time.perf_counter()
-    out = fn(*args)
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    first = time.perf_counter() - begin
-    times = []
-    for _ in range(reps):
-        if dev == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn(*args)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            begin = time.perf_counter()
-            fn(*args)
-            times.append(1000 * (time.perf_counter() - begin))
-    return out, first, statistics.median(times)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=4313, help="image + text tokens (3072 + 1241 at 1024x768)")
@@ -128,7 +104,7 @@ def main(argv=None) -> int:
     rows = {}
     for name, fn in kernels(dev).items():
         try:
-            out, first, ms = timed(fn, (q, k, v), a.reps, dev)
+            out, first, ms = kernel_ms(fn, (q, k, v), a.reps, dev)
             rows[name] = {"status": "ok", "ms": ms, "tflops": flops / ms / 1e9, "first_call_s": first,
                           "rel_l2_vs_fp32": rel_l2(out.float(), reference)}
         except Exception as e:  # noqa: BLE001 - a kernel that does not run here is a result, not the end

@@ -1,9 +1,11 @@
-"""One timer (``Timings``/``measure``), one memory reader and a deadline for long blocks; imports nothing of ours."""
+"""One timer (``Timings``/``measure``), one kernel timer (``kernel_ms``), one memory reader and a deadline for long
+blocks; imports nothing of ours."""
 
 from __future__ import annotations
 
 import resource
 import signal
+import statistics
 import threading
 import time
 from contextlib import contextmanager
@@ -40,6 +42,28 @@ class Timings:
 
     def as_dict(self) -> dict[str, float]:
         return {**self.seconds, "total": self.total()}
+
+
+def kernel_ms(fn, args: tuple, reps: int, device: str | torch.device) -> tuple[object, float, float]:
+    """(output, first call s, median ms of ``reps`` later calls): CUDA events on a GPU, the wall clock elsewhere."""
+    begin = time.perf_counter()
+    out = fn(*args)
+    sync(device)
+    first, times = time.perf_counter() - begin, []
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn(*args)
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            begin = time.perf_counter()
+            fn(*args)
+            times.append(1000 * (time.perf_counter() - begin))
+    return out, first, statistics.median(times)
 
 
 class DeadlinePassed(TimeoutError):

@@ -13,7 +13,6 @@ output (rel-L2); a kernel that fails says why instead of ending the probe.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tryon_lab.metrics import rel_l2  # noqa: E402
-from tryon_lab.provenance import stamp  # noqa: E402
+from tryon_lab.provenance import report_probe  # noqa: E402
 from tryon_lab.timers import kernel_ms  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -110,13 +109,9 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - a kernel that does not run here is a result, not the end
             rows[name] = {"status": "failed", "reason": f"{type(e).__name__}: {str(e)[:600]}"}
         print(f"  {name}: {rows[name]}", flush=True)
-    res = {"stamp": stamp(dev), "shape": {"batch": 1, "heads": a.heads, "tokens": a.tokens,
-                                          "head_dim": a.head_dim}, "kernels": rows,
-           "what": "one attention call, CUDA events (wall time on the CPU), rel-L2 against fp32 SDPA; the FP8 rows "
-                   "include quantizing Q, K and V"}
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
-    print("PROBE " + json.dumps(res, default=str), flush=True)
+    report_probe({"shape": {"batch": 1, "heads": a.heads, "tokens": a.tokens, "head_dim": a.head_dim},
+                  "kernels": rows, "what": "one attention call, CUDA events (wall time on the CPU), rel-L2 against "
+                                           "fp32 SDPA; the FP8 rows include quantizing Q, K and V"}, dev, a.out)
     return 0
 
 

@@ -15,7 +15,6 @@ against the two separate outputs (rel-L2; per-tensor FP8 shares one weight scale
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tryon_lab.provenance import stamp  # noqa: E402
+from tryon_lab.provenance import report_probe  # noqa: E402
 from tryon_lab.timers import kernel_ms  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -108,12 +107,10 @@ def main(argv=None) -> int:
             row["saved_ms_per_step"] = a.blocks * row["saved_ms_per_block"]
         rows[form] = row
         print(f"  {form}: {row}", flush=True)
-    res = {"stamp": stamp(dev), "shape": {"tokens": a.tokens, "dim": a.dim, "blocks": a.blocks}, "forms": rows,
-           "what": "median of CUDA-event timings (wall clock on the CPU); saved = two GEMMs + one more activation "
-                   "quantize (each separate Linear quantizes its own input) - the fused GEMM"}
-    if a.out:
-        Path(a.out).write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
-    print("PROBE " + json.dumps(res, default=str), flush=True)
+    report_probe({"shape": {"tokens": a.tokens, "dim": a.dim, "blocks": a.blocks}, "forms": rows,
+                  "what": "median of CUDA-event timings (wall clock on the CPU); saved = two GEMMs + one more "
+                          "activation quantize (each separate Linear quantizes its own input) - the fused GEMM"},
+                 dev, a.out)
     return 0
 
 

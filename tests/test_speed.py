@@ -471,3 +471,17 @@ def test_cold_targets_take_each_case_median_over_its_rounds():
     assert "= 0.53x" in warm and warm.endswith("NOT met)")
     assert empty == "empty cache: slim, empty cache 31.0 s (target <= 30 s: NOT met)"
     assert targets({"lever": ok(5.0)}) == []  # no stock case: no ratio to state
+
+
+def test_single_block_gemm_probe_runs_small_and_its_fused_gemm_equals_the_two(tmp_path):
+    """``scripts/probe_single_block_gemm.py`` at a small shape on the CPU: one fused input GEMM gives the two
+    separate outputs side by side (the bf16 form's fp32 stand-in here), and the file is stamped."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "probe_single_block_gemm.py"
+    p = subprocess.run([sys.executable, str(script), "--tokens", "32", "--dim", "32", "--reps", "2", "--out",
+                        str(tmp_path / "gemm.json")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "gemm.json").read_text())
+    row = res["forms"]["bf16"]
+    assert res["stamp"]["device"].startswith("cpu") and set(res["forms"]) == {"bf16"}  # FP8 forms need CUDA
+    assert row["fused_rel_l2_vs_separate"] < 1e-6 and row["separate_ms"] > 0 and row["fused_ms"] > 0
+    assert row["saved_ms_per_step"] == pytest.approx(38 * row["saved_ms_per_block"])

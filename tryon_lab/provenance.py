@@ -177,6 +177,16 @@ def stamp(device: str | torch.device | None = None) -> dict:
     }
 
 
+def report_probe(results: dict, device: str, out: str | Path | None = None) -> dict:
+    """A probe's results, stamped: written to ``out`` as JSON when given, and printed as one ``PROBE {json}`` line
+    (what a GPU call's log keeps when no file comes back)."""
+    results = {"stamp": stamp(device), **results}
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
+    print("PROBE " + json.dumps(results, default=str), flush=True)
+    return results
+
+
 def write_results(path: str | Path, name: str, results: dict, table_md: str | None = None) -> Path:
     """Add one stamped benchmark entry to a JSON results file (keyed by name) and an optional markdown table."""
     path = Path(path)

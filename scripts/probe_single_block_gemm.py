@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tryon_lab.metrics import rel_l2  # noqa: E402
 from tryon_lab.provenance import report_probe  # noqa: E402
 from tryon_lab.timers import kernel_ms  # noqa: E402
 
@@ -39,10 +40,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_tensor(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Per-tensor FP8 with a fixed (calibrated) scale: the static form's activation quantize."""
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12))
 
 
 def forms(x: torch.Tensor, w_qkv: torch.Tensor, w_mlp: torch.Tensor, dev: str) -> dict[str, dict]:

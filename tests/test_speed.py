@@ -346,6 +346,26 @@ def test_gpu_tables_judge_each_row_against_its_own_runs_eager(tmp_path):
     assert len(where) == 2
 
 
+def test_probed_levers_are_judged_by_their_time_and_error(tmp_path):
+    """Notebook 03's probe table: a kernel is a lever only when it is faster than the one it replaces and its output
+    stays within the tolerance; each verdict follows the numbers of the results file."""
+    from tryon_lab.experiments import variants_report
+
+    stamp = {"date": "d"}
+    ok = {"status": "ok", "rel_l2_vs_fp32": 0.002}
+    data = {"attention_fp8_probe": {"stamp": stamp, "kernels": {
+                "cudnn_bf16": {**ok, "ms": 0.5}, "flex_fp8_fast": {**ok, "ms": 0.3},
+                "flex_fp8_off": {"status": "ok", "ms": 0.3, "rel_l2_vs_fp32": 0.9},
+                "flex_fp8_slow": {**ok, "ms": 1.0}, "flex_fp8_broken": {"status": "failed"}}},
+            "single_block_gemm_probe": {"stamp": stamp, "forms": {
+                "bf16": {"fused_ms": 0.85, "separate_ms": 0.8, "fused_rel_l2_vs_separate": 0.0},
+                "fp8": {"fused_ms": 0.4, "separate_ms": 0.5, "fused_rel_l2_vs_separate": 0.01}}}}
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    verdict = {r["lever"].split("(")[-1].rstrip(")"): r["verdict"] for r in variants_report.gpu_probes(tmp_path / "r.json")}
+    assert verdict == {"fast": "a lever", "off": "faster but off", "slow": "2.00x the time: not a lever",
+                       "bf16": "1.06x the time: not a lever", "fp8": "a lever"}
+
+
 def test_whole_model_compile_rounds_like_eager():
     """Whole-model inductor compile in bf16 (CPU, trained toy model, 4 steps): with exact casts (the default) the
     final latents stay as close to eager as regional compile's; inductor's default fp32 intermediates at the top

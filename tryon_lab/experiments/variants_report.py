@@ -201,6 +201,34 @@ def gpu_steps(results_file=None, key: str = "bench_gpu", entry: dict | None = No
 PER_IMAGE_RUNS = ("bench_gpu_per_image", "bench_gpu_per_image_static")  # each beside its own stock eager
 
 
+PROBE_GAIN = 0.97  # a probed kernel is a lever when it takes at most this share of the one it would replace
+PROBE_TOLERANCE = 0.05  # ... and its output stays within this rel-L2 (attention: of fp32; GEMM: of the two GEMMs)
+
+
+def _probe_verdict(ms: float, against_ms: float, err: float) -> str:
+    faster, close = ms <= PROBE_GAIN * against_ms, err <= PROBE_TOLERANCE
+    return ("a lever" if faster and close else "faster but off" if faster else
+            f"{ms / against_ms:.2f}x the time{', and off' if not close else ''}: not a lever")
+
+
+def gpu_probes(results_file=None) -> list[dict]:
+    """The step levers probed alone on the H200, one row each: the kernel against the one the best variant runs
+    (ms a call) with a verdict (FP8 attention through FlexAttention; one fused input GEMM per single block)."""
+    att, gemm = _gpu_entry(results_file, "attention_fp8_probe"), _gpu_entry(results_file, "single_block_gemm_probe")
+    k, cudnn, rows = att["kernels"], att["kernels"]["cudnn_bf16"]["ms"], []
+    for name in (n for n, r in k.items() if "fp8" in n and r.get("status") == "ok"):
+        rows.append({"lever": f"FP8 attention, FlexAttention ({name.removeprefix('flex_fp8_').replace('_', ' ')})",
+                     "ms": k[name]["ms"], "against": f"cuDNN bf16 {cudnn:.3g} ms", "rel-L2": k[name]["rel_l2_vs_fp32"],
+                     "verdict": _probe_verdict(k[name]["ms"], cudnn, k[name]["rel_l2_vs_fp32"]),
+                     "date": att["stamp"]["date"]})
+    for form, r in gemm["forms"].items():
+        rows.append({"lever": f"one input GEMM for a single-stream block ({form})", "ms": r["fused_ms"],
+                     "against": f"two GEMMs {r['separate_ms']:.3g} ms", "rel-L2": r["fused_rel_l2_vs_separate"],
+                     "verdict": _probe_verdict(r["fused_ms"], r["separate_ms"], r["fused_rel_l2_vs_separate"]),
+                     "date": gemm["stamp"]["date"]})
+    return rows
+
+
 def gpu_per_image(results_file=None) -> tuple[list[dict], list[str]]:
     """The step-cache rows against each run's own eager image time: our cache and cache-dit's in one run, static
     FP8 with our cache in another; returns rows (with the run's time) and where each run was measured."""

@@ -11,7 +11,6 @@ trained at a length (``train_default_model.py --model text_tokens=N``) carries i
 
 from __future__ import annotations
 
-import statistics
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from ..metrics import psnr, ssim
 from ..plots import markdown_table
 from ..provenance import REPO_ROOT, portable, stamp, write_results
 from ..synthetic import make_sample
+from ..timers import kernel_ms
 
 COLUMNS = ["text_tokens", "tryon_s", "tryon_speedup", "logo_pass_s", "logo_pass_speedup", "masked_psnr",
            "masked_ssim", "masked_psnr_vs_first"]
@@ -32,13 +32,8 @@ NAME = "text_tokens_cpu"
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median wall seconds of ``repeats`` calls after a warm-up call (the one kernel timer, on the CPU)."""
+    return kernel_ms(fn, (), repeats, "cpu")[2] / 1000
 
 
 def measure(pipe, n: int, steps: int, height: int, repeats: int, pairs: int, eval_steps: int) -> tuple[dict, list]:

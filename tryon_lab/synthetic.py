@@ -465,11 +465,14 @@ def _place_logos(rng: np.random.Generator, cfg: SyntheticConfig, g: dict, geo: d
 
 
 # ------------------------------------------------------------------------------------------------ samples
-def _render(seed: int, index: int, cfg: SyntheticConfig) -> tuple:
-    """(arrays garment/person/mask/target, garment logo boxes, target logo boxes, logo ids, meta)."""
+def _render(seed: int, index: int, cfg: SyntheticConfig, corner_offsets: np.ndarray | None = None) -> tuple:
+    """(arrays garment/person/mask/target, garment logo boxes, target logo boxes, logo ids, meta).
+    ``corner_offsets``: (4, 2) px added to the torso's corner jitter (no random draw changes)."""
     h, w = cfg.height, cfg.width
     rng = np.random.default_rng([seed, index])
     body, new = _sample_body(rng, h, w), _sample_garment(rng)
+    if corner_offsets is not None:
+        body["twist"] = body["twist"] + np.asarray(corner_offsets, float).reshape(4, 2)
     old = _sample_garment(rng, avoid=new)
     base, layers = _render_body(body, rng, h, w)
     geo_new, geo_old = _geometry(new, body, h, w), _geometry(old, body, h, w)
@@ -507,6 +510,14 @@ def make_sample(seed: int, index: int, config: SyntheticConfig | None = None) ->
     images = [Image.fromarray(arrays[k], "L" if k == "mask" else "RGB")
               for k in ("garment", "person", "mask", "target")]
     return TryOnSample(*images, gboxes, tboxes, ids, meta)
+
+
+def misplaced_target(seed: int, index: int, corner_offsets: np.ndarray,
+                     config: SyntheticConfig | None = None) -> np.ndarray:
+    """Pair ``(seed, index)``'s target (uint8 RGB) with both garments' torso corners moved by ``corner_offsets``
+    ((4, 2) px) and every random draw as in ``make_sample``: what a try-on that places the garment that far off
+    draws (sleeves follow the shoulders; logo placement is drawn again on the moved torso)."""
+    return _render(seed, index, config or SyntheticConfig(), corner_offsets)[0]["target"]
 
 
 def make_batch(seed: int, start: int, count: int,

@@ -7,6 +7,8 @@
                       reconstruction PSNR of the target (mask, logo boxes): the ceiling the Fill model can reach
     blur_reference    the ground truth blurred inside the mask (Gaussian, sigma in px), scored the same way: what a
                       model that puts every colour and edge in the right place but blurs them by sigma would get
+    placement_reference  the ground truth redrawn with the torso's corners moved by up to j px: how exactly a model
+                      must place the garment (pattern, logos) to reach a score
     conditioning_probe  what the model takes from each input: the pairs scored with another pair's garment or a grey
                       one, with the other garment in one path only (Redux tokens, or the diptych's garment half),
                       and with fewer steps (1 step: the model's own estimate of the mean image)
@@ -141,6 +143,25 @@ def blur_reference(seed: int = 999, count: int = 8, sigmas: tuple[float, ...] = 
     return out
 
 
+def placement_reference(seed: int = 999, count: int = 8, jitters: tuple[float, ...] = (0.5, 1, 2, 4)) -> dict[str, dict]:
+    """Masked PSNR / SSIM of each held-out target redrawn with its torso corners moved by up to ``jitter`` px
+    (uniform per corner and axis, fixed draws; no model): how exactly a try-on must place the garment to score
+    what. The body's corner jitter (up to 2.3 px at 192 px) is inside the mask: a model must infer it."""
+    from ..synthetic import misplaced_target
+
+    out = {}
+    for jitter in jitters:
+        draws, scores = np.random.default_rng(0), []
+        for i in range(count):
+            s = make_sample(seed, i)
+            m = np.asarray(s.mask) > 127
+            moved = misplaced_target(seed, i, draws.uniform(-jitter, jitter, (4, 2)))
+            scores.append((psnr(moved, s.target, mask=m), ssim(moved, s.target, mask=m)))
+        out[f"corners_{jitter:g}px"] = {"masked_psnr": float(np.mean([a for a, _ in scores])),
+                                        "masked_ssim": float(np.mean([b for _, b in scores]))}
+    return out
+
+
 def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20,
                        fewer_steps: tuple[int, ...] = (1, 2, 4)) -> dict[str, float]:
     """Masked PSNR on the held-out pairs (as ``evaluate_model``) with the garment changed in both paths, in one path
@@ -213,6 +234,7 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
             summary["conditioning_probe"] = conditioning_probe(model_dir, seed, count, steps)
             print(f"  what it takes from its inputs (masked PSNR, dB): {summary['conditioning_probe']}", flush=True)
     res["blurred_truth"] = blur_reference(seed, count)
+    res["misplaced_truth"] = placement_reference(seed, count)
     if data_seconds > 0:
         res["data"] = data_throughput(data_seconds)
     res["stamp"] = {**provenance.stamp("cpu"), "model_fingerprint": provenance.fingerprint(model_dir)}

@@ -217,6 +217,26 @@ def test_evaluation_script_writes_every_key(tmp_path):
     assert res["data"]["make_pairs_pairs_per_s"] > 0
     blurred = [res["blurred_truth"][f"sigma_{s}px"]["masked_psnr"] for s in (1, 2, 4, 8)]
     assert blurred == sorted(blurred, reverse=True) and blurred[-1] > res["random"]["masked_psnr"]
+    assert set(res["misplaced_truth"]) == {"corners_0.5px", "corners_1px", "corners_2px", "corners_4px"}
+
+
+def test_a_misplaced_target_moves_only_the_garment_and_scores_lower_the_further_it_moves():
+    """No offset redraws the target exactly; corners moved 2 px change pixels only within 3 px of the mask (the
+    body, head and background are the same draws) and the masked score falls as the corners move further."""
+    import cv2
+
+    from tryon_lab.experiments.default_quality import placement_reference
+    from tryon_lab.synthetic import make_sample, misplaced_target
+
+    s = make_sample(999, 0)
+    target = np.asarray(s.target)
+    near = cv2.dilate(np.asarray(s.mask), np.ones((7, 7), np.uint8)) > 127
+    assert np.array_equal(misplaced_target(999, 0, np.zeros((4, 2))), target)
+    moved = misplaced_target(999, 0, np.full((4, 2), 2.0))
+    assert not np.array_equal(moved, target) and np.array_equal(moved[~near], target[~near])
+    ref = placement_reference(count=2, jitters=(0.5, 4))
+    assert np.isfinite(ref["corners_0.5px"]["masked_psnr"])
+    assert ref["corners_0.5px"]["masked_psnr"] > ref["corners_4px"]["masked_psnr"] + 3
 
 
 def test_the_conditioning_probe_scores_own_inputs_as_the_evaluation_does_and_swaps_one_path_at_a_time():
@@ -420,3 +440,15 @@ def test_training_script_names_a_wrong_state_folder_in_one_line(tmp_path):
         assert p.returncode == 2, (args, p.stderr[-2000:])
         assert f"{args[0]}: error: no state.json in {missing}" in p.stderr and "a previous `train` wrote" in p.stderr
         assert "Traceback" not in p.stderr
+
+
+def test_the_committed_training_state_assembles_to_the_candidate_its_scores_are_recorded_for(tmp_path):
+    """The state a later GPU call resumes is the one the recorded scores came from: assembling it here gives the
+    model fingerprint stamped in its results file."""
+    root = Path(__file__).resolve().parent.parent
+    record = json.loads((root / "benchmarks" / "training_runs" / "4x-vae-fill-8046.json").read_text())
+    from tryon_lab import provenance
+    from tryon_lab.experiments import default_model
+
+    out = default_model.assemble_default(root / record["training"]["state"], tmp_path / "candidate")
+    assert provenance.fingerprint(out) == record["stamp"]["model_fingerprint"]

@@ -313,6 +313,12 @@ def test_init_from_keeps_the_trained_vae_and_trains_a_transformer_of_another_sha
     vae_keys = [k for k in weights if k.startswith("vae.")]
     assert vae_keys and all(torch.equal(frozen[k].float(), weights[k].bfloat16().float()) for k in vae_keys)
     assert "transformer.single_transformer_blocks.1.proj_out.weight" in frozen  # the wider model's second block
+    # the same model continued from its own folder, cut mid-stage: each Fill tensor is saved once (as its EMA)
+    default_model.assemble_checkpoint(*reversed(default_model.shipped_weights(tmp_path / "w")), tmp_path / "mw")
+    cut = train_run.train_call(tmp_path / "c", tiny_cfg(call_steps=1), wider, tiny_text(), "cpu", ["fill"],
+                               init_from=tmp_path / "mw", log=lambda m: None)
+    _, ema, _, frozen = train_state.load_state(tmp_path / "c")
+    assert cut["active"] == "fill" and ema and not set(ema) & set(frozen) and any(k.startswith("vae.") for k in frozen)
     # a folder holding the VAE alone: the Fill parts start fresh, the VAE is kept as it was
     shutil.rmtree(tmp_path / "m" / "FLUX.1-Redux-dev")
     shutil.rmtree(tmp_path / "m" / "FLUX.1-Fill-dev" / "transformer")

@@ -172,6 +172,8 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
             _add_adapter(models, cfg, frozen, stage)
             models["transformer"].set_adapter(stage)  # the other adapter stays out of this stage's passes
         params = stage_params(models, stage)
+        for k in params:  # in the models now; saved as this stage's EMA (+ raw), not a second time as kept weights
+            frozen.pop(k, None)
         for p in params.values():
             p.requires_grad_(True)
         models_train(models, stage, True)

@@ -1,13 +1,19 @@
-"""Probe: FP8 attention with torch's own FlexAttention at the full-size FLUX shape, against cuDNN SDPA in bf16.
+"""Probe: FP8 attention at the full-size FLUX shape, against cuDNN SDPA in bf16: torch's FlexAttention, and
+FlashAttention-3's forward kernels where the ``fa3-fwd`` wheel is installed.
 
 Attention is about a third of a compiled FP8 step (57 calls of 0.45 ms with cuDNN at 1 x 24 x 4313 x 128), and the
-only FP8 kernels tried so far were out of reach (FA3 needs a hub download) or slower (SageAttention, 0.92 ms).
-FlexAttention takes FP8 query, key and value (Triton kernels written by inductor): the scales of Q and K fold into
-the softmax scale, V's scale multiplies the output. Each kernel is timed with CUDA events and compared with cuDNN's
-output (rel-L2); a kernel that fails says why instead of ending the probe.
+FP8 kernels tried so far were slower (SageAttention 0.92 ms, FlexAttention 2.15 ms). FlexAttention takes FP8 query,
+key and value (Triton kernels written by inductor): the scales of Q and K fold into the softmax scale, V's scale
+multiplies the output. FA3 (the Hopper kernels, forward only: PyPI ``fa3-fwd``, 27.6 MB, built on torch's stable
+ABI against CUDA 13) takes FP8 Q, K, V with per-(batch, head) descales, in its own (B, S, H, D) layout: the rows
+convert the layout before timing, as the FLUX attention processor makes Q, K, V in that layout already. Each kernel
+is timed with CUDA events and compared with fp32 SDPA (rel-L2); a kernel that fails says why instead of ending the
+probe.
 
     python scripts/probe_attention_fp8.py --out results.json            # the H200 shape
     python scripts/probe_attention_fp8.py --tokens 300 --heads 2        # a small shape (the CPU runs the bf16 rows)
+    # FA3 on the GPU machine: pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    #   --platform manylinux_2_24_x86_64 -d .whl fa3-fwd==0.0.3, carried and installed like the other wheels
 """
 
 from __future__ import annotations
@@ -66,6 +72,31 @@ def flex_fp8(per_head: bool):
     return run
 
 
+def fa3_kernels() -> dict:
+    """FA3's forward in bf16 and in FP8 (scales per tensor or per head), each taking (B, S, H, D) inputs; an FA3
+    that cannot be imported gives one row that raises its import error when run."""
+    try:
+        import fa3_fwd_interface as fa3
+    except Exception as e:  # noqa: BLE001 - not installed here, or built for another torch: a result
+        error = f"{type(e).__name__}: {e}"
+
+        def unavailable(q, k, v):
+            raise RuntimeError(f"fa3-fwd not usable here ({error})")
+        return {"fa3": unavailable}
+
+    def fp8(per_head: bool):
+        def run(q, k, v):  # (B, S, H, D): the per-head scales are over dims 0, 1, 3
+            parts = [to_fp8(t.transpose(1, 2), per_head) for t in (q, k, v)]
+            b, h = q.shape[0], q.shape[2]
+            q8, k8, v8 = (x.transpose(1, 2) for x, _ in parts)
+            dq, dk, dv = (sc.float().expand(b, h).contiguous() for _, sc in parts)
+            return fa3.flash_attn_func(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+        return run
+
+    return {"fa3_bf16": lambda q, k, v: fa3.flash_attn_func(q, k, v), "fa3_fp8_per_tensor": fp8(False),
+            "fa3_fp8_per_head": fp8(True)}
+
+
 def kernels(dev: str) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
@@ -80,6 +111,8 @@ def kernels(dev: str) -> dict:
         "cudnn_bf16": sdpa(SDPBackend.CUDNN_ATTENTION), "flash_bf16": sdpa(SDPBackend.FLASH_ATTENTION)}
     out["flex_bf16"] = torch.compile(flex_attention, fullgraph=True, dynamic=False)
     out["flex_fp8_per_tensor"], out["flex_fp8_per_head"] = flex_fp8(False), flex_fp8(True)
+    if dev != "cpu":
+        out.update(fa3_kernels())
     return out
 
 
@@ -101,9 +134,12 @@ def main(argv=None) -> int:
     flops = 4 * a.heads * a.tokens * a.tokens * a.head_dim
     reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     rows = {}
+    bshd = tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))  # FA3's layout, made before timing
     for name, fn in kernels(dev).items():
         try:
-            out, first, ms = kernel_ms(fn, (q, k, v), a.reps, dev)
+            fa3 = name.startswith("fa3")
+            out, first, ms = kernel_ms(fn, bshd if fa3 else (q, k, v), a.reps, dev)
+            out = out.transpose(1, 2) if fa3 else out
             rows[name] = {"status": "ok", "ms": ms, "tflops": flops / ms / 1e9, "first_call_s": first,
                           "rel_l2_vs_fp32": rel_l2(out.float(), reference)}
         except Exception as e:  # noqa: BLE001 - a kernel that does not run here is a result, not the end

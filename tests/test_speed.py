@@ -356,14 +356,15 @@ def test_probed_levers_are_judged_by_their_time_and_error(tmp_path):
     data = {"attention_fp8_probe": {"stamp": stamp, "kernels": {
                 "cudnn_bf16": {**ok, "ms": 0.5}, "flex_fp8_fast": {**ok, "ms": 0.3},
                 "flex_fp8_off": {"status": "ok", "ms": 0.3, "rel_l2_vs_fp32": 0.9},
-                "flex_fp8_slow": {**ok, "ms": 1.0}, "flex_fp8_broken": {"status": "failed"}}},
+                "flex_fp8_slow": {**ok, "ms": 1.0}, "flex_fp8_broken": {"status": "failed"},
+                "fa3_fp8_per_head": {**ok, "ms": 0.3}, "flash_bf16": {**ok, "ms": 0.4}}},
             "single_block_gemm_probe": {"stamp": stamp, "forms": {
                 "bf16": {"fused_ms": 0.85, "separate_ms": 0.8, "fused_rel_l2_vs_separate": 0.0},
                 "fp8": {"fused_ms": 0.4, "separate_ms": 0.5, "fused_rel_l2_vs_separate": 0.01}}}}
     (tmp_path / "r.json").write_text(json.dumps(data))
     verdict = {r["lever"].split("(")[-1].rstrip(")"): r["verdict"] for r in variants_report.gpu_probes(tmp_path / "r.json")}
     assert verdict == {"fast": "a lever", "off": "faster but off", "slow": "2.00x the time: not a lever",
-                       "bf16": "1.06x the time: not a lever", "fp8": "a lever"}
+                       "fp8 per head": "a lever", "bf16": "1.06x the time: not a lever", "fp8": "a lever"}
 
 
 def test_whole_model_compile_rounds_like_eager():

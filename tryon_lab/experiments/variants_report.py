@@ -213,11 +213,14 @@ def _probe_verdict(ms: float, against_ms: float, err: float) -> str:
 
 def gpu_probes(results_file=None) -> list[dict]:
     """The step levers probed alone on the H200, one row each: the kernel against the one the best variant runs
-    (ms a call) with a verdict (FP8 attention through FlexAttention; one fused input GEMM per single block)."""
+    (ms a call) with a verdict (FP8 attention through FlexAttention, FlashAttention-3 in bf16 and FP8; one fused
+    input GEMM per single block)."""
     att, gemm = _gpu_entry(results_file, "attention_fp8_probe"), _gpu_entry(results_file, "single_block_gemm_probe")
     k, cudnn, rows = att["kernels"], att["kernels"]["cudnn_bf16"]["ms"], []
-    for name in (n for n, r in k.items() if "fp8" in n and r.get("status") == "ok"):
-        rows.append({"lever": f"FP8 attention, FlexAttention ({name.removeprefix('flex_fp8_').replace('_', ' ')})",
+    labels = {"flex_fp8_": "FP8 attention, FlexAttention", "fa3_": "attention, FlashAttention-3"}
+    for name in (n for n, r in k.items() if n.startswith(tuple(labels)) and r.get("status") == "ok"):
+        prefix = next(p for p in labels if name.startswith(p))
+        rows.append({"lever": f"{labels[prefix]} ({name.removeprefix(prefix).replace('_', ' ')})",
                      "ms": k[name]["ms"], "against": f"cuDNN bf16 {cudnn:.3g} ms", "rel-L2": k[name]["rel_l2_vs_fp32"],
                      "verdict": _probe_verdict(k[name]["ms"], cudnn, k[name]["rel_l2_vs_fp32"]),
                      "date": att["stamp"]["date"]})

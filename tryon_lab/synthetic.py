@@ -512,12 +512,14 @@ def make_sample(seed: int, index: int, config: SyntheticConfig | None = None) ->
     return TryOnSample(*images, gboxes, tboxes, ids, meta)
 
 
-def misplaced_target(seed: int, index: int, corner_offsets: np.ndarray,
-                     config: SyntheticConfig | None = None) -> np.ndarray:
-    """Pair ``(seed, index)``'s target (uint8 RGB) with both garments' torso corners moved by ``corner_offsets``
-    ((4, 2) px) and every random draw as in ``make_sample``: what a try-on that places the garment that far off
-    draws (sleeves follow the shoulders; logo placement is drawn again on the moved torso)."""
-    return _render(seed, index, config or SyntheticConfig(), corner_offsets)[0]["target"]
+def misplaced_pair(seed: int, index: int, corner_offsets: np.ndarray,
+                   config: SyntheticConfig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pair ``(seed, index)``'s target (uint8 RGB) and mask (uint8, 255 = repaint) with both garments' torso corners
+    moved by ``corner_offsets`` ((4, 2) px) and every random draw as in ``make_sample``: what a try-on that places
+    the garment that far off draws (sleeves follow the shoulders; logo placement is drawn again on the moved torso),
+    and the mask such a body would have had."""
+    arrays = _render(seed, index, config or SyntheticConfig(), corner_offsets)[0]
+    return arrays["target"], arrays["mask"]
 
 
 def make_batch(seed: int, start: int, count: int,

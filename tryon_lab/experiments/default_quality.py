@@ -9,6 +9,7 @@
                       model that puts every colour and edge in the right place but blurs them by sigma would get
     placement_reference  the ground truth redrawn with the torso's corners moved by up to j px: how exactly a model
                       must place the garment (pattern, logos) to reach a score
+    mask_pinned_placement  how far the corners can move with the mask unchanged: what the inputs leave open
     conditioning_probe  what the model takes from each input: the pairs scored with another pair's garment or a grey
                       one, with the other garment in one path only (Redux tokens, or the diptych's garment half),
                       and with fewer steps (1 step: the model's own estimate of the mean image)
@@ -147,7 +148,7 @@ def placement_reference(seed: int = 999, count: int = 8, jitters: tuple[float, .
     """Masked PSNR / SSIM of each held-out target redrawn with its torso corners moved by up to ``jitter`` px
     (uniform per corner and axis, fixed draws; no model): how exactly a try-on must place the garment to score
     what. The body's corner jitter (up to 2.3 px at 192 px) is inside the mask: a model must infer it."""
-    from ..synthetic import misplaced_target
+    from ..synthetic import misplaced_pair
 
     out = {}
     for jitter in jitters:
@@ -155,11 +156,41 @@ def placement_reference(seed: int = 999, count: int = 8, jitters: tuple[float, .
         for i in range(count):
             s = make_sample(seed, i)
             m = np.asarray(s.mask) > 127
-            moved = misplaced_target(seed, i, draws.uniform(-jitter, jitter, (4, 2)))
+            moved, _ = misplaced_pair(seed, i, draws.uniform(-jitter, jitter, (4, 2)))
             scores.append((psnr(moved, s.target, mask=m), ssim(moved, s.target, mask=m)))
         out[f"corners_{jitter:g}px"] = {"masked_psnr": float(np.mean([a for a, _ in scores])),
                                         "masked_ssim": float(np.mean([b for _, b in scores]))}
     return out
+
+
+def mask_pinned_placement(seed: int = 999, count: int = 8, steps: int = 1000, step_px: float = 0.05) -> dict:
+    """How exactly the inputs pin the garment's place: a random walk over the torso corners' offsets that accepts
+    only moves whose mask is pixel-identical to the pair's (the model sees the mask, not what lies under it),
+    started at the true corners; every 10th step's position is a draw. Per pair: accepted moves, the draws' corner
+    spread (px), and the masked PSNR (of their pooled error) / mean SSIM of their targets against the truth: what a
+    try-on that draws the garment anywhere the mask allows would score. Slowly mixing: a lower bound on what the
+    mask leaves open."""
+    from ..synthetic import misplaced_pair
+
+    pairs = []
+    for i in range(count):
+        s = make_sample(seed, i)
+        mask, target = np.asarray(s.mask), np.asarray(s.target)
+        walk, at, here, accepted, draws = np.random.default_rng(i), np.zeros((4, 2)), target, 0, []
+        for step in range(steps):
+            proposal = at + walk.normal(0.0, step_px, (4, 2))
+            moved, moved_mask = misplaced_pair(seed, i, proposal)
+            if np.array_equal(moved_mask, mask):
+                at, here, accepted = proposal, moved, accepted + 1
+            if step % 10 == 9:
+                draws.append((at, here))
+        n, m = len(draws), mask > 127
+        pooled = psnr(np.stack([t for _, t in draws]), np.stack([target] * n), mask=np.stack([m] * n))
+        pairs.append({"accepted": accepted, "corner_spread_px": float(np.std([c for c, _ in draws], 0).mean()),
+                      "masked_psnr": float(pooled) if np.isfinite(pooled) else None,  # None: every draw the truth
+                      "masked_ssim": float(np.mean([ssim(t, target, mask=m) for _, t in draws]))})
+    finite = [p["masked_psnr"] for p in pairs if p["masked_psnr"] is not None]
+    return {"pairs": pairs, "steps": steps, "step_px": step_px, "lowest_masked_psnr": min(finite) if finite else None}
 
 
 def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20,
@@ -235,6 +266,7 @@ def evaluate_default(seed: int = 999, count: int = 8, steps: int = 20, results: 
             print(f"  what it takes from its inputs (masked PSNR, dB): {summary['conditioning_probe']}", flush=True)
     res["blurred_truth"] = blur_reference(seed, count)
     res["misplaced_truth"] = placement_reference(seed, count)
+    res["mask_pinned_placement"] = mask_pinned_placement(seed, count)
     if data_seconds > 0:
         res["data"] = data_throughput(data_seconds)
     res["stamp"] = {**provenance.stamp("cpu"), "model_fingerprint": provenance.fingerprint(model_dir)}

@@ -467,7 +467,7 @@ def _place_logos(rng: np.random.Generator, cfg: SyntheticConfig, g: dict, geo: d
 # ------------------------------------------------------------------------------------------------ samples
 def _render(seed: int, index: int, cfg: SyntheticConfig, corner_offsets: np.ndarray | None = None) -> tuple:
     """(arrays garment/person/mask/target, garment logo boxes, target logo boxes, logo ids, meta).
-    ``corner_offsets``: (4, 2) px added to the torso's corner jitter (no random draw changes)."""
+    ``corner_offsets``: (4, 2) px added to the torso's corner jitter; every draw before the logos' is unchanged."""
     h, w = cfg.height, cfg.width
     rng = np.random.default_rng([seed, index])
     body, new = _sample_body(rng, h, w), _sample_garment(rng)

@@ -189,9 +189,10 @@ per_image, per_image_where = variants_report.gpu_per_image()
 notebook.table(per_image, note="Measured on " + "; ".join(sorted(set(per_image_where))) + ".")
 
 # %% [markdown]
-# Levers probed alone on the H200 and left out: FP8 attention through torch's FlexAttention (no FA3 or FA4 kernel
-# installs on that machine), and one fused input GEMM for each single-stream block, as the reference FLUX block
-# computes Q/K/V and the MLP's first layer; each kernel against the one the best variant runs (`scripts/probe_*.py`).
+# Levers probed alone on the H200: FP8 attention through torch's FlexAttention (and FlashAttention-3's forward
+# kernels, bf16 and FP8, once the probe has run with the `fa3-fwd` wheel), and one fused input GEMM for each
+# single-stream block, as the reference FLUX block computes Q/K/V and the MLP's first layer; each kernel against
+# the one the best variant runs (`scripts/probe_*.py`).
 
 # %%
 notebook.table(variants_report.gpu_probes(), note="One NVIDIA H200; ms per call, CUDA events.")

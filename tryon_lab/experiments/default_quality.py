@@ -127,21 +127,31 @@ def evaluate_model(model_dir: Path, seed: int = 999, count: int = 8, steps: int 
     return summarise(rows), rows
 
 
+def _truth_references(seed: int, count: int, variants: dict) -> dict[str, dict]:
+    """Mean masked PSNR / SSIM over the held-out pairs of images made from each pair by ``variants`` (name ->
+    ``fn(index, sample, mask) -> image``), scored against its ground truth; each pair is rendered once."""
+    scores: dict[str, list] = {name: [] for name in variants}
+    for i in range(count):
+        s = make_sample(seed, i)
+        m = np.asarray(s.mask) > 127
+        for name, make in variants.items():
+            image = make(i, s, m)
+            scores[name].append((psnr(image, s.target, mask=m), ssim(image, s.target, mask=m)))
+    return {name: {"masked_psnr": float(np.mean([a for a, _ in v])), "masked_ssim": float(np.mean([b for _, b in v]))}
+            for name, v in scores.items()}
+
+
 def blur_reference(seed: int = 999, count: int = 8, sigmas: tuple[float, ...] = (1, 2, 4, 8)) -> dict[str, dict]:
     """Masked PSNR / SSIM of each held-out target with its masked region blurred by ``sigma`` px (no model)."""
     import cv2
 
-    out = {}
-    for sigma in sigmas:
-        scores = []
-        for i in range(count):
-            s = make_sample(seed, i)
-            target, m = np.asarray(s.target), np.asarray(s.mask) > 127
-            blurred = Image.fromarray(np.where(m[..., None], cv2.GaussianBlur(target, (0, 0), sigma), target))
-            scores.append((psnr(blurred, s.target, mask=m), ssim(blurred, s.target, mask=m)))
-        out[f"sigma_{sigma:g}px"] = {"masked_psnr": float(np.mean([a for a, _ in scores])),
-                                     "masked_ssim": float(np.mean([b for _, b in scores]))}
-    return out
+    def blurred(sigma: float):
+        def make(i, s, m):
+            target = np.asarray(s.target)
+            return Image.fromarray(np.where(m[..., None], cv2.GaussianBlur(target, (0, 0), sigma), target))
+        return make
+
+    return _truth_references(seed, count, {f"sigma_{sigma:g}px": blurred(sigma) for sigma in sigmas})
 
 
 def placement_reference(seed: int = 999, count: int = 8, jitters: tuple[float, ...] = (0.5, 1, 2, 4)) -> dict[str, dict]:
@@ -150,17 +160,11 @@ def placement_reference(seed: int = 999, count: int = 8, jitters: tuple[float, .
     what. The body's corner jitter (up to 2.3 px at 192 px) is inside the mask: a model must infer it."""
     from ..synthetic import misplaced_pair
 
-    out = {}
-    for jitter in jitters:
-        draws, scores = np.random.default_rng(0), []
-        for i in range(count):
-            s = make_sample(seed, i)
-            m = np.asarray(s.mask) > 127
-            moved, _ = misplaced_pair(seed, i, draws.uniform(-jitter, jitter, (4, 2)))
-            scores.append((psnr(moved, s.target, mask=m), ssim(moved, s.target, mask=m)))
-        out[f"corners_{jitter:g}px"] = {"masked_psnr": float(np.mean([a for a, _ in scores])),
-                                        "masked_ssim": float(np.mean([b for _, b in scores]))}
-    return out
+    def moved(jitter: float):
+        draws = np.random.default_rng(0)  # one stream per jitter, drawn pair after pair
+        return lambda i, s, m: misplaced_pair(seed, i, draws.uniform(-jitter, jitter, (4, 2)))[0]
+
+    return _truth_references(seed, count, {f"corners_{jitter:g}px": moved(jitter) for jitter in jitters})
 
 
 def mask_pinned_placement(seed: int = 999, count: int = 8, steps: int = 1000, step_px: float = 0.05) -> dict:

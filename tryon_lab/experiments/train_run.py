@@ -34,8 +34,8 @@ from .training import (
     stage_params,
 )
 
-# A state travels to the next GPU call inside its 64 MiB with the tracked tree (30.4 MiB) and the training
-# wheels (diffusers + huggingface-hub, 6.9 MiB): a Fill state (bf16 EMA 18.4 MiB + the frozen VAE) fits.
+# A state travels to the next GPU call inside its 64 MiB with the tracked tree (30.4 MiB without the committed
+# state it replaces) and the training wheels (diffusers + huggingface-hub, 6.9 MiB): a Fill state fits.
 MAX_STATE_BYTES = 26 * 2**20
 
 

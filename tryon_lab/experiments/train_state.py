@@ -126,10 +126,11 @@ def save_state(folder: Path, record: dict, ema: dict[str, torch.Tensor], raw: di
     tensors.update(frozen_t)
     base = sum(_nbytes(v) for v in tensors.values())
     raw_bytes = sum(v.numel() for v in raw.values())
-    if ema_dtype == torch.float32 and base + 4 * raw_bytes <= max_state_bytes:
+    room = max_state_bytes - base if ema_dtype == torch.float32 else -1  # a rounded EMA: no raw weights beside it
+    if 4 * raw_bytes <= room:
         kept = "fp32"
         tensors.update({f"raw.{k}": v.float() for k, v in raw.items()})
-    elif ema_dtype == torch.float32 and base + 2 * raw_bytes <= max_state_bytes:
+    elif 2 * raw_bytes <= room:
         kept = "bf16-offset-from-ema"
         tensors.update({f"rawoff.{k}": (v.float() - ema[k].float()).to(torch.bfloat16) for k, v in raw.items()})
     else:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import compiling, import_cache, quant
+from .attention import FA3, enable_fa3, fa3_problem
 from .checkpoint import FILL_SUBDIR, check_model_dir, resolve_model_dir
 from .loading import SlimPipeline, load_slim, resolve_device_dtype
 from .timers import sync
@@ -52,7 +53,8 @@ class PipelineOptions:
     compile_exact_casts: bool = True  # whole-model compile rounds like eager (compiling.compile_transformer)
     compile_artifacts: str | None = None  # a mega-cache file loaded before compiling (compiling.load_compile_artifacts)
     compile_aot: str | None = None  # regional compile as AOT-compiled blocks kept in this folder (aot_blocks.py)
-    attention: str = "native"  # diffusers attention backend ("native" = torch SDPA, picks cuDNN/flash on a GPU)
+    attention: str = "native"  # diffusers attention backend ("native" = torch SDPA, picks cuDNN/flash on a GPU;
+    # "_flash_3": FlashAttention-3 on Hopper, from flash_attn_3 or the fa3-fwd wheel: attention.py)
     memory: str | None = None  # memory.MemoryMode name, e.g. "bf16+group-offload" or "fp8+vae-tiling"
     context_parallel: ContextParallel | None = None  # under torchrun: split the sequence over the ranks
     loras: tuple[tuple[str, str], ...] = ()  # (adapter name, path), loaded before FP8 and compile
@@ -128,6 +130,8 @@ def check_options(options: PipelineOptions) -> None:
             raise OptionsError(f"step_graph=True: {problem}")
     if o.compile_aot is not None and (problem := aot_problem(o)):
         raise OptionsError(f"compile_aot={o.compile_aot!r}: {problem}")
+    if o.attention == FA3 and (problem := fa3_problem(o.resolved().device)):
+        raise OptionsError(problem)
     if o.hotswap_rank is not None and o.hotswap_rank < 1:
         raise OptionsError(f"hotswap_rank must be >= 1 (the largest adapter rank you will swap in), got {o.hotswap_rank}.")
 
@@ -167,6 +171,8 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
 
     o = options
     transformer = pipe.transformer
+    if o.attention == FA3:
+        enable_fa3()  # diffusers' own FA3 backend, pointed at the kernels this process has
     transformer.set_attention_backend(o.attention)
     if o.hotswap_rank is not None or o.loras:
         from .lora import PASS_ADAPTER, load_lora, prepare_hotswap

@@ -33,6 +33,7 @@ from .coldstart import (
 
 SLIM = dict(fp8="fp8_dynamic_row", fuse_qkv=True, compile="regional")  # the best step-speed variant of run 10
 STATIC_SLIM = {**SLIM, "fp8": "fp8_static_tensor"}  # the best since (fp8_static_fused_regional, 88 ms/step)
+STATIC_FA3 = {**STATIC_SLIM, "attention": "_flash_3"}  # with FlashAttention-3 in place of cuDNN (attention.py)
 
 def aoti_child(t: float) -> None:
     """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no
@@ -191,6 +192,12 @@ GPU_CASES = {
     "slim, serving with static FP8: AOT blocks + inductor folder + import cache + packages left out": Case(
         options=STATIC_SLIM, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
         cache="slim + static FP8 weights, AOT blocks, empty cache"),
+    # FlashAttention-3 (bf16): its kernels come compiled, where cuDNN builds a plan for the shape on first use
+    "slim + static FP8 weights + FA3, AOT blocks, empty cache": Case(options=STATIC_FA3, fp8_weights=True,
+                                                                   aot_blocks="save"),
+    "slim, serving with static FP8 + FA3: AOT blocks + inductor folder + import cache + packages left out": Case(
+        options=STATIC_FA3, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+        cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
     "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
                                                                        aot_blocks="load", cuda_thread=True,
                                                                        import_cache=True),
@@ -297,9 +304,9 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     print(f"  snapshot {res['snapshot_s']:.0f} s, fingerprint {res['fingerprint_s']:.0f} s", flush=True)
     base = dict(device=s.device, dtype=s.dtype, embeddings_file=str(root / "embeddings.safetensors"),
                 compile_backend="inductor" if s.device == "cuda" else "aot_eager")
-    cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls
-    cases = {k: Case(**{**c.__dict__, "options": {**c.options, "fp8": "fp8_weight_only"} if c.options and cpu
-                        else c.options}) for k, c in chosen.items()}
+    cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls, no FA3
+    cases = {k: Case(**{**c.__dict__, "options": {**c.options, "fp8": "fp8_weight_only", "attention": "native"}
+                        if c.options and cpu else c.options}) for k, c in chosen.items()}
     for old in [*work.glob("fp8-transformer*"), work / "aoti"]:
         shutil.rmtree(old, ignore_errors=True)
     # saved only for the modes a case loads (disk: 16 GiB each at full size), each with the shape's height

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..attention import FA3
 from ..compiling import count_recompiles, reset_compiled
 from ..configure import PipelineOptions, apply_options
 from ..metrics import rel_l2
@@ -63,6 +64,12 @@ RECIPES = {
                                            inductor=FLUX_FAST_INDUCTOR),
     # static per-tensor activation scales, calibrated once (no amax pass per call)
     "fp8_static_fused_regional": Recipe(PipelineOptions(compile="regional", fuse_qkv=True), 70, extra="static_fp8"),
+    # the same with FlashAttention-3's bf16 kernels in place of cuDNN's (attention.py: the fa3-fwd wheel)
+    "fp8_static_fused_regional_fa3": Recipe(PipelineOptions(compile="regional", fuse_qkv=True, attention=FA3), 70,
+                                            extra="static_fp8"),
+    "fp8_static_fused_regional_step_graph_fa3": Recipe(PipelineOptions(compile="regional", fuse_qkv=True,
+                                                                       step_graph=True, attention=FA3), 80,
+                                                       extra="static_fp8"),
     # the published flux-fast recipe from stock libraries: whole-model max-autotune with its inductor flags and
     # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
     "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", compile_exact_casts=False,
@@ -94,7 +101,8 @@ def for_shape(options: PipelineOptions, s: fullsize.Shape) -> PipelineOptions:
     cpu = s.device != "cuda"
     fp8 = "fp8_weight_only" if cpu and options.fp8.startswith("fp8_dynamic") else options.fp8  # no FP8 matmuls
     return replace(options, device=s.device, dtype=s.dtype, fp8=fp8, compile_backend="aot_eager" if cpu else "inductor",
-                   step_graph=options.step_graph and not cpu)  # no CUDA graphs on the CPU
+                   step_graph=options.step_graph and not cpu,  # no CUDA graphs on the CPU
+                   attention="native" if cpu else options.attention)  # nor FA3
 
 
 def free() -> None:

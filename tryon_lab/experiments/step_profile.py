@@ -26,6 +26,8 @@ def kernel_kind(name: str) -> str:
 def _kind_by_words(n: str) -> str:
     if "nccl" in n or "all_to_all" in n or "alltoall" in n or "allgather" in n:
         return "communication (NCCL)"
+    if "flash" in n or "fmha" in n:  # before GEMM: FA3's kernels are CUTLASS templates ("cutlass::device_kernel<flash::")
+        return "attention"
     if any(k in n for k in ("gemm", "scaled_mm", "cutlass", "sm90_xmma", "matmul", "nvjet")):
         return "GEMM"
     if any(k in n for k in ("flash", "fmha", "cudnn", "attention", "sdpa")):

@@ -167,6 +167,16 @@ fig = plots.phase_bars(static_cold, phases, title="with static FP8 scales: fresh
 notebook.markdown(f"Measured on {measured_on}.")
 
 # %% [markdown]
+# FlashAttention-3 in place of cuDNN (`attention="_flash_3"`, `tryon_lab/attention.py`), beside the same serving
+# process with cuDNN, in a later run on a slower host (stock's imports included): FA3's kernels come compiled,
+# where cuDNN builds a plan for the shape on its first call, so the gain is in the first transformer call.
+
+# %%
+fa3_cold, phases, measured_on = variants_report.gpu_cold_start(key=variants_report.GPU_COLD_FA3_KEY)
+fig = plots.phase_bars(fa3_cold, phases, title="cuDNN or FA3 attention: fresh process -> first image (seconds)")
+notebook.markdown(f"Measured on {measured_on}.")
+
+# %% [markdown]
 # ### On the GPU: step speed and per image, with a verdict each
 # Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
 # weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the
@@ -180,6 +190,14 @@ fig = plots.phase_bars([r for r in gpu_steps if r["s/image"]], ["s/image"], labe
                        title="seconds per image (28 steps + VAE decode), full-size FLUX Fill on one H200")
 
 # %% [markdown]
+# The attention kernel, in a later run: the best variants with cuDNN (torch's SDPA) and with FlashAttention-3's
+# bf16 kernels, each against the same run's eager. The fastest step measured is here.
+
+# %%
+fa3_steps, fa3_measured_on = variants_report.gpu_steps(key=variants_report.GPU_STEPS_FA3_KEY)
+notebook.table(fa3_steps, note=f"Measured on {fa3_measured_on}.")
+
+# %% [markdown]
 # Per image with the step cache, each run beside its own stock eager: our cache (TeaCache's fitted rule with
 # first-order extrapolation) and cache-dit's DBCache + TaylorSeer replay the same 3-of-28 pattern in one run, so
 # their times compare directly; static FP8 scales with our cache ran in a second call.
@@ -189,10 +207,11 @@ per_image, per_image_where = variants_report.gpu_per_image()
 notebook.table(per_image, note="Measured on " + "; ".join(sorted(set(per_image_where))) + ".")
 
 # %% [markdown]
-# Levers probed alone on the H200: FP8 attention through torch's FlexAttention (and FlashAttention-3's forward
-# kernels, bf16 and FP8, once the probe has run with the `fa3-fwd` wheel), and one fused input GEMM for each
-# single-stream block, as the reference FLUX block computes Q/K/V and the MLP's first layer; each kernel against
-# the one the best variant runs (`scripts/probe_*.py`).
+# Levers probed alone on the H200: FP8 attention through torch's FlexAttention, FlashAttention-3's forward
+# kernels in bf16 and FP8 (the FP8 rows with Q, K and V quantized in the timing, eagerly or compiled, and the
+# kernel alone), and one fused input GEMM for each single-stream block, as the reference FLUX block computes
+# Q/K/V and the MLP's first layer; each kernel against cuDNN's (`scripts/probe_*.py`). FA3 in bf16 is the one
+# lever: its FP8 kernel is no faster than its bf16 one and 0.13 off.
 
 # %%
 notebook.table(variants_report.gpu_probes(), note="One NVIDIA H200; ms per call, CUDA events.")

@@ -29,6 +29,14 @@ def test_fa3_without_kernels_says_what_to_install(monkeypatch):
     assert attention.fa3_problem("cuda") is None
 
 
+def test_enable_without_kernels_names_the_fix(monkeypatch):
+    monkeypatch.setitem(sys.modules, attention.FA3_FWD, None)  # not installed
+    monkeypatch.setattr(ad, "_CAN_USE_FLASH_ATTN_3", False)
+    with pytest.raises(ModuleNotFoundError, match="pip install fa3-fwd"):
+        attention.enable_fa3()
+    assert ad._CAN_USE_FLASH_ATTN_3 is False  # diffusers left as it was
+
+
 def test_enable_points_diffusers_backend_at_the_wheel(monkeypatch, model_dir):
     def flash_attn_func(**kwargs):
         raise AssertionError("not called on the CPU")

@@ -15,22 +15,23 @@ import importlib.util
 
 FA3 = "_flash_3"  # diffusers' name for the backend
 FA3_FWD = "fa3_fwd_interface"  # the fa3-fwd wheel's module
+MISSING = (f"attention={FA3!r} needs FlashAttention-3: `pip install fa3-fwd` (its forward kernels, a 28 MB wheel for "
+           "CUDA 13 builds of torch) or flash_attn_3 built from source; or use attention='native'.")
 
 
 def fa3_problem(device: str) -> str | None:
     """Why the ``_flash_3`` backend cannot run on ``device`` in this process, or None."""
     if device != "cuda":
         return f"attention={FA3!r} runs FlashAttention-3's Hopper kernels (CUDA); use attention='native' on {device!r}."
+    from diffusers.utils import is_flash_attn_3_available
+
+    if not is_flash_attn_3_available() and importlib.util.find_spec(FA3_FWD) is None:
+        return MISSING
     import torch
 
     if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] != 9:
         name = torch.cuda.get_device_name()
         return f"attention={FA3!r}: FlashAttention-3 is built for Hopper (H100/H200), not {name}; use 'native'."
-    from diffusers.utils import is_flash_attn_3_available
-
-    if not is_flash_attn_3_available() and importlib.util.find_spec(FA3_FWD) is None:
-        return (f"attention={FA3!r} needs FlashAttention-3: `pip install fa3-fwd` (its forward kernels, a 28 MB "
-                "wheel for CUDA 13 builds of torch) or flash_attn_3 built from source; or use attention='native'.")
     return None
 
 
@@ -40,7 +41,10 @@ def enable_fa3() -> str:
     from diffusers.models import attention_dispatch
 
     if not attention_dispatch._CAN_USE_FLASH_ATTN_3:
-        module = importlib.import_module(FA3_FWD)
+        try:
+            module = importlib.import_module(FA3_FWD)
+        except ImportError as e:  # apply_options without check_options: the same fix, not a bare import error
+            raise ModuleNotFoundError(f"{MISSING} ({e})") from e
         # the two names diffusers' backend reads when it runs: its requirement check and the kernel its op calls
         attention_dispatch.flash_attn_3_func = module.flash_attn_func
         attention_dispatch._CAN_USE_FLASH_ATTN_3 = True

@@ -152,6 +152,8 @@ def _where(entry: dict, stamp: dict) -> str:
 
 GPU_COLD_KEY = "bench_gpu_cold_serving"  # run 16 in benchmarks/bench_gpu.json: each lever alone, then together
 GPU_COLD_STATIC_KEY = "bench_gpu_cold_static_serving"  # run 17: the serving process with static FP8 scales
+GPU_COLD_FA3_KEY = "bench_gpu_cold_fa3"  # run 19: the same with FlashAttention-3, beside cuDNN
+GPU_STEPS_FA3_KEY = "bench_gpu_fa3_steps"  # run 18: the best variants with cuDNN and with FlashAttention-3
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:

@@ -401,6 +401,9 @@ def test_profile_files_triton_kernels_by_prefix_and_refiles_old_profiles():
     assert {kernel_kind(k) for k in (quant, rope, copy)} == {TRITON}
     assert kernel_kind("triton_tem_fused__scaled_mm_0") == "GEMM"
     assert kernel_kind("nvjet_sm90_qqtst_128x128_128x6_4x2_h_bz_ovscale_bias_TNT") == "GEMM"
+    fa3 = "void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloop"
+    assert kernel_kind(fa3) == "attention"  # a CUTLASS template, but attention (FA3)
+    assert kernel_kind("void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_relu_bf16_64x64_64x4_tn_align8>") == "GEMM"
     assert kernel_kind("ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)") == "communication (NCCL)"
     assert kernel_kind("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     old = {"GEMM": 55.0, "attention": 29.0, TRITON: 8.0, "communication (NCCL)": 12.0}

@@ -259,12 +259,13 @@ def test_the_conditioning_probe_scores_own_inputs_as_the_evaluation_does_and_swa
     from tryon_lab.checkpoint import TRAINED_DIR
     from tryon_lab.experiments import default_quality
 
-    probe = default_quality.conditioning_probe(TRAINED_DIR, count=2, steps=4, fewer_steps=(1,))
-    assert set(probe) == {"own garment", "next pair's garment", "grey garment", "1 step",
+    probe = default_quality.conditioning_probe(TRAINED_DIR, count=2, steps=4, fewer_steps=(1,), shifts=(6,))
+    assert set(probe) == {"own garment", "next pair's garment", "grey garment", "1 step", "sigma shift 6",
                           "next pair's Redux tokens, own diptych half", "own Redux tokens, next pair's diptych half"}
     summary, _ = default_quality.evaluate_model(TRAINED_DIR, count=2, steps=4)
     assert probe["own garment"] == pytest.approx(summary["masked_psnr"], abs=1e-9)
     assert probe["next pair's garment"] < probe["own garment"] - 1  # 16.5 against 12.5 dB at full size
+    assert probe["sigma shift 6"] != probe["own garment"]  # another schedule really ran
 
 
 def test_a_logo_counts_as_matched_only_where_the_ground_truth_puts_it():

@@ -12,7 +12,8 @@
     mask_pinned_placement  how far the corners can move with the mask unchanged: what the inputs leave open
     conditioning_probe  what the model takes from each input: the pairs scored with another pair's garment or a grey
                       one, with the other garment in one path only (Redux tokens, or the diptych's garment half),
-                      and with fewer steps (1 step: the model's own estimate of the mean image)
+                      with fewer steps (1 step: the model's own estimate of the mean image), and with the
+                      sampler's sigma shift fixed instead of following the sequence length
     evaluate_default  the trained model (with its logo LoRA when there is one) and random weights on the same
                       pairs, the data generator's throughput, one stamp -> ``benchmarks/default_model_quality.json``
 """
@@ -198,9 +199,10 @@ def mask_pinned_placement(seed: int = 999, count: int = 8, steps: int = 1000, st
 
 
 def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: int = 20,
-                       fewer_steps: tuple[int, ...] = (1, 2, 4)) -> dict[str, float]:
+                       fewer_steps: tuple[int, ...] = (1, 2, 4), shifts: tuple[float, ...] = (1, 3, 6)) -> dict[str, float]:
     """Masked PSNR on the held-out pairs (as ``evaluate_model``) with the garment changed in both paths, in one path
-    only, and with fewer steps; a model that ignores an input scores the same without it."""
+    only, with fewer steps, and with the sampler's sigmas shifted by a fixed ``shifts`` factor instead of the
+    shipped one that follows the sequence length; a model that ignores an input scores the same without it."""
     pipe = build_pipeline(model_dir, device="cpu", dtype="float32")
     pairs = [make_sample(seed, i) for i in range(count)]
 
@@ -217,12 +219,21 @@ def conditioning_probe(model_dir: Path, seed: int = 999, count: int = 8, steps: 
     def other(i: int) -> Image.Image:
         return pairs[(i + 1) % count].garment
 
+    def shifted(i: int, shift: float) -> float:  # the scheduler's own option; the shipped one is put back after
+        shipped = pipe.fill.scheduler
+        pipe.fill.scheduler = type(shipped).from_config(shipped.config, use_dynamic_shifting=False, shift=shift)
+        try:
+            return score(i, pairs[i].garment)
+        finally:
+            pipe.fill.scheduler = shipped
+
     cases = {"own garment": lambda i: score(i, pairs[i].garment),
              "next pair's garment": lambda i: score(i, other(i)),
              "grey garment": lambda i: score(i, Image.new("RGB", pairs[i].garment.size, (128, 128, 128))),
              "next pair's Redux tokens, own diptych half": lambda i: score(i, pairs[i].garment, redux_from=other(i)),
              "own Redux tokens, next pair's diptych half": lambda i: score(i, other(i), redux_from=pairs[i].garment),
-             **{f"{n} step{'s' if n > 1 else ''}": lambda i, n=n: score(i, pairs[i].garment, n=n) for n in fewer_steps}}
+             **{f"{n} step{'s' if n > 1 else ''}": lambda i, n=n: score(i, pairs[i].garment, n=n) for n in fewer_steps},
+             **{f"sigma shift {s:g}": lambda i, s=s: shifted(i, s) for s in shifts}}
     out = {name: float(np.mean([f(i) for i in range(count)]))
            for name, f in tqdm(cases.items(), desc="conditioning probe", unit="case")}
     pipe.redux_cache.clear()

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..attention import FA3  # the standard library only, like import_cache
 from .coldstart import (
     FP8_FOLDER,
     PHASES,
@@ -33,7 +34,7 @@ from .coldstart import (
 
 SLIM = dict(fp8="fp8_dynamic_row", fuse_qkv=True, compile="regional")  # the best step-speed variant of run 10
 STATIC_SLIM = {**SLIM, "fp8": "fp8_static_tensor"}  # the best since (fp8_static_fused_regional, 88 ms/step)
-STATIC_FA3 = {**STATIC_SLIM, "attention": "_flash_3"}  # with FlashAttention-3 in place of cuDNN (attention.py)
+STATIC_FA3 = {**STATIC_SLIM, "attention": FA3}  # with FlashAttention-3 in place of cuDNN
 
 def aoti_child(t: float) -> None:
     """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no

@@ -19,7 +19,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "leaves": ("metrics", "timers", "plots"),
     "base": ("checkpoint", "images", "provenance", "oom", "synthetic", "samples", "bulk_read", "import_cache"),
     "parts": ("loading", "embeddings", "teacache", "quant", "compiling", "lora", "memory", "parallel", "jobs",
-              "hotpath", "step_graph", "aot_blocks", "attention"),
+              "fill_setup", "hotpath", "step_graph", "aot_blocks", "attention", "redux_process"),
     "flow": ("configure", "pipeline", "logos", "flow"),
     "faces": ("widgets", "runs", "notebook"),
     "experiments": ("experiments",),

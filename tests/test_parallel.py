@@ -596,10 +596,10 @@ def test_cache_dit_fp8_all_to_all_without_cute_dsl_is_refused_clearly(monkeypatc
 def test_ray_sweep_bench_says_when_points_failed(tmp_path, monkeypatch):
     """Failed points are rerun by Ray, so their sweep's time is no throughput: the result says so. The bytecode
     build an image would do first (``bytecode=True``) is recorded with the result."""
-    from tryon_lab.experiments import coldstart, ray_sweep_bench
+    from tryon_lab.experiments import bytecode, ray_sweep_bench
 
     built = []
-    monkeypatch.setattr(coldstart, "compile_bytecode", lambda: built.append(1) or {"seconds": 1.5, "compiled": ["x"]})
+    monkeypatch.setattr(bytecode, "compile_bytecode", lambda: built.append(1) or {"seconds": 1.5, "compiled": ["x"]})
     (tmp_path / "nbs").mkdir()
     nb = write_test_notebooks(tmp_path / "nbs")["nb_fail"]
     res = ray_sweep_bench.bench((1,), nb, {}, {"seed": [1]}, tmp_path / "runs", tmp_path / "results.json",

@@ -228,13 +228,13 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
 def test_bytecode_report_finds_modules_compiled_from_source(tmp_path, monkeypatch):
     """Modules imported without a bytecode cache (PYTHONDONTWRITEBYTECODE), a package and a one-file module, are
     reported as compiled in that process; after ``compile_bytecode`` they are not."""
-    from tryon_lab.experiments.coldstart import compile_bytecode
+    from tryon_lab.experiments.bytecode import compile_bytecode
 
     (tmp_path / "pkg_x").mkdir()
     (tmp_path / "pkg_x" / "__init__.py").write_text("VALUE = 1\n")
     (tmp_path / "mod_y.py").write_text("VALUE = 2\n")
     code = ("import time, json; t = time.time(); import pkg_x, mod_y; "
-            "from tryon_lab.experiments.coldstart import bytecode_report; print(json.dumps(bytecode_report(t)))")
+            "from tryon_lab.experiments.bytecode import bytecode_report; print(json.dumps(bytecode_report(t)))")
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).resolve().parent.parent)])}
 

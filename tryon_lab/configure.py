@@ -63,6 +63,8 @@ class PipelineOptions:
     hot_path: bool = False  # the preallocated denoise loop by default (TryOnSettings.hot_path overrides)
     embeddings_file: str | None = None  # cached text embeddings; default: the model's own cache
     step_graph: bool = False  # each transformer call replayed as one CUDA graph after warm-up (step_graph.py)
+    redux_process: bool = False  # Redux in a worker process and the Fill parts without diffusers' pipeline class:
+    # this process imports no transformers (a serving process's lever: redux_process.py, fill_setup.py)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -132,6 +134,8 @@ def check_options(options: PipelineOptions) -> None:
         raise OptionsError(f"compile_aot={o.compile_aot!r}: {problem}")
     if o.attention == FA3 and (problem := fa3_problem(o.resolved().device)):
         raise OptionsError(problem)
+    if o.redux_process and (problem := redux_process_problem(o)):
+        raise OptionsError(f"redux_process=True: {problem}")
     if o.hotswap_rank is not None and o.hotswap_rank < 1:
         raise OptionsError(f"hotswap_rank must be >= 1 (the largest adapter rank you will swap in), got {o.hotswap_rank}.")
 
@@ -144,6 +148,16 @@ def aot_problem(o: PipelineOptions) -> str | None:
         return "the compiled blocks hold the weights' layout as built, without LoRA adapters; build without LoRA."
     if o.context_parallel is not None or o.memory is not None:
         return "not built for context parallelism or memory modes; use compile_aot=None with those."
+    return None
+
+
+def redux_process_problem(o: PipelineOptions) -> str | None:
+    """Why these options need diffusers' Fill pipeline class in this process, or None."""
+    if not o.hot_path:
+        return "the Fill parts run the hot path only (diffusers' pipeline call is its class's); set hot_path=True."
+    if o.memory is not None or o.loras or o.hotswap_rank is not None or o.context_parallel is not None:
+        return ("memory modes, LoRA adapters and context parallelism act through diffusers' pipeline class; build "
+                "those with redux_process=False.")
     return None
 
 
@@ -171,6 +185,7 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
 
     o = options
     transformer = pipe.transformer
+    pipe.hot_path = o.hot_path  # first: the static-FP8 calibration try-on below runs the pipeline's own loop
     if o.attention == FA3:
         enable_fa3()  # diffusers' own FA3 backend, pointed at the kernels this process has
     transformer.set_attention_backend(o.attention)
@@ -236,13 +251,16 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
         from .step_graph import apply_step_graph
 
         apply_step_graph(transformer)
-    pipe.hot_path, pipe.options = o.hot_path, o
+    pipe.options = o
     return pipe
 
 
-def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> SlimPipeline:
+def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, redux=None,
+                   **changes) -> SlimPipeline:
     """Load the slim pipeline from ``model_dir`` (a folder, or ``"default"``, ``"trained"``, ``"random"``) and
-    apply ``options`` (keyword ``changes`` override fields).
+    apply ``options`` (keyword ``changes`` override fields). ``redux``: with ``redux_process``, the
+    ``redux_process.RemoteRedux`` a serving script started first thing (its imports overlap this process's);
+    None starts one here.
 
     Options that cannot combine, then the folder (``checkpoint.ModelFolderError`` naming the path and the fix),
     are refused before a process group starts or anything loads.
@@ -263,9 +281,14 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     check_options(o)
     offload = o.memory is not None and "offload" in o.memory
     # a saved FP8 folder of another mode, dtype, model or QKV fusing is refused there, before any load
+    if o.redux_process and redux is None:
+        from .redux_process import RemoteRedux
+
+        redux = RemoteRedux(model_dir, o.device, o.dtype)
     pipe = load_slim(model_dir, o.torch_dtype, "cpu" if offload else o.device,
                      Path(o.embeddings_file) if o.embeddings_file else None,
-                     (o.fp8_weights, o.fp8) if o.fp8_weights else None, o.fuse_qkv)
+                     (o.fp8_weights, o.fp8) if o.fp8_weights else None, o.fuse_qkv,
+                     redux if o.redux_process else None)
     return apply_options(pipe, o)
 
 

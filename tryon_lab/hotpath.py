@@ -5,8 +5,8 @@ call (the ``cat`` of latents and mask latents, the expanded and cast timestep, `
 scheduler's ``dt``, the float32 copy of the latents, the product and the cast back). Here all of them are
 computed once or written into buffers made before the loop:
 
-    prepare_state   the stock pipeline's own setup calls (preprocess, prepare_latents, prepare_mask_latents,
-                    retrieve_timesteps): latents, conditioning, timesteps, ids, guidance
+    prepare_state   the stock pipeline's setup through ``fill_setup``'s plain functions, equal to it bit for bit:
+                    latents, conditioning, timesteps, ids, guidance
     denoise_hot     the loop: transformer(input buffer) -> Euler step in place, the same arithmetic as
                     ``FlowMatchEulerDiscreteScheduler.step`` so the result is bit-identical
     pixels_to_host  the stock postprocess arithmetic on the device, then a uint8 copy into pinned memory on a
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
+
+from . import fill_setup
 
 
 @dataclass
@@ -51,29 +52,20 @@ class DenoiseState:
 def prepare_state(fill, images: list[Image.Image], masks: list[Image.Image], prompt_embeds: torch.Tensor,
                   pooled: torch.Tensor, height: int, width: int, steps: int, guidance_scale: float,
                   generators: list[torch.Generator]) -> DenoiseState:
-    """The stock pipeline's setup (steps 1-6 of ``FluxFillPipeline.__call__``), through its own methods."""
-    from diffusers.pipelines.flux.pipeline_flux_fill import calculate_shift, retrieve_timesteps
-
-    device = fill._execution_device
+    """The stock pipeline's setup (steps 1-6 of ``FluxFillPipeline.__call__``) through ``fill_setup``'s plain
+    functions, equal to it bit for bit; ``fill`` is a ``FluxFillPipeline`` or a ``fill_setup.FillParts``."""
+    device, dtype, vsf = fill._execution_device, prompt_embeds.dtype, fill.vae_scale_factor
     init_image = fill.image_processor.preprocess(images, height=height, width=width).to(dtype=torch.float32)
     batch = prompt_embeds.shape[0]
-    prompt_embeds, pooled, text_ids = fill.encode_prompt(
-        prompt=None, prompt_2=None, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, device=device)
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    seq_len = (int(height) // fill.vae_scale_factor // 2) * (int(width) // fill.vae_scale_factor // 2)
-    cfg = fill.scheduler.config
-    mu = calculate_shift(seq_len, cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096),
-                         cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
-    timesteps, steps = retrieve_timesteps(fill.scheduler, steps, device, sigmas=sigmas, mu=mu)
-    timesteps, steps = fill.get_timesteps(steps, 1.0, device)
+    text_ids = torch.zeros(prompt_embeds.shape[1], 3).to(device=device, dtype=fill.transformer.dtype)
+    timesteps = fill_setup.timesteps(fill.scheduler, steps, height, width, vsf, device)
     channels = fill.vae.config.latent_channels
-    latents, image_ids = fill.prepare_latents(init_image, timesteps[:1].repeat(batch), batch, channels, height,
-                                              width, prompt_embeds.dtype, device, generators, None)
+    latents = fill_setup.noise_latents(fill.vae, fill.scheduler, init_image, generators, channels, vsf, dtype, device)
+    image_ids = fill_setup.image_ids(height, width, vsf, dtype).to(device)
     mask_image = fill.mask_processor.preprocess(masks, height=height, width=width)
-    masked = (init_image * (1 - mask_image)).to(device=device, dtype=prompt_embeds.dtype)
-    h, w = init_image.shape[-2:]
-    mask, masked_latents = fill.prepare_mask_latents(mask_image, masked, batch, channels, 1, h, w,
-                                                     prompt_embeds.dtype, device, generators)
+    masked = (init_image * (1 - mask_image)).to(device=device, dtype=dtype)
+    masked_latents = fill_setup.masked_latents(fill.vae, masked, generators, dtype, device)
+    mask = fill_setup.mask_latents(mask_image.to(device=device, dtype=dtype), vsf)
     inputs = torch.cat((latents, masked_latents, mask), dim=-1)  # the one cat, made once
     guidance = None
     if fill.transformer.config.guidance_embeds:
@@ -106,8 +98,9 @@ def step(transformer, state: DenoiseState, i: int, attention_kwargs: dict | None
 def denoise_hot(fill, state: DenoiseState, progress: bool = False, on_step=None) -> torch.Tensor:
     """The loop: ``steps`` calls of ``step``; returns the final packed latents (a view into the input buffer)."""
     n = state.timesteps.shape[0]
+    kwargs = getattr(fill, "joint_attention_kwargs", None)  # diffusers sets it in its call: unset before the first
     for i in tqdm(range(n), desc="denoise (hot path)", leave=False, disable=not progress):
-        step(fill.transformer, state, i, fill.joint_attention_kwargs)
+        step(fill.transformer, state, i, kwargs)
         if on_step is not None:
             on_step(i)
     fill.maybe_free_model_hooks()  # what the stock call does last (offload modes)

@@ -11,7 +11,9 @@ real snapshots) and never touch the network (``local_files_only``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from importlib import import_module
 from pathlib import Path
 
 import torch
@@ -51,7 +53,8 @@ COMPONENTS = {
     "feature_extractor": (REDUX_SUBDIR, "transformers", "SiglipImageProcessor"),
     "image_embedder": (REDUX_SUBDIR, "diffusers.pipelines.flux.modeling_flux", "ReduxImageEncoder"),
 }
-SLIM_COMPONENTS = ("transformer", "vae", "scheduler", "image_encoder", "feature_extractor", "image_embedder")
+FILL_PARTS, REDUX_PARTS = ("transformer", "vae", "scheduler"), ("image_encoder", "feature_extractor", "image_embedder")
+SLIM_COMPONENTS = FILL_PARTS + REDUX_PARTS
 WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2", "image_encoder", "image_embedder")
 
 
@@ -73,8 +76,6 @@ REDOWNLOAD = ("Download or copy that file again from its source (an interrupted 
 
 def check_safetensors_file(path: Path) -> None:
     """A safetensors file's 8-byte header length, JSON header and tensor data size against the file size."""
-    import json
-
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -105,8 +106,6 @@ def check_safetensors_file(path: Path) -> None:
 
 def check_shards(folder: Path) -> None:
     """Every safetensors file in ``folder`` readable from its header, every shard an index names present."""
-    import json
-
     for index in sorted(folder.glob("*.safetensors.index.json")):
         try:
             shards = set(json.loads(index.read_text())["weight_map"].values())
@@ -121,8 +120,6 @@ def check_shards(folder: Path) -> None:
 
 
 def _config(model_dir: Path, name: str) -> dict:
-    import json
-
     path = model_dir / COMPONENTS[name][0] / name / "config.json"
     try:
         return json.loads(path.read_text())
@@ -181,10 +178,8 @@ def check_folder(model_dir: str | Path, names: tuple[str, ...]) -> Path:
 
 
 def _cls(name: str):
-    import importlib
-
     _, lib, cls_name = COMPONENTS[name]
-    return getattr(importlib.import_module(lib), cls_name)
+    return getattr(import_module(lib), cls_name)
 
 
 def n_params(module) -> int:
@@ -257,8 +252,8 @@ def load_component(name: str, model_dir: Path, dtype: torch.dtype, device: str, 
 class SlimPipeline:
     """What inference needs, loaded once: Fill (no text encoders), Redux image path, cached embeddings."""
 
-    fill: object  # diffusers FluxFillPipeline with text encoders/tokenizers set to None
-    redux: object  # diffusers FluxPriorReduxPipeline with only the image path
+    fill: object  # diffusers FluxFillPipeline with text encoders/tokenizers set to None (or fill_setup.FillParts)
+    redux: object  # diffusers FluxPriorReduxPipeline with only the image path (or redux_process.RemoteRedux)
     prompt_embeds: torch.Tensor
     pooled_prompt_embeds: torch.Tensor
     model_dir: Path
@@ -303,14 +298,16 @@ class SlimPipeline:
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
               embeddings_file: str | Path | None = None, fp8_weights: tuple[str | Path, str] | None = None,
-              fuse_qkv: bool | None = None) -> SlimPipeline:
+              fuse_qkv: bool | None = None, redux=None) -> SlimPipeline:
     """The slim pipeline: transformer + VAE + scheduler + Redux image encoder/embedder, nothing else.
 
     ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
     loaded instead of the bf16 one after checking it was made from this model, in this mode and dtype (and with
     ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model, dtype and
-    device type, built once if missing. Everything that can be checked without loading weights is checked first
-    (folder, shard headers, Redux widths, embeddings).
+    device type, built once if missing. ``redux``: a ``redux_process.RemoteRedux`` encoding garments in a process
+    of its own; Redux is then not loaded here, and the Fill parts are a ``fill_setup.FillParts``, not diffusers'
+    pipeline class, so this process imports no transformers. Everything that can be checked without loading
+    weights is checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)
@@ -321,7 +318,8 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
         # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
         prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
     # SigLIP's too (0.26-0.46 s of the H200 serving start when read after the imports), on a worker of its own
-    encoder = prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
+    encoder = None if redux is not None else prefetch(
+        sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype, device)
     with measure(device) as m:
@@ -329,10 +327,8 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
             embeddings_file, transformer_config(model_dir), dtype, device,
             encoder_fp=encoder_fingerprint(model_dir) if has_text_encoders(model_dir) else None)
     notes = metadata_notes(embeddings_file, meta)
-    from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
-
     parts, report = {}, []
-    for name in SLIM_COMPONENTS:
+    for name in SLIM_COMPONENTS if redux is None else FILL_PARTS:
         if name == "transformer" and fp8_weights is not None:
             parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device, prefetched)
         else:
@@ -343,12 +339,17 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
                    "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),
                    "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
                    **({"notes": notes} if notes else {})})
-    fill = FluxFillPipeline(scheduler=parts["scheduler"], vae=parts["vae"], transformer=parts["transformer"],
-                            text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    redux = FluxPriorReduxPipeline(image_encoder=parts["image_encoder"], feature_extractor=parts["feature_extractor"],
-                                   image_embedder=parts["image_embedder"])
-    for p in (fill, redux):
-        p.set_progress_bar_config(disable=True)
+    if redux is None:
+        from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
+
+        fill = FluxFillPipeline(**{k: parts[k] for k in FILL_PARTS}, text_encoder=None, tokenizer=None,
+                                text_encoder_2=None, tokenizer_2=None)
+        fill.set_progress_bar_config(disable=True)  # (Redux's call has no progress bar)
+        redux = FluxPriorReduxPipeline(**{k: parts[k] for k in REDUX_PARTS})
+    else:
+        from .fill_setup import FillParts
+
+        fill = FillParts(parts["transformer"], parts["vae"], parts["scheduler"], device)
     return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file),
                         notes=notes)
 
@@ -374,12 +375,9 @@ def load_standard(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, de
     for name in COMPONENTS:
         parts[name], row = load_component(name, model_dir, dtype, device, slim=False)
         report.append(row)
-    fill_names = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    fill = FluxFillPipeline(**{k: parts[k] for k in fill_names})
-    redux = FluxPriorReduxPipeline(
-        image_encoder=parts["image_encoder"], feature_extractor=parts["feature_extractor"],
-        image_embedder=parts["image_embedder"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-        text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"])
+    text = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    fill = FluxFillPipeline(**{k: parts[k] for k in FILL_PARTS + text})
+    redux = FluxPriorReduxPipeline(**{k: parts[k] for k in REDUX_PARTS + text})
     for p in (fill, redux):
         p.set_progress_bar_config(disable=True)
     return StandardPipeline(fill, redux, model_dir, device, dtype, report)

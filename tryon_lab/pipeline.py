@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from .checkpoint import FLUX_TEXT_TOKENS, TRYON_PROMPT, describe_model, text_tokens
+from .fill_setup import unpack
 from .images import ImageInputError, PreparedInput, image_hash, paste_back, person_half, prepare_input
 from .loading import SlimPipeline, StandardPipeline
 from .oom import retry_with_vae_tiling
+from .redux_process import encode_garment  # the one Redux encode (callers import it from here too)
 from .timers import Timings
 
 
@@ -79,13 +81,6 @@ def garment_of(p: PreparedInput) -> Image.Image:
 
 
 @torch.no_grad()
-def encode_garment(redux, garment: Image.Image) -> torch.Tensor:
-    """Redux image tokens for one garment (1, tokens, joint_attention_dim), as the stock Redux pipeline makes them."""
-    device = redux.image_encoder.device
-    hidden = redux.encode_image(garment, device, 1)
-    return redux.image_embedder(hidden).image_embeds.to(device=device)
-
-
 def encode_garments(pipe: SlimPipeline, garments: list[Image.Image]) -> tuple[torch.Tensor, int]:
     """Redux tokens for each garment, reusing the process-level cache keyed by pixel hash."""
     tokens, hits = [], 0
@@ -131,6 +126,9 @@ def denoise(fill, prepared: list[PreparedInput], prompt_embeds: torch.Tensor, po
                                       settings.guidance_scale, generators(seeds))
         on_step = None if callback is None else lambda i: callback(fill, i, None, {})
         return hotpath.denoise_hot(fill, state, settings.progress, on_step)
+    if not callable(fill):  # fill_setup.FillParts: built without diffusers' pipeline class (redux_process=True)
+        raise ValueError("this pipeline was built with redux_process=True, which runs the hot path only; leave "
+                         "TryOnSettings.hot_path at None (the pipeline's default) or True.")
     fill.set_progress_bar_config(disable=not settings.progress, desc="denoise", leave=False)
     return fill(
         image=[p.diptych for p in prepared],
@@ -151,7 +149,7 @@ def denoise(fill, prepared: list[PreparedInput], prompt_embeds: torch.Tensor, po
 def vae_decode(fill, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Unpack, unscale and VAE-decode packed latents (the stock pipeline's final lines): images in [-1, 1]."""
     vae = fill.vae
-    latents = fill._unpack_latents(latents, height, width, fill.vae_scale_factor)
+    latents = unpack(latents, height, width, fill.vae_scale_factor)
     latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
     return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
 

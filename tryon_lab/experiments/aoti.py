@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import hotpath, pipeline
+from .. import fill_setup, hotpath, pipeline
 from ..images import PreparedInput
 from ..loading import SlimPipeline
 from ..metrics import rel_l2  # noqa: F401 (callers compare exported against eager with it)
@@ -54,7 +54,7 @@ class _Decoder(torch.nn.Module):
         self.vae, self.height, self.width, self.vsf = vae, height, width, vae_scale_factor
 
     def forward(self, latents):
-        x = aoti_run.unpack(latents, self.height, self.width, self.vsf)
+        x = fill_setup.unpack(latents, self.height, self.width, self.vsf)
         x = x / self.vae.config.scaling_factor + self.vae.config.shift_factor
         return self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0]
 

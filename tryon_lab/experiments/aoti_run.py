@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..fill_setup import image_ids, mask_latents, pack
+
 TRANSFORMER = "transformer.pt2"
 TRANSFORMER_CONSTANTS = "transformer_constants.safetensors"  # its weights, when exported outside the package
 VAE_DECODER = "vae_decoder.pt2"
@@ -147,38 +149,6 @@ def mask_tensor(masks: list[Image.Image]) -> torch.Tensor:
     arr = np.stack([np.asarray(m.convert("L")).astype(np.float32) / 255.0 for m in masks])[:, None]
     m = torch.from_numpy(arr)
     return (m >= 0.5).to(m.dtype)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, h, w) -> (B, h/2 * w/2, C * 4), FLUX's 2x2 patch packing."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(latents: torch.Tensor, height: int, width: int, vae_scale_factor: int) -> torch.Tensor:
-    """The inverse of ``pack`` for an image of ``height`` x ``width`` pixels."""
-    b, _, c = latents.shape
-    h, w = 2 * (height // (vae_scale_factor * 2)), 2 * (width // (vae_scale_factor * 2))
-    x = latents.view(b, h // 2, w // 2, c // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, c // 4, h, w)
-
-
-def image_ids(height: int, width: int, vae_scale_factor: int, dtype: torch.dtype) -> torch.Tensor:
-    """Positions of the packed image tokens (0, row, column), as the stock pipeline makes them."""
-    h, w = height // vae_scale_factor // 2, width // vae_scale_factor // 2
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = ids[..., 1] + torch.arange(h)[:, None]
-    ids[..., 2] = ids[..., 2] + torch.arange(w)[None, :]
-    return ids.reshape(h * w, 3).to(dtype)
-
-
-def mask_latents(mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """Each 8x8 pixel block of the mask as 64 channels, packed like the latents."""
-    b, _, hp, wp = mask.shape
-    h, w = 2 * (hp // (vae_scale_factor * 2)), 2 * (wp // (vae_scale_factor * 2))
-    m = mask[:, 0].view(b, h, vae_scale_factor, w, vae_scale_factor).permute(0, 2, 4, 1, 3)
-    return pack(m.reshape(b, vae_scale_factor * vae_scale_factor, h, w))
 
 
 def gaussian_sample(moments: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

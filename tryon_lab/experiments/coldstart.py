@@ -27,17 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..import_cache import DEFAULT_FILE as IMPORT_CACHE_FILE  # in the work folder, written at "image build"
+from .bytecode import bytecode_report
 
 PHASES = ("interpreter", "imports", "cuda_init", "weights", "quantize", "artifacts", "configure", "prepare", "redux",
           "compile", "denoise", "decode")
-# the cold path's Python packages, byte-compiled at image build by ``compile_bytecode``: the wheels this project
-# installs, then what the cold processes on the H200 image still compiled from source in every process (its torch
-# ships no bytecode and PYTHONDONTWRITEBYTECODE is set: 2499 modules per slim process, 11-30 fourth session)
-BYTECODE_PACKAGES = ("diffusers", "torchao", "transformers", "peft", "huggingface_hub", "safetensors", "accelerate",
-                     "tryon_lab", "torch", "torchgen", "functorch", "triton", "sympy", "mpmath", "networkx", "numpy",
-                     "jinja2", "markupsafe", "requests", "urllib3", "idna", "charset_normalizer", "certifi",
-                     "filelock", "fsspec", "httpx", "psutil", "packaging", "regex", "pynvml", "typing_extensions",
-                     "scipy", "sklearn")
 FP8_FOLDER = "fp8-transformer-{}"  # in the work folder: the FP8 transformer of one mode (``prepare_fp8``)
 _CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart import child; child(T)")
 _AOTI_CHILD = ("import time; T = time.time(); import sys; from tryon_lab.experiments.coldstart_gpu import "
@@ -58,6 +51,7 @@ class Case:
     aot_blocks: str | None = None  # "save" / "load": regional compile as AOT-compiled blocks (``compile_aot``)
     import_cache: bool = False  # package map + transformers' import tables from a file written at image build
     leave_out: bool = False  # what the slim path imports but never calls marked absent (import_cache.leave_out)
+    redux_process: bool = False  # Redux in a worker process, transformers left out here (redux_process.py)
 
 
 def _cuda_init() -> None:
@@ -152,10 +146,17 @@ def child(t: float) -> None:
     marks, lap = _laps(t, imports, a["spawned"])
     from .. import import_cache  # first, as a serving script would: before anything imports diffusers
 
-    if a.get("leave_out"):
-        marks["left_out"] = import_cache.leave_out()
+    if a.get("leave_out"):  # with Redux in its own process, transformers too
+        marks["left_out"] = import_cache.leave_out(import_cache.SERVING_LEFT_OUT + ("transformers",) * a["redux_process"])
     if a.get("import_cache"):
         marks["import_cache"] = import_cache.use(a["import_cache"])
+    redux = None
+    if a["redux_process"]:  # started now: its imports, load and CUDA context overlap this process's
+        from ..redux_process import RemoteRedux
+
+        o = a["options"]  # the worker keeps transformers and leaves out the rest
+        redux = RemoteRedux(a["model_dir"], o["device"], o["dtype"], import_cache.SERVING_LEFT_OUT * a["leave_out"],
+                            a.get("import_cache"))
 
     import threading
 
@@ -182,7 +183,7 @@ def child(t: float) -> None:
     if a["stock"]:
         pipe = load_standard(a["model_dir"], getattr(torch, a["options"].get("dtype", "float32")), device)
     else:
-        pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]))
+        pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]), redux)
     sync(device)
     lap("configure")  # the build without its imports, split by what the loader and the configure step report
     marks["weights_by_component"] = {r["component"]: {k: r[k] for k in ("load_s", "read_s") if k in r}
@@ -224,6 +225,8 @@ def child(t: float) -> None:
         marks["aot_blocks"] = report(pipe.aot_blocks)
     if a.get("import_cache"):
         marks["import_cache"].update(import_cache.report())
+    if redux is not None:  # the worker's own phases, and what this process waited for it
+        marks["redux_process"] = {"worker": redux.ready, "waited_s": redux.waited}
     marks["imports_by_package"] = _by_package(imports)
     marks["imports_slowest_modules"] = _largest(imports["self"])  # each module's own code, not its imports
     marks["imports_by_package_entered"] = _largest(imports["entered"])  # a package with all it pulled in
@@ -242,50 +245,6 @@ def child(t: float) -> None:
 
         marks["saved"] = save_compile_artifacts(a["artifacts_out"])
     print("COLD " + json.dumps(marks, default=str), flush=True)
-
-
-def bytecode_report(since: float) -> dict:
-    """Imported modules this process compiled from source (no bytecode beside them, or written after ``since``):
-    an image built with ``pip install --no-compile`` pays that in every fresh process, inside "imports"."""
-    import importlib.util
-
-    compiled: dict[str, int] = {}
-    n = 0
-    for name, module in list(sys.modules.items()):
-        source = getattr(module, "__file__", None)
-        if not source or not source.endswith(".py"):
-            continue
-        n += 1
-        cached = importlib.util.cache_from_source(source)
-        if not os.path.exists(cached) or os.path.getmtime(cached) >= since:
-            top = name.split(".")[0]
-            compiled[top] = compiled.get(top, 0) + 1
-    return {"dont_write_bytecode": sys.dont_write_bytecode, "python_modules": n,
-            "compiled_here": sum(compiled.values()), "compiled_here_by_package": compiled}
-
-
-def compile_bytecode(packages: tuple[str, ...] = BYTECODE_PACKAGES) -> dict:
-    """Write the bytecode caches of ``packages`` (as ``pip install`` does unless told ``--no-compile``): an image
-    build step, timed apart from every cold start. Packages not installed, or read-only, are listed as such."""
-    import compileall
-    import importlib.util
-
-    start, done, skipped, failed_files = time.perf_counter(), [], [], []
-    for name in packages:
-        spec = importlib.util.find_spec(name)
-        roots = list(spec.submodule_search_locations or []) if spec else []
-        single = spec is not None and not roots and (spec.origin or "").endswith(".py")  # a one-file module
-        where = [os.path.dirname(spec.origin)] if single else roots
-        if not where or not all(os.access(r, os.W_OK) for r in where):
-            skipped.append(name)
-            continue
-        done.append(name)
-        ok = (compileall.compile_file(spec.origin, quiet=2) if single else
-              all([compileall.compile_dir(r, quiet=2, workers=0) for r in roots]))
-        if not ok:
-            failed_files.append(name)  # a file that does not compile (e.g. a template) is left to the import
-    return {"seconds": time.perf_counter() - start, "compiled": done, "not_compiled": skipped,
-            "with_files_that_failed": failed_files}
 
 
 def _largest(seconds: dict, n: int = 25) -> dict:
@@ -323,7 +282,8 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     args = {**base, "model_dir": str(model_dir), "stock": case.stock, "options": options,
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
             "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
-            "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None, "leave_out": case.leave_out}
+            "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None, "leave_out": case.leave_out,
+            "redux_process": case.redux_process}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()

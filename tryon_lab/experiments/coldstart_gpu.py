@@ -35,6 +35,8 @@ from .coldstart import (
 SLIM = dict(fp8="fp8_dynamic_row", fuse_qkv=True, compile="regional")  # the best step-speed variant of run 10
 STATIC_SLIM = {**SLIM, "fp8": "fp8_static_tensor"}  # the best since (fp8_static_fused_regional, 88 ms/step)
 STATIC_FA3 = {**STATIC_SLIM, "attention": FA3}  # with FlashAttention-3 in place of cuDNN
+HOT_FA3 = {**STATIC_FA3, "hot_path": True}  # + the preallocated loop, which the Fill parts without the class run
+NO_TRANSFORMERS = {**HOT_FA3, "redux_process": True}  # + Redux in a worker: no transformers in the serving process
 
 def aoti_child(t: float) -> None:
     """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no
@@ -199,6 +201,13 @@ GPU_CASES = {
     "slim, serving with static FP8 + FA3: AOT blocks + inductor folder + import cache + packages left out": Case(
         options=STATIC_FA3, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
         cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+    "slim, serving with static FP8 + FA3 + hot path: AOT blocks + inductor folder + import cache + packages left "
+    "out": Case(options=HOT_FA3, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+                cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+    "slim, serving without transformers (Redux in its own process), static FP8 + FA3 + hot path: AOT blocks + "
+    "inductor folder + import cache + packages left out": Case(
+        options=NO_TRANSFORMERS, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+        redux_process=True, cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
     "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
                                                                        aot_blocks="load", cuda_thread=True,
                                                                        import_cache=True),
@@ -295,7 +304,7 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
         torch.cuda.empty_cache()
     res = {"snapshot_s": time.perf_counter() - start}
     if bytecode:
-        from .coldstart import compile_bytecode
+        from .bytecode import compile_bytecode
 
         res["bytecode_build"] = compile_bytecode()
         print(f"  bytecode written in {res['bytecode_build']['seconds']:.0f} s: {res['bytecode_build']}", flush=True)

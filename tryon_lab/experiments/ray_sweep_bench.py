@@ -90,7 +90,7 @@ def bench(counts: tuple[int, ...] = (1, 2), notebook: str | Path = DEFAULT_NOTEB
     rows = []
     built = None
     if bytecode:
-        from .coldstart import compile_bytecode
+        from .bytecode import compile_bytecode
 
         built = compile_bytecode()
         print(f"bytecode written in {built['seconds']:.0f} s", flush=True)

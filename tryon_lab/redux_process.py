@@ -1,0 +1,172 @@
+"""Redux (SigLIP + embedder) in a process of its own, so a serving process never imports transformers.
+
+SigLIP is a transformers model, and transformers costs a fresh process 1.6-2.4 s of imports (H200 serving
+runs 16-19) before the first try-on can start. Started first thing, this worker imports transformers, loads
+SigLIP and the Redux embedder and initialises CUDA on its own core while the serving process imports diffusers
+and reads the transformer; each garment is then a round trip of a PIL image out and its Redux tokens back.
+
+    RemoteRedux(model_dir, device, dtype)   starts the worker; ``encode(garment)`` -> tokens on the caller's device
+    encode_garment(redux, garment)          the one Redux encode: in this process, or by the worker for a RemoteRedux
+    main                                    the worker (``python -m tryon_lab.redux_process ARGS``)
+
+The worker runs the same diffusers code on the same device and dtype as the in-process path, so the tokens are
+the same bit for bit (tests/test_fill_setup.py). Messages are length-prefixed pickles over the worker's stdin and
+stdout, between two processes of the same program.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream, message: dict) -> None:
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream) -> dict:
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("the other end closed the pipe")
+    return pickle.loads(stream.read(_HEADER.unpack(head)[0]))
+
+
+def encode_garment(redux, garment):
+    """Redux tokens of one garment image (1, 729, joint width) on the pipeline's device: SigLIP features through
+    the embedder, as ``FluxPriorReduxPipeline`` does before adding the prompt."""
+    if isinstance(redux, RemoteRedux):
+        return redux.encode(garment)
+    device = redux.image_encoder.device
+    hidden = redux.encode_image(garment, device, 1)
+    return redux.image_embedder(hidden).image_embeds.to(device=device)
+
+
+class RemoteRedux:
+    """A Redux worker process, started at construction; it is ready when ``wait_ready`` returns (``encode`` waits).
+
+    ``left_out`` / ``import_cache``: the worker applies them as the serving process does (``import_cache``) before
+    its first import. Call this before importing torch where the imports should overlap."""
+
+    def __init__(self, model_dir: str | Path, device: str, dtype: str, left_out: tuple[str, ...] = (),
+                 import_cache: str | Path | None = None):
+        self.device, self.started = device, time.perf_counter()
+        args = {"model_dir": str(model_dir), "device": device, "dtype": dtype, "left_out": list(left_out),
+                "import_cache": str(import_cache) if import_cache else None}
+        self._log = tempfile.TemporaryFile()  # the worker's messages, quoted if it fails
+        self._proc = subprocess.Popen([sys.executable, "-m", "tryon_lab.redux_process", json.dumps(args)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        self.ready: dict | None = None  # the worker's phases once ready: imports (torch), cuda_init, load
+        # (diffusers' and transformers' imports with the weights)
+        self.waited = 0.0  # seconds callers spent blocked on the worker (its start, then its encodes)
+
+    def _reply(self) -> dict:
+        try:
+            message = _receive(self._proc.stdout)
+        except EOFError:
+            self._proc.wait()
+            self._log.seek(0)
+            tail = self._log.read().decode(errors="replace")[-2000:]
+            raise RuntimeError(f"the Redux process ended (exit code {self._proc.returncode}) before answering; its "
+                               f"last messages:\n{tail}\nCheck the model folder's Redux snapshot, or "
+                               "build with redux_process=False to load Redux in this process.") from None
+        if "error" in message:
+            raise RuntimeError(f"the Redux process could not {'encode the garment' if self.ready else 'load Redux'}: "
+                               f"{message['error']}")
+        return message
+
+    def wait_ready(self) -> dict:
+        """Block until the worker has loaded Redux; returns its phases (seconds from its start)."""
+        if self.ready is None:
+            start = time.perf_counter()
+            self.ready = self._reply()["ready"]
+            self.waited += time.perf_counter() - start
+        return self.ready
+
+    def encode(self, garment):
+        """The garment's Redux tokens, computed by the worker, on this process's device."""
+        self.wait_ready()
+        start = time.perf_counter()
+        _send(self._proc.stdin, {"garment": garment})
+        tokens = self._reply()["tokens"].to(self.device)
+        self.waited += time.perf_counter() - start
+        return tokens
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            self._proc.wait(timeout=30)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: the pipe may be gone already
+            pass
+
+
+def load_redux(model_dir: Path, dtype, device: str):
+    """SigLIP (its weights read on a worker thread while diffusers imports) and the embedder, as ``load_slim``
+    loads them, in a ``FluxPriorReduxPipeline`` with only the image path."""
+    from .bulk_read import prefetch
+    from .checkpoint import REDUX_SUBDIR
+    from .loading import REDUX_PARTS, check_folder, load_component
+
+    model_dir = check_folder(model_dir, REDUX_PARTS)  # a bad folder is named, not a library's traceback
+    encoder = prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
+    from diffusers import FluxPriorReduxPipeline
+
+    parts = {n: load_component(n, model_dir, dtype, device, True, encoder if n == "image_encoder" else None)[0]
+             for n in REDUX_PARTS}
+    return FluxPriorReduxPipeline(**parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The worker: load, say ready, then answer each garment with its tokens (on the CPU) until stdin closes."""
+    start = time.perf_counter()
+    a = json.loads((argv or sys.argv[1:])[0])
+    replies, requests = sys.stdout.buffer, sys.stdin.buffer
+    sys.stdout = sys.stderr  # nothing else may write into the reply stream
+    from . import import_cache
+
+    if a["left_out"]:
+        import_cache.leave_out(tuple(a["left_out"]))
+    if a["import_cache"]:
+        import_cache.use(a["import_cache"])
+    import torch
+
+    phases = {"imports": time.perf_counter() - start}
+    dtype = getattr(torch, a["dtype"])
+    if a["device"].startswith("cuda"):
+        torch.zeros(1, device=a["device"])  # the CUDA context, here rather than inside the first encode
+    phases["cuda_init"] = time.perf_counter() - start - phases["imports"]
+    try:
+        redux = load_redux(Path(a["model_dir"]), dtype, a["device"])
+    except Exception as e:  # told to the caller, who raises it with the fix
+        _send(replies, {"error": f"{type(e).__name__}: {e}"})
+        sys.exit(1)
+    phases["load"] = time.perf_counter() - start - phases["imports"] - phases["cuda_init"]
+    _send(replies, {"ready": {k: round(v, 4) for k, v in phases.items()}})
+    while True:
+        try:
+            garment = _receive(requests)["garment"]
+        except EOFError:
+            return
+        try:
+            with torch.no_grad():
+                tokens = encode_garment(redux, garment).cpu()
+            _send(replies, {"tokens": tokens})
+        except Exception as e:  # told to the caller, who raises it; the worker stays up for the next garment
+            _send(replies, {"error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+    main()

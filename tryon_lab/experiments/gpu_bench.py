@@ -70,6 +70,10 @@ RECIPES = {
     "fp8_static_fused_regional_step_graph_fa3": Recipe(PipelineOptions(compile="regional", fuse_qkv=True,
                                                                        step_graph=True, attention=FA3), 80,
                                                        extra="static_fp8"),
+    # the best with the peer's inductor flags (coordinate-descent tuning of every fused Triton kernel)
+    "fp8_static_fused_regional_step_graph_fa3_tuned": Recipe(
+        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3), 200, extra="static_fp8",
+        inductor=FLUX_FAST_INDUCTOR),
     # the published flux-fast recipe from stock libraries: whole-model max-autotune with its inductor flags and
     # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
     "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", compile_exact_casts=False,

@@ -154,6 +154,9 @@ GPU_COLD_KEY = "bench_gpu_cold_serving"  # run 16 in benchmarks/bench_gpu.json: 
 GPU_COLD_STATIC_KEY = "bench_gpu_cold_static_serving"  # run 17: the serving process with static FP8 scales
 GPU_COLD_FA3_KEY = "bench_gpu_cold_fa3"  # run 19: the same with FlashAttention-3, beside cuDNN
 GPU_STEPS_FA3_KEY = "bench_gpu_fa3_steps"  # run 18: the best variants with cuDNN and with FlashAttention-3
+GPU_COLD_NO_TRANSFORMERS_KEY = "bench_gpu_cold_no_transformers"  # run 20: + hot path; + Redux in its own process
+GPU_PEER_KEY = "bench_gpu_peer_transformer"  # run 22: the flux-fast peer recipe beside eager and our best
+GPU_TUNED_KEY = "bench_gpu_tuned_steps"  # run 23: our best with the peer's inductor flags
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:

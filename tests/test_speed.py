@@ -213,7 +213,12 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     for name, c in cases.items():  # every later AOT case loads the saved blocks; serving ones leave packages out
         if GPU_CASES[name].aot_blocks == "load":
             assert all(r["loaded"] and r["fallback_calls"] == 0 for r in c["aot_blocks"].values()), name
-            assert c.get("left_out", []) == (list(SERVING_LEFT_OUT) if GPU_CASES[name].leave_out else []), name
+            case = GPU_CASES[name]  # without transformers: that too, and Redux from the worker process
+            assert c.get("left_out", []) == ([*SERVING_LEFT_OUT, *["transformers"] * case.redux_process]
+                                             if case.leave_out else []), name
+            assert ("transformers" in c["imports_by_package_entered"]) != case.redux_process, name
+            assert set(c.get("redux_process", {}).get("worker", {})) == ({"imports", "cuda_init", "load"}
+                                                                         if case.redux_process else set()), name
     assert loaded["dynamo_graphs"] == 0 < saved["dynamo_graphs"]  # the loading process traced nothing
     assert "transformer (saved FP8)" in loaded["weights_by_component"]  # which read the build waited for
     assert all(v["load_s"] >= 0 for v in cases["stock eager"]["weights_by_component"].values())

@@ -46,9 +46,12 @@ def encode_garment(redux, garment):
     the embedder, as ``FluxPriorReduxPipeline`` does before adding the prompt."""
     if isinstance(redux, RemoteRedux):
         return redux.encode(garment)
+    import torch
+
     device = redux.image_encoder.device
-    hidden = redux.encode_image(garment, device, 1)
-    return redux.image_embedder(hidden).image_embeds.to(device=device)
+    with torch.no_grad():
+        hidden = redux.encode_image(garment, device, 1)
+        return redux.image_embedder(hidden).image_embeds.to(device=device)
 
 
 class RemoteRedux:

@@ -88,12 +88,16 @@ def test_a_redux_process_that_cannot_load_says_so(tmp_path):
 SERVING_CHILD = """
 import hashlib, json, sys
 from tryon_lab import import_cache
-remote = sys.argv[1] == "remote"
+how = sys.argv[1]
+remote = how != "local"
 left = import_cache.leave_out(import_cache.SERVING_LEFT_OUT + ("transformers",)) if remote else []
+from tryon_lab.redux_process import RemoteRedux
 redux = None
-if remote:  # first thing, as a serving script does: the worker's imports overlap this process's
-    from tryon_lab.redux_process import RemoteRedux
+if how == "spawn":  # first thing, as a serving script does: the worker's imports overlap this process's
     redux = RemoteRedux(sys.argv[2], "cpu", "float32", import_cache.SERVING_LEFT_OUT)
+import torch
+if how == "fork":  # right after torch's import: the worker has it already
+    redux = RemoteRedux(sys.argv[2], "cpu", "float32", fork=True)
 from tests.conftest import make_request_images
 from tryon_lab import configure, pipeline
 pipe = configure.build_pipeline(sys.argv[2], configure.PipelineOptions(hot_path=True, redux_process=remote), redux)
@@ -115,10 +119,18 @@ def run_child(*args: str) -> dict:
 
 @pytest.mark.slow
 def test_serving_process_imports_no_transformers_and_draws_the_same_try_on():
-    # Redux in its worker, the Fill parts without the pipeline class: not one transformers module in the serving
-    # process, and the same Redux tokens and latents, bit for bit, as the slim pipeline in one process.
-    served, slim = (run_child("-c", SERVING_CHILD, how, str(TRAINED_DIR)) for how in ("remote", "local"))
-    assert served["fill"] == "FillParts" and served["transformers"] == [] and "transformers" in served["left"]
-    assert set(served["worker"]) == {"imports", "cuda_init", "load"}
+    # Redux in its worker, spawned or forked, the Fill parts without the pipeline class: not one transformers module
+    # in the serving process, and the same Redux tokens and latents, bit for bit, as the slim pipeline in one process.
+    spawned, forked, slim = (run_child("-c", SERVING_CHILD, how, str(TRAINED_DIR)) for how in ("spawn", "fork", "local"))
+    for served in (spawned, forked):
+        assert served["fill"] == "FillParts" and served["transformers"] == [] and "transformers" in served["left"]
+        assert set(served["worker"]) == {"imports", "cuda_init", "load"}
+        assert (served["tokens"], served["latents"]) == (slim["tokens"], slim["latents"])
+    assert forked["worker"]["imports"] < 0.01 < spawned["worker"]["imports"]  # the fork has torch already
     assert slim["fill"] == "FluxFillPipeline" and slim["transformers"]  # what the lever keeps out
-    assert (served["tokens"], served["latents"]) == (slim["tokens"], slim["latents"])
+
+
+def test_a_forked_redux_process_is_refused_after_cuda_started(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="after this process's first CUDA call.*right after importing torch"):
+        RemoteRedux(tmp_path, "cuda", "bfloat16", fork=True)

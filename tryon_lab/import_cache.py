@@ -179,6 +179,15 @@ def leave_out(packages: tuple[str, ...] = SERVING_LEFT_OUT) -> list[str]:
     return list(packages)
 
 
+def bring_back(name: str) -> None:
+    """Make one left-out package importable again in this process (a forked worker that needs what its parent
+    left out)."""
+    if name in sys.modules and sys.modules[name] is None:
+        del sys.modules[name]
+    if name in _state["left_out"]:
+        _state["left_out"].remove(name)
+
+
 def left_out() -> list[str]:
     """The packages ``leave_out`` marked absent in this process."""
     return list(_state["left_out"])
@@ -194,10 +203,8 @@ def report() -> dict:
 def restore() -> None:
     """Back to importlib's and transformers' own functions, and left-out packages importable again (tests; tables
     transformers already built stay)."""
-    for name in _state["left_out"]:
-        if name in sys.modules and sys.modules[name] is None:
-            del sys.modules[name]
-    _state["left_out"] = []
+    for name in list(_state["left_out"]):
+        bring_back(name)
     importlib.metadata.packages_distributions = _ORIGINAL_MAP
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _AfterLoad)]
     cache = _state.pop("cache", None)

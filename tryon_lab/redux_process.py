@@ -1,22 +1,26 @@
 """Redux (SigLIP + embedder) in a process of its own, so a serving process never imports transformers.
 
-SigLIP is a transformers model, and transformers costs a fresh process 1.6-2.4 s of imports (H200 serving
-runs 16-19) before the first try-on can start. Started first thing, this worker imports transformers, loads
+SigLIP is a transformers model, and transformers costs a fresh process 0.8-2.4 s of imports (H200 serving
+runs 16-20) before the first try-on can start. Started first thing, this worker imports transformers, loads
 SigLIP and the Redux embedder and initialises CUDA on its own core while the serving process imports diffusers
 and reads the transformer; each garment is then a round trip of a PIL image out and its Redux tokens back.
+Measured in run 20 (spawned): the serving process's imports fell by about transformers' share, and the worker's
+own torch import beside them, the round trip and a slower first transformer call gave it back. ``fork=True``
+imports torch once (not yet measured on the GPU).
 
     RemoteRedux(model_dir, device, dtype)   starts the worker; ``encode(garment)`` -> tokens on the caller's device
     encode_garment(redux, garment)          the one Redux encode: in this process, or by the worker for a RemoteRedux
-    main                                    the worker (``python -m tryon_lab.redux_process ARGS``)
+    main / _serve                           the worker (``python -m tryon_lab.redux_process ARGS``, or forked)
 
 The worker runs the same diffusers code on the same device and dtype as the in-process path, so the tokens are
-the same bit for bit (tests/test_fill_setup.py). Messages are length-prefixed pickles over the worker's stdin and
-stdout, between two processes of the same program.
+the same bit for bit (tests/test_fill_setup.py). Messages are length-prefixed pickles over the worker's pipes,
+between two processes of the same program.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 import subprocess
@@ -57,24 +61,30 @@ def encode_garment(redux, garment):
 class RemoteRedux:
     """A Redux worker process, started at construction; it is ready when ``wait_ready`` returns (``encode`` waits).
 
-    ``left_out`` / ``import_cache``: the worker applies them as the serving process does (``import_cache``) before
-    its first import. Call this before importing torch where the imports should overlap."""
+    Spawned (default): a fresh interpreter that applies ``left_out`` / ``import_cache`` as the serving process does
+    before its first import; start it before importing torch, so the two processes' imports overlap. ``fork=True``:
+    a copy of this process made now, which has this process's imports already (torch: call it right after
+    importing torch, before any CUDA call) and brings back transformers if this process left it out."""
 
     def __init__(self, model_dir: str | Path, device: str, dtype: str, left_out: tuple[str, ...] = (),
-                 import_cache: str | Path | None = None):
+                 import_cache: str | Path | None = None, fork: bool = False):
         self.device, self.started = device, time.perf_counter()
         args = {"model_dir": str(model_dir), "device": device, "dtype": dtype, "left_out": list(left_out),
                 "import_cache": str(import_cache) if import_cache else None}
         self._log = tempfile.TemporaryFile()  # the worker's messages, quoted if it fails
-        self._proc = subprocess.Popen([sys.executable, "-m", "tryon_lab.redux_process", json.dumps(args)],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+        if fork:
+            self._proc, self._requests, self._replies = _fork(args)
+        else:
+            self._proc = subprocess.Popen([sys.executable, "-m", "tryon_lab.redux_process", json.dumps(args)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
+            self._requests, self._replies = self._proc.stdin, self._proc.stdout
         self.ready: dict | None = None  # the worker's phases once ready: imports (torch), cuda_init, load
         # (diffusers' and transformers' imports with the weights)
         self.waited = 0.0  # seconds callers spent blocked on the worker (its start, then its encodes)
 
     def _reply(self) -> dict:
         try:
-            message = _receive(self._proc.stdout)
+            message = _receive(self._replies)
         except EOFError:
             self._proc.wait()
             self._log.seek(0)
@@ -99,14 +109,14 @@ class RemoteRedux:
         """The garment's Redux tokens, computed by the worker, on this process's device."""
         self.wait_ready()
         start = time.perf_counter()
-        _send(self._proc.stdin, {"garment": garment})
+        _send(self._requests, {"garment": garment})
         tokens = self._reply()["tokens"].to(self.device)
         self.waited += time.perf_counter() - start
         return tokens
 
     def close(self) -> None:
         if self._proc.poll() is None:
-            self._proc.stdin.close()
+            self._requests.close()
             self._proc.wait(timeout=30)
 
     def __del__(self):
@@ -114,6 +124,50 @@ class RemoteRedux:
             self.close()
         except Exception:  # interpreter shutdown: the pipe may be gone already
             pass
+
+
+class _Forked:
+    """The ``Popen`` methods ``RemoteRedux`` uses, for a forked child."""
+
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            self.returncode = os.waitstatus_to_exitcode(status) if pid else None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+
+def _fork(args: dict):
+    """A forked worker: (its process handle, the request stream to it, the reply stream from it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("RemoteRedux(fork=True) after this process's first CUDA call: a forked child cannot use "
+                           "CUDA then. Fork it right after importing torch, or leave fork=False.")
+    requests_in, requests_out = os.pipe()
+    replies_in, replies_out = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: serve, then leave without running the parent's exit handlers
+        os.close(requests_out)
+        os.close(replies_in)
+        code = 1
+        try:
+            sys.stdout = sys.stderr  # this process's stdout is the parent's
+            from . import import_cache
+
+            import_cache.bring_back("transformers")  # SigLIP's library, which the serving process left out
+            code = _serve(args, os.fdopen(requests_in, "rb"), os.fdopen(replies_out, "wb"), time.perf_counter())
+        finally:
+            os._exit(code)
+    os.close(requests_in)
+    os.close(replies_out)
+    return _Forked(pid), os.fdopen(requests_out, "wb"), os.fdopen(replies_in, "rb")
 
 
 def load_redux(model_dir: Path, dtype, device: str):
@@ -133,7 +187,7 @@ def load_redux(model_dir: Path, dtype, device: str):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The worker: load, say ready, then answer each garment with its tokens (on the CPU) until stdin closes."""
+    """The spawned worker: the serving process's import levers first, then ``_serve`` on stdin and stdout."""
     start = time.perf_counter()
     a = json.loads((argv or sys.argv[1:])[0])
     replies, requests = sys.stdout.buffer, sys.stdin.buffer
@@ -144,6 +198,12 @@ def main(argv: list[str] | None = None) -> None:
         import_cache.leave_out(tuple(a["left_out"]))
     if a["import_cache"]:
         import_cache.use(a["import_cache"])
+    sys.exit(_serve(a, requests, replies, start))
+
+
+def _serve(a: dict, requests, replies, start: float) -> int:
+    """Load Redux, say ready with the phases, then answer each garment with its tokens (on the CPU) until the
+    request stream closes; returns the exit code."""
     import torch
 
     phases = {"imports": time.perf_counter() - start}
@@ -155,14 +215,14 @@ def main(argv: list[str] | None = None) -> None:
         redux = load_redux(Path(a["model_dir"]), dtype, a["device"])
     except Exception as e:  # told to the caller, who raises it with the fix
         _send(replies, {"error": f"{type(e).__name__}: {e}"})
-        sys.exit(1)
+        return 1
     phases["load"] = time.perf_counter() - start - phases["imports"] - phases["cuda_init"]
     _send(replies, {"ready": {k: round(v, 4) for k, v in phases.items()}})
     while True:
         try:
             garment = _receive(requests)["garment"]
         except EOFError:
-            return
+            return 0
         try:
             with torch.no_grad():
                 tokens = encode_garment(redux, garment).cpu()

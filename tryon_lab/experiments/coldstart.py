@@ -52,6 +52,7 @@ class Case:
     import_cache: bool = False  # package map + transformers' import tables from a file written at image build
     leave_out: bool = False  # what the slim path imports but never calls marked absent (import_cache.leave_out)
     redux_process: bool = False  # Redux in a worker process, transformers left out here (redux_process.py)
+    redux_fork: bool = False  # that worker forked from this process once torch is imported, not spawned
 
 
 def _cuda_init() -> None:
@@ -150,17 +151,20 @@ def child(t: float) -> None:
         marks["left_out"] = import_cache.leave_out(import_cache.SERVING_LEFT_OUT + ("transformers",) * a["redux_process"])
     if a.get("import_cache"):
         marks["import_cache"] = import_cache.use(a["import_cache"])
-    redux = None
-    if a["redux_process"]:  # started now: its imports, load and CUDA context overlap this process's
-        from ..redux_process import RemoteRedux
+    from ..redux_process import RemoteRedux
 
-        o = a["options"]  # the worker keeps transformers and leaves out the rest
-        redux = RemoteRedux(a["model_dir"], o["device"], o["dtype"], import_cache.SERVING_LEFT_OUT * a["leave_out"],
-                            a.get("import_cache"))
+    def start_redux(fork: bool):  # the worker keeps transformers and leaves out the rest
+        o = a["options"]
+        return RemoteRedux(a["model_dir"], o["device"], o["dtype"], import_cache.SERVING_LEFT_OUT * a["leave_out"],
+                           a.get("import_cache"), fork)
 
+    # spawned now, its imports, load and CUDA context overlap this process's; forked once torch is imported
+    redux = start_redux(False) if a["redux_process"] and not a["redux_fork"] else None
     import threading
 
     import torch
+    if a["redux_process"] and a["redux_fork"]:
+        redux = start_redux(True)
     lap("imports")
     thread = threading.Thread(target=_cuda_init) if a["cuda_thread"] else None
     if thread is not None:
@@ -283,7 +287,7 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
             "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
             "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None, "leave_out": case.leave_out,
-            "redux_process": case.redux_process}
+            "redux_process": case.redux_process, "redux_fork": case.redux_fork}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()

@@ -1,10 +1,8 @@
 """The full-size cold-start cases on a GPU, run by the ``coldstart`` harness (``gpu_run``), and the AOTInductor
 case: packages exported once (``prepare_aoti``, in a process of their own), then a fresh process that imports
 torch, numpy, PIL and safetensors only (``aoti_child``) runs the same request as every other case and reports
-the same phases.
-
-Like ``coldstart``, this module imports the standard library only at the top: the child counts every import
-after it starts.
+the same phases. Like ``coldstart``, this module imports the standard library only at the top: the child counts
+every import after it starts.
 """
 
 from __future__ import annotations
@@ -208,6 +206,10 @@ GPU_CASES = {
     "inductor folder + import cache + packages left out": Case(
         options=NO_TRANSFORMERS, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
         redux_process=True, cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+    "slim, serving without transformers (Redux forked after torch's import), static FP8 + FA3 + hot path: AOT "
+    "blocks + inductor folder + import cache + packages left out": Case(
+        options=NO_TRANSFORMERS, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+        redux_process=True, redux_fork=True, cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
     "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
                                                                        aot_blocks="load", cuda_thread=True,
                                                                        import_cache=True),
@@ -372,8 +374,6 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
 def targets(cases: dict) -> list[str]:
     """The issue's cold-start targets, read off the cases: warm <= 15 s and <= 0.5x stock; empty cache <= 30 s.
     A case run in several rounds counts with its median time to the first image."""
-    import statistics
-
     runs: dict[str, list[float]] = {}
     for k, v in cases.items():
         if v.get("status") == "ok":

@@ -17,7 +17,8 @@ PACKAGE = ROOT / "tryon_lab"
 # lowest first: a module may import its own layer (without cycles) and any layer below, never one above
 LAYERS: dict[str, tuple[str, ...]] = {
     "leaves": ("metrics", "timers", "plots"),
-    "base": ("checkpoint", "images", "provenance", "oom", "synthetic", "samples", "bulk_read", "import_cache"),
+    "base": ("checkpoint", "images", "provenance", "oom", "synthetic", "samples", "bulk_read", "import_cache",
+             "shards"),
     "parts": ("loading", "embeddings", "teacache", "quant", "compiling", "lora", "memory", "parallel", "jobs",
               "fill_setup", "hotpath", "step_graph", "aot_blocks", "attention", "redux_process"),
     "flow": ("configure", "pipeline", "logos", "flow"),

@@ -90,7 +90,7 @@ import hashlib, json, sys
 from tryon_lab import import_cache
 how = sys.argv[1]
 remote = how != "local"
-left = import_cache.leave_out(import_cache.SERVING_LEFT_OUT + ("transformers",)) if remote else []
+left = import_cache.leave_out(import_cache.WITHOUT_TRANSFORMERS) if remote else []
 from tryon_lab.redux_process import RemoteRedux
 redux = None
 if how == "spawn":  # first thing, as a serving script does: the worker's imports overlap this process's

@@ -38,6 +38,7 @@ _STRUCTURE_MODULE = "transformers.utils.import_utils"
 _state: dict = {"left_out": []}  # "cache": this process's cache once use() ran; "left_out": leave_out()'s packages
 # imported by diffusers' and transformers' modules on the slim path behind availability checks, never called by it
 SERVING_LEFT_OUT = ("peft", "scipy", "sklearn", "sentencepiece")
+WITHOUT_TRANSFORMERS = (*SERVING_LEFT_OUT, "transformers")  # with Redux in its own process (redux_process.py)
 
 
 def path_key() -> list[list]:

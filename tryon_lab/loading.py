@@ -36,8 +36,10 @@ from .embeddings import (
     metadata_notes,
     transformer_config,
 )
+from .fill_setup import FillParts
 from .lora import LoraState
 from .provenance import fingerprint
+from .shards import CorruptCheckpointError, check_shards  # noqa: F401 (loading.CorruptCheckpointError)
 from .timers import measure
 
 # component -> (snapshot subfolder, library, class name)
@@ -62,61 +64,8 @@ class PickleCheckpointError(ValueError):
     """A component stored as pickle; the message explains why it is refused and how to convert it."""
 
 
-class CorruptCheckpointError(ModelFolderError):
-    """A safetensors shard that is truncated or corrupt (checked from its header, before loading)."""
-
-
 class ModelMismatchError(ModelFolderError):
     """Parts of the model folder that cannot work together (read from their configs, before loading)."""
-
-
-REDOWNLOAD = ("Download or copy that file again from its source (an interrupted download or copy leaves it short; "
-              "compare its size with the source's), then load again.")
-
-
-def check_safetensors_file(path: Path) -> None:
-    """A safetensors file's 8-byte header length, JSON header and tensor data size against the file size."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(f"{path} is truncated: {size} bytes, shorter than the 8-byte safetensors "
-                                         f"header length. {REDOWNLOAD}")
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            raise CorruptCheckpointError(
-                f"{path} is truncated or corrupt: its header length field says {n} bytes but the file holds only "
-                f"{size} bytes ({'not a safetensors file?' if n > 100_000_000 else 'cut off in the header'}). "
-                f"{REDOWNLOAD}")
-        try:
-            header = json.loads(f.read(n))
-            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-        except (ValueError, KeyError, TypeError, IndexError) as e:
-            raise CorruptCheckpointError(f"{path} is corrupt: its safetensors header cannot be read ({e}). "
-                                         f"{REDOWNLOAD}") from e
-    expected = 8 + n + max(ends, default=0)
-    if size < expected:
-        raise CorruptCheckpointError(
-            f"{path} is truncated: its header describes {expected} bytes of tensors but the file holds {size} "
-            f"({expected - size} missing). {REDOWNLOAD}")
-    if size > expected:
-        raise CorruptCheckpointError(f"{path} is corrupt: {size - expected} bytes follow the tensor data its header "
-                                     f"describes ({expected} bytes). {REDOWNLOAD}")
-
-
-def check_shards(folder: Path) -> None:
-    """Every safetensors file in ``folder`` readable from its header, every shard an index names present."""
-    for index in sorted(folder.glob("*.safetensors.index.json")):
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError, TypeError) as e:
-            raise CorruptCheckpointError(f"{index} is corrupt ({e}). {REDOWNLOAD}") from e
-        missing = sorted(s for s in shards if not (folder / s).is_file())
-        if missing:
-            raise CorruptCheckpointError(f"{index} names shards that are not in {folder}: {', '.join(missing)}. "
-                                         "Download the missing shards (a partial download), then load again.")
-    for path in sorted(folder.glob("*.safetensors")):
-        check_safetensors_file(path)
 
 
 def _config(model_dir: Path, name: str) -> dict:
@@ -318,8 +267,7 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
         # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
         prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
     # SigLIP's too (0.26-0.46 s of the H200 serving start when read after the imports), on a worker of its own
-    encoder = None if redux is not None else prefetch(
-        sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
+    encoder = prefetch_siglip(model_dir, device) if redux is None else None
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype, device)
     with measure(device) as m:
@@ -328,30 +276,47 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
             encoder_fp=encoder_fingerprint(model_dir) if has_text_encoders(model_dir) else None)
     notes = metadata_notes(embeddings_file, meta)
     parts, report = {}, []
-    for name in SLIM_COMPONENTS if redux is None else FILL_PARTS:
+    for name in FILL_PARTS:
         if name == "transformer" and fp8_weights is not None:
             parts[name], row = load_fp8_component(*fp8_weights, model_dir, dtype, device, prefetched)
         else:
-            parts[name], row = load_component(name, model_dir, dtype, device, True, encoder if name == "image_encoder"
-                                              else None)
+            parts[name], row = load_component(name, model_dir, dtype, device, True)
         report.append(row)
-    report.append({"component": "cached text embeddings", "params": 0,
-                   "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),
-                   "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
-                   **({"notes": notes} if notes else {})})
     if redux is None:
-        from diffusers import FluxFillPipeline, FluxPriorReduxPipeline
+        from diffusers import FluxFillPipeline
 
         fill = FluxFillPipeline(**{k: parts[k] for k in FILL_PARTS}, text_encoder=None, tokenizer=None,
                                 text_encoder_2=None, tokenizer_2=None)
         fill.set_progress_bar_config(disable=True)  # (Redux's call has no progress bar)
-        redux = FluxPriorReduxPipeline(**{k: parts[k] for k in REDUX_PARTS})
+        redux, rows = load_redux(model_dir, dtype, device, encoder)
+        report += rows
     else:
-        from .fill_setup import FillParts
-
         fill = FillParts(parts["transformer"], parts["vae"], parts["scheduler"], device)
+    report.append({"component": "cached text embeddings", "params": 0,
+                   "bytes": prompt_embeds.numel() * prompt_embeds.element_size() + pooled.numel() * pooled.element_size(),
+                   "load_s": m["seconds"], "memory_bytes": m["memory_bytes"], "memory_kind": m["memory_kind"],
+                   **({"notes": notes} if notes else {})})
     return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file),
                         notes=notes)
+
+
+def prefetch_siglip(model_dir: Path, device: str):
+    """SigLIP's weights read on a worker thread from now on (``bulk_read.prefetch``), for ``load_redux``."""
+    return prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
+
+
+def load_redux(model_dir: Path, dtype: torch.dtype, device: str, encoder=None) -> tuple[object, list[dict]]:
+    """SigLIP and the Redux embedder in a ``FluxPriorReduxPipeline`` with only the image path, and their report
+    rows; ``encoder``: SigLIP's read started earlier (``prefetch_siglip``), else started here."""
+    from diffusers import FluxPriorReduxPipeline
+
+    encoder = encoder or prefetch_siglip(model_dir, device)
+    parts, rows = {}, []
+    for name in REDUX_PARTS:
+        parts[name], row = load_component(name, model_dir, dtype, device, True, encoder if name == "image_encoder"
+                                          else None)
+        rows.append(row)
+    return FluxPriorReduxPipeline(**parts), rows
 
 
 @dataclass

@@ -170,22 +170,6 @@ def _fork(args: dict):
     return _Forked(pid), os.fdopen(requests_out, "wb"), os.fdopen(replies_in, "rb")
 
 
-def load_redux(model_dir: Path, dtype, device: str):
-    """SigLIP (its weights read on a worker thread while diffusers imports) and the embedder, as ``load_slim``
-    loads them, in a ``FluxPriorReduxPipeline`` with only the image path."""
-    from .bulk_read import prefetch
-    from .checkpoint import REDUX_SUBDIR
-    from .loading import REDUX_PARTS, check_folder, load_component
-
-    model_dir = check_folder(model_dir, REDUX_PARTS)  # a bad folder is named, not a library's traceback
-    encoder = prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
-    from diffusers import FluxPriorReduxPipeline
-
-    parts = {n: load_component(n, model_dir, dtype, device, True, encoder if n == "image_encoder" else None)[0]
-             for n in REDUX_PARTS}
-    return FluxPriorReduxPipeline(**parts)
-
-
 def main(argv: list[str] | None = None) -> None:
     """The spawned worker: the serving process's import levers first, then ``_serve`` on stdin and stdout."""
     start = time.perf_counter()
@@ -211,8 +195,10 @@ def _serve(a: dict, requests, replies, start: float) -> int:
     if a["device"].startswith("cuda"):
         torch.zeros(1, device=a["device"])  # the CUDA context, here rather than inside the first encode
     phases["cuda_init"] = time.perf_counter() - start - phases["imports"]
-    try:
-        redux = load_redux(Path(a["model_dir"]), dtype, a["device"])
+    try:  # a bad folder is named, not a library's traceback
+        from .loading import REDUX_PARTS, check_folder, load_redux
+
+        redux = load_redux(check_folder(a["model_dir"], REDUX_PARTS), dtype, a["device"])[0]
     except Exception as e:  # told to the caller, who raises it with the fix
         _send(replies, {"error": f"{type(e).__name__}: {e}"})
         return 1

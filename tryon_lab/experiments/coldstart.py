@@ -148,12 +148,14 @@ def child(t: float) -> None:
     from .. import import_cache  # first, as a serving script would: before anything imports diffusers
 
     if a.get("leave_out"):  # with Redux in its own process, transformers too
-        marks["left_out"] = import_cache.leave_out(import_cache.SERVING_LEFT_OUT + ("transformers",) * a["redux_process"])
+        marks["left_out"] = import_cache.leave_out(import_cache.WITHOUT_TRANSFORMERS if a["redux_process"]
+                                                   else import_cache.SERVING_LEFT_OUT)
     if a.get("import_cache"):
         marks["import_cache"] = import_cache.use(a["import_cache"])
-    from ..redux_process import RemoteRedux
 
     def start_redux(fork: bool):  # the worker keeps transformers and leaves out the rest
+        from ..redux_process import RemoteRedux
+
         o = a["options"]
         return RemoteRedux(a["model_dir"], o["device"], o["dtype"], import_cache.SERVING_LEFT_OUT * a["leave_out"],
                            a.get("import_cache"), fork)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import make_request_images
-from tryon_lab import configure, loading, pipeline, quant
+from tryon_lab import configure, loading, parallel, pipeline, quant
 from tryon_lab.checkpoint import FILL_SUBDIR, TRAINED_DIR
 from tryon_lab.samples import load_sample
 
@@ -27,10 +27,12 @@ CHILD = """
 import json, sys
 HEAVY = ("diffusers", "transformers", "peft", "sklearn", "torchao", "torch._dynamo")
 from tryon_lab import configure
+options = configure.PipelineOptions(fp8={fp8!r})
+reads = configure.start_reads({model!r}, options)  # a serving script's first call: the reads start, no imports
 after_import = [m for m in HEAVY if m in sys.modules]
 from tests.conftest import make_request_images
 from tryon_lab import pipeline
-pipe = configure.build_pipeline({model!r}, configure.PipelineOptions(fp8={fp8!r}))
+pipe = configure.build_pipeline({model!r}, options, reads=reads)
 person, garment, mask = make_request_images(64, 96)
 pipeline.tryon(pipe, pipeline.TryOnRequest(person, garment, mask), pipeline.TryOnSettings(steps=1, progress=False))
 print(json.dumps({{"after_import": after_import, "after_tryon": [m for m in HEAVY if m in sys.modules]}}))
@@ -50,7 +52,7 @@ def child_modules(fp8: str = "none") -> dict:
 
 @pytest.mark.slow
 def test_slim_path_imports():
-    # Importing the configure step loads no diffusers (so none of what diffusers drags in); a default build
+    # Importing the configure step and starting the reads load no diffusers (nor what it drags in); a default build
     # and try-on never import sklearn. diffusers 0.42 itself imports torch._dynamo (diffusers.utils.torch_utils),
     # and peft / transformers / torchao from its model base class and hooks package whenever they are installed.
     default = child_modules()
@@ -109,6 +111,27 @@ def test_saved_fp8_loads_the_same_weights_and_output_as_quantizing_on_load(weigh
     req = pipeline.TryOnRequest(*make_request_images(64, 96), seed=3)
     a, b = pipeline.tryon(on_load, req, FAST), pipeline.tryon(saved, req, FAST)
     assert torch.equal(a.latents, b.latents)
+
+
+def test_reads_started_before_the_imports_build_the_same_pipeline(weight_only_folder):
+    """``configure.start_reads``, a serving script's call right after ``import torch``: the FP8 transformer's and
+    SigLIP's reads run on worker threads from then on, and the build uses them (equal weights and try-on); a build
+    with other options is refused, naming both."""
+    opts = dict(fp8="fp8_weight_only", device="cpu", fp8_weights=str(weight_only_folder))
+    reads = configure.start_reads(TRAINED_DIR, **opts)
+    assert reads.fp8 is not None and reads.siglip is not None
+    early, plain = configure.build_pipeline(TRAINED_DIR, reads=reads, **opts), configure.build_pipeline(TRAINED_DIR, **opts)
+    read = reads.fp8.result()  # this read, not a second one
+    assert early.transformer.fp8_read == {"read_s": read["read_s"], "thread": read["thread"]}
+    same_weights(plain.transformer, early.transformer)
+    siglip = plain.redux.image_encoder.state_dict()
+    assert all(torch.equal(v, siglip[k]) for k, v in early.redux.image_encoder.state_dict().items())
+    req = pipeline.TryOnRequest(*make_request_images(64, 96), seed=3)
+    assert torch.equal(pipeline.tryon(plain, req, FAST).latents, pipeline.tryon(early, req, FAST).latents)
+    with pytest.raises(ValueError, match="start them with the options the pipeline is built with"):
+        configure.build_pipeline(TRAINED_DIR, fp8="fp8_weight_only", device="cpu", reads=reads)
+    with pytest.raises(configure.OptionsError, match="without reads="):
+        configure.start_reads(TRAINED_DIR, context_parallel=parallel.ContextParallel(ulysses_degree=2))
 
 
 def test_saved_fp8_with_fused_qkv_loads_fused_and_equal(tmp_path):

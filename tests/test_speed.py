@@ -514,3 +514,19 @@ def test_single_block_gemm_probe_runs_small_and_its_fused_gemm_equals_the_two(tm
     assert res["stamp"]["device"].startswith("cpu") and set(res["forms"]) == {"bf16"}  # FP8 forms need CUDA
     assert row["fused_rel_l2_vs_separate"] < 1e-6 and row["separate_ms"] > 0 and row["fused_ms"] > 0
     assert row["saved_ms_per_step"] == pytest.approx(38 * row["saved_ms_per_block"])
+
+
+def test_early_reads_probe_runs_small_and_reads_every_byte_in_both_orders(tmp_path):
+    """``scripts/probe_early_reads.py`` on the CPU with a 20 MB file: each fresh process imports the serving
+    imports and reads the whole file, the read started after them or at torch's import; stamped, summarized."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "probe_early_reads.py"
+    p = subprocess.run([sys.executable, str(script), "--gb", "0.02", "--rounds", "1", "--device", "cpu", "--out",
+                        str(tmp_path / "early.json")], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "early.json").read_text())
+    assert res["stamp"]["device"].startswith("cpu") and set(res["runs"]) == {"after", "early"}
+    for mode, (row,) in res["runs"].items():
+        assert row["status"] == "ok" and row["bytes"] == 16 * (20_000_000 // 16), mode
+        assert row["torch"] <= row["cuda"] <= row["imports"] and row["read_done"] >= row["torch"] + row["read_s"] * 0.9
+    assert res["summary"]["read_done_saved_s"] == pytest.approx(
+        res["runs"]["after"][0]["read_done"] - res["runs"]["early"][0]["read_done"])

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from . import compiling, import_cache, quant
+from . import compiling, import_cache, loading, quant
 from .attention import FA3, enable_fa3, fa3_problem
 from .checkpoint import FILL_SUBDIR, check_model_dir, resolve_model_dir
-from .loading import SlimPipeline, load_slim, resolve_device_dtype
+from .loading import EarlyReads, SlimPipeline, load_slim, resolve_device_dtype
 from .timers import sync
 
 if TYPE_CHECKING:  # imported where used: teacache pulls in diffusers' hooks package (and peft) at import
@@ -255,12 +255,27 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     return pipe
 
 
+def start_reads(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> EarlyReads:
+    """A serving script's call right after ``import torch``: the weight reads ``build_pipeline`` would start (the
+    saved FP8 transformer, SigLIP) start now on worker threads, so that they, and the CUDA context they create,
+    run while the script imports diffusers and torchao. Pass the result to ``build_pipeline(..., reads=...)``
+    with the same options."""
+    o = replace(options or PipelineOptions(), **changes)
+    if o.context_parallel is not None:
+        raise OptionsError("start_reads with context_parallel: a rank's device is known once its process group "
+                           "starts (in build_pipeline); build without reads=.")
+    o = o.resolved()
+    offload = o.memory is not None and "offload" in o.memory
+    return loading.start_reads(resolve_model_dir(model_dir), "cpu" if offload else o.device, o.fp8_weights,
+                               siglip=not o.redux_process)
+
+
 def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, redux=None,
-                   **changes) -> SlimPipeline:
+                   reads: EarlyReads | None = None, **changes) -> SlimPipeline:
     """Load the slim pipeline from ``model_dir`` (a folder, or ``"default"``, ``"trained"``, ``"random"``) and
     apply ``options`` (keyword ``changes`` override fields). ``redux``: with ``redux_process``, the
     ``redux_process.RemoteRedux`` a serving script started first thing (its imports overlap this process's);
-    None starts one here.
+    None starts one here. ``reads``: what ``start_reads`` started for these options.
 
     Options that cannot combine, then the folder (``checkpoint.ModelFolderError`` naming the path and the fix),
     are refused before a process group starts or anything loads.
@@ -288,7 +303,7 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
     pipe = load_slim(model_dir, o.torch_dtype, "cpu" if offload else o.device,
                      Path(o.embeddings_file) if o.embeddings_file else None,
                      (o.fp8_weights, o.fp8) if o.fp8_weights else None, o.fuse_qkv,
-                     redux if o.redux_process else None)
+                     redux if o.redux_process else None, reads)
     return apply_options(pipe, o)
 
 

@@ -247,7 +247,7 @@ class SlimPipeline:
 
 def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
               embeddings_file: str | Path | None = None, fp8_weights: tuple[str | Path, str] | None = None,
-              fuse_qkv: bool | None = None, redux=None) -> SlimPipeline:
+              fuse_qkv: bool | None = None, redux=None, reads: EarlyReads | None = None) -> SlimPipeline:
     """The slim pipeline: transformer + VAE + scheduler + Redux image encoder/embedder, nothing else.
 
     ``fp8_weights``: (folder, mode) of a transformer saved already quantized (``quant.save_fp8_transformer``),
@@ -255,19 +255,22 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
     ``fuse_qkv``'s QKV fusing, unless None). ``embeddings_file`` defaults to the cache for this model, dtype and
     device type, built once if missing. ``redux``: a ``redux_process.RemoteRedux`` encoding garments in a process
     of its own; Redux is then not loaded here, and the Fill parts are a ``fill_setup.FillParts``, not diffusers'
-    pipeline class, so this process imports no transformers. Everything that can be checked without loading
-    weights is checked first (folder, shard headers, Redux widths, embeddings).
+    pipeline class, so this process imports no transformers. ``reads``: the weight reads ``start_reads`` started
+    earlier for this same load (else they start here). Everything that can be checked without loading weights is
+    checked first (folder, shard headers, Redux widths, embeddings).
     """
     model_dir = check_folder(model_dir, SLIM_COMPONENTS)  # first: a bad path never reaches diffusers
     check_redux_widths(model_dir)
-    prefetched = None
+    if reads is not None and (problem := reads.problem(model_dir, device, fp8_weights and fp8_weights[0], redux)):
+        raise ValueError(problem)
+    prefetched = reads.fp8 if reads is not None else None
     if fp8_weights is not None:  # before anything loads: a mismatched folder fails at once
         quant.check_fp8_folder(fp8_weights[0], model_dir / FILL_SUBDIR / "transformer", fp8_weights[1], dtype,
                                fuse_qkv)
-        # the biggest read starts now, on a worker, while this thread imports diffusers and builds the rest
-        prefetched = quant.prefetch_fp8_tensors(fp8_weights[0], device)
+        # the biggest read starts now (unless started earlier), on a worker, while this thread imports diffusers
+        prefetched = prefetched or quant.prefetch_fp8_tensors(fp8_weights[0], device)
     # SigLIP's too (0.26-0.46 s of the H200 serving start when read after the imports), on a worker of its own
-    encoder = prefetch_siglip(model_dir, device) if redux is None else None
+    encoder = reads.siglip if reads is not None else prefetch_siglip(model_dir, device) if redux is None else None
     if embeddings_file is None:
         embeddings_file = ensure_embeddings(model_dir, dtype, device)
     with measure(device) as m:
@@ -298,6 +301,39 @@ def load_slim(model_dir: str | Path, dtype: torch.dtype = torch.bfloat16, device
                    **({"notes": notes} if notes else {})})
     return SlimPipeline(fill, redux, prompt_embeds, pooled, model_dir, device, dtype, report, Path(embeddings_file),
                         notes=notes)
+
+
+@dataclass
+class EarlyReads:
+    """The slim loader's largest reads, started by ``start_reads`` before the caller imports diffusers."""
+
+    model_dir: Path
+    device: str
+    fp8_folder: Path | None = None
+    fp8: object = None  # the future of quant.prefetch_fp8_tensors(fp8_folder, device)
+    siglip: object = None  # the future of prefetch_siglip(model_dir, device)
+
+    def problem(self, model_dir: Path, device: str, fp8_folder: str | Path | None, redux) -> str | None:
+        """Why these reads cannot serve a load of ``model_dir`` on ``device`` (None when they can)."""
+        wanted = (Path(model_dir).resolve(), str(device), fp8_folder and Path(fp8_folder).resolve(), redux is None)
+        started = (self.model_dir.resolve(), self.device, self.fp8_folder and self.fp8_folder.resolve(), bool(self.siglip))
+        return None if wanted == started else (
+            f"the reads were started for (model, device, FP8 folder, SigLIP here) = {started}, but this load wants "
+            f"{wanted}: start them with the options the pipeline is built with.")
+
+
+def start_reads(model_dir: str | Path, device: str, fp8_folder: str | Path | None = None,
+                siglip: bool = True) -> EarlyReads:
+    """Start the saved FP8 transformer's read and SigLIP's, each on a worker thread, for ``load_slim(reads=...)``.
+
+    Called right after ``import torch`` (``configure.start_reads``), the reads and the CUDA context they create
+    run while the caller imports diffusers and torchao, instead of after: on the H200 host the FP8 read took
+    1.9 s and the build waited 1.44 s of it when the read started in ``load_slim``.
+    """
+    model_dir = Path(model_dir)
+    fp8 = quant.prefetch_fp8_tensors(fp8_folder, device) if fp8_folder else None
+    return EarlyReads(model_dir, str(device), Path(fp8_folder) if fp8_folder else None, fp8,
+                      prefetch_siglip(model_dir, device) if siglip else None)
 
 
 def prefetch_siglip(model_dir: Path, device: str):

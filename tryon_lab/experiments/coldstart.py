@@ -53,6 +53,7 @@ class Case:
     leave_out: bool = False  # what the slim path imports but never calls marked absent (import_cache.leave_out)
     redux_process: bool = False  # Redux in a worker process, transformers left out here (redux_process.py)
     redux_fork: bool = False  # that worker forked from this process once torch is imported, not spawned
+    early_reads: bool = False  # the weight reads started right after torch's import (configure.start_reads)
 
 
 def _cuda_init() -> None:
@@ -167,6 +168,11 @@ def child(t: float) -> None:
     import torch
     if a["redux_process"] and a["redux_fork"]:
         redux = start_redux(True)
+    reads = None
+    if a.get("early_reads"):  # a serving script's first call once torch is in: the reads run beside the imports
+        from ..configure import PipelineOptions, start_reads
+
+        reads = start_reads(a["model_dir"], PipelineOptions(**a["options"]))
     lap("imports")
     thread = threading.Thread(target=_cuda_init) if a["cuda_thread"] else None
     if thread is not None:
@@ -189,7 +195,7 @@ def child(t: float) -> None:
     if a["stock"]:
         pipe = load_standard(a["model_dir"], getattr(torch, a["options"].get("dtype", "float32")), device)
     else:
-        pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]), redux)
+        pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]), redux, reads)
     sync(device)
     lap("configure")  # the build without its imports, split by what the loader and the configure step report
     marks["weights_by_component"] = {r["component"]: {k: r[k] for k in ("load_s", "read_s") if k in r}
@@ -289,7 +295,7 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
             "cuda_thread": case.cuda_thread, "aoti_dir": str(work / "aoti"),
             "artifacts_out": str(art) if how == "save" else None, "spawned": time.time(),
             "import_cache": str(work / IMPORT_CACHE_FILE) if case.import_cache else None, "leave_out": case.leave_out,
-            "redux_process": case.redux_process, "redux_fork": case.redux_fork}
+            "redux_process": case.redux_process, "redux_fork": case.redux_fork, "early_reads": case.early_reads}
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
     start = time.perf_counter()

@@ -35,6 +35,9 @@ STATIC_SLIM = {**SLIM, "fp8": "fp8_static_tensor"}  # the best since (fp8_static
 STATIC_FA3 = {**STATIC_SLIM, "attention": FA3}  # with FlashAttention-3 in place of cuDNN
 HOT_FA3 = {**STATIC_FA3, "hot_path": True}  # + the preallocated loop, which the Fill parts without the class run
 NO_TRANSFORMERS = {**HOT_FA3, "redux_process": True}  # + Redux in a worker: no transformers in the serving process
+# a serving process's levers, with the kernels from the inductor folder the FA3 blocks' compile filled
+SERVING = dict(fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
+               cache="slim + static FP8 weights + FA3, AOT blocks, empty cache")
 
 def aoti_child(t: float) -> None:
     """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no
@@ -197,22 +200,20 @@ GPU_CASES = {
     "slim + static FP8 weights + FA3, AOT blocks, empty cache": Case(options=STATIC_FA3, fp8_weights=True,
                                                                    aot_blocks="save"),
     "slim, serving with static FP8 + FA3: AOT blocks + inductor folder + import cache + packages left out": Case(
-        options=STATIC_FA3, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
-        cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+        options=STATIC_FA3, **SERVING),
     "slim, serving with static FP8 + FA3 + hot path: AOT blocks + inductor folder + import cache + packages left "
-    "out": Case(options=HOT_FA3, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
-                cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+    "out": Case(options=HOT_FA3, **SERVING),
+    # the FP8 transformer's and SigLIP's reads started right after torch's import (configure.start_reads), so
+    # they and the CUDA context run beside the diffusers and torchao imports instead of after them
+    "slim, serving with static FP8 + FA3 + hot path, reads started at torch's import: AOT blocks + inductor folder "
+    "+ import cache + packages left out": Case(options=HOT_FA3, early_reads=True, **SERVING),
     "slim, serving without transformers (Redux in its own process), static FP8 + FA3 + hot path: AOT blocks + "
-    "inductor folder + import cache + packages left out": Case(
-        options=NO_TRANSFORMERS, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
-        redux_process=True, cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
+    "inductor folder + import cache + packages left out": Case(options=NO_TRANSFORMERS, redux_process=True, **SERVING),
     "slim, serving without transformers (Redux forked after torch's import), static FP8 + FA3 + hot path: AOT "
     "blocks + inductor folder + import cache + packages left out": Case(
-        options=NO_TRANSFORMERS, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
-        redux_process=True, redux_fork=True, cache="slim + static FP8 weights + FA3, AOT blocks, empty cache"),
-    "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(options=SLIM, fp8_weights=True,
-                                                                       aot_blocks="load", cuda_thread=True,
-                                                                       import_cache=True),
+        options=NO_TRANSFORMERS, redux_process=True, redux_fork=True, **SERVING),
+    "slim, all levers with AOT blocks (+ CUDA init on a thread)": Case(
+        options=SLIM, fp8_weights=True, aot_blocks="load", cuda_thread=True, import_cache=True),
     "AOTInductor packages, torch only": Case(aoti=True),
 }
 

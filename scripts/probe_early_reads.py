@@ -1,0 +1,127 @@
+"""Probe: what starting the saved FP8 transformer's read at torch's import saves a fresh serving process.
+
+The best serving process (run 20, H200) started its 15.2 GB FP8 read on a worker thread inside ``build_pipeline``,
+after torch, the CUDA context and most imports, and waited 1.44 s of the read's 1.9 s. ``configure.start_reads``
+starts the read right after ``import torch``. The full cold-start case needs about four minutes of setup (the
+full-size snapshot, the FP8 save, the bytecode build); this probe isolates the lever on the same host: one
+safetensors file of the FP8 transformer's size, then fresh processes that import what the serving process imports
+(diffusers' FLUX classes, torchao, transformers' SigLIP) and read the file onto the device with ``bulk_read``,
+the read started either after the imports (``after``: the CUDA context first, as the serving child makes it) or
+right after torch's import (``early``: the reader's thread makes the context), alternating, ``--rounds`` each.
+Each process reports, in seconds since it started: torch imported, imports done, read done; and the read's own
+time. What counts is the wait after the imports (read done - imports done) and whether the imports slow down.
+
+    python scripts/probe_early_reads.py --gb 15.2 --rounds 3 --bytecode --out results.json   # the H200 host
+    python scripts/probe_early_reads.py --gb 0.05 --rounds 1 --device cpu                   # the CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# One fresh process: only the standard library before the clock starts; one ``EARLY {json}`` line at the end.
+CHILD = """
+import time; T = time.time(); import json, sys
+a = json.loads(sys.argv[1])
+import torch
+marks = {"torch": time.time() - T}
+from tryon_lab.bulk_read import prefetch
+read = prefetch([a["path"]], a["device"], "fp8-read") if a["mode"] == "early" else None
+if read is None and a["device"] == "cuda":
+    torch.cuda.init(); torch.ones(1, device="cuda").sum().item()  # the serving child's CUDA context, made first
+marks["cuda"] = time.time() - T
+import diffusers, torchao  # what the serving process imports: the FLUX classes, FP8, SigLIP
+from diffusers import AutoencoderKL, FluxPriorReduxPipeline, FluxTransformer2DModel
+from torchao.quantization import quantize_
+from transformers import SiglipVisionModel
+marks["imports"] = time.time() - T
+read = read or prefetch([a["path"]], a["device"], "fp8-read")
+got = read.result()
+if a["device"] == "cuda":
+    torch.cuda.synchronize()
+marks["read_done"] = time.time() - T
+marks["read_s"] = got["read_s"]
+marks["bytes"] = sum(t.numel() * t.element_size() for t in got["tensors"].values())
+print("EARLY " + json.dumps(marks), flush=True)
+"""
+
+
+def write_file(path: Path, gb: float, pieces: int = 16) -> int:
+    """One safetensors file of ``gb`` GB in ``pieces`` uint8 tensors (what bulk_read reads, whatever the bytes)."""
+    import torch
+    from safetensors.torch import save_file
+
+    n = int(gb * 1e9) // pieces
+    save_file({f"t{i:02d}": torch.empty(n, dtype=torch.uint8) for i in range(pieces)}, str(path))
+    return path.stat().st_size
+
+
+def run_child(path: Path, mode: str, device: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"path": str(path), "mode": mode, "device": device})],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("EARLY ")]
+    if p.returncode or not lines:
+        return {"status": "failed", "returncode": p.returncode, "stderr": p.stderr[-2000:]}
+    m = json.loads(lines[-1][6:])
+    return {**m, "status": "ok", "import_s": m["imports"] - m["cuda"], "waited_s": max(0.0, m["read_done"] - m["imports"])}
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict:
+    """Per mode: the medians of the processes' marks, and their ranges."""
+    out = {}
+    for mode, rows in runs.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        out[mode] = {k: {"median": statistics.median(r[k] for r in ok), "min": min(r[k] for r in ok),
+                         "max": max(r[k] for r in ok)}
+                     for k in ("torch", "cuda", "imports", "import_s", "read_done", "read_s", "waited_s")} if ok else {}
+    if out.get("early") and out.get("after"):
+        out["read_done_saved_s"] = out["after"]["read_done"]["median"] - out["early"]["read_done"]["median"]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gb", type=float, default=15.2, help="the file's size (the FP8 transformer: 15.2 GB)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--bytecode", action="store_true", help="write the imported packages' bytecode caches first")
+    ap.add_argument("--work", default=None, help="local disk for the file (default: a temporary folder)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    from tryon_lab.provenance import report_probe
+
+    res: dict = {"what": "fresh processes: imports + the FP8-sized read onto the device, read started after the "
+                         "imports or at torch's import", "gb": a.gb, "device": a.device}
+    if a.bytecode:
+        from tryon_lab.experiments.bytecode import compile_bytecode
+
+        res["bytecode_build"] = compile_bytecode(("diffusers", "transformers", "torchao", "huggingface_hub",
+                                                  "safetensors", "accelerate", "tryon_lab"))
+        print(f"bytecode written in {res['bytecode_build']['seconds']:.0f} s", flush=True)
+    with tempfile.TemporaryDirectory(dir=a.work) as work:
+        path = Path(work) / "fp8-sized.safetensors"
+        start = time.perf_counter()
+        res["bytes"] = write_file(path, a.gb)
+        res["write_s"] = time.perf_counter() - start
+        runs: dict[str, list[dict]] = {"after": [], "early": []}
+        for r in range(a.rounds):
+            for mode in ("after", "early"):
+                runs[mode].append(run_child(path, mode, a.device))
+                print(f"round {r + 1} {mode}: {json.dumps(runs[mode][-1])[:400]}", flush=True)
+        res["runs"], res["summary"] = runs, summarize(runs)
+    report_probe(res, a.device, a.out)
+    return 0 if all(r["status"] == "ok" for rows in runs.values() for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 CHILD = """
 import time; T = time.time(); import json, sys
 a = json.loads(sys.argv[1])
+if a["leave_out"]:  # what a serving process leaves out (peft, scipy, sklearn, sentencepiece), as it does first
+    from tryon_lab import import_cache; import_cache.leave_out(import_cache.SERVING_LEFT_OUT)
 import torch
 marks = {"torch": time.time() - T}
 from tryon_lab.bulk_read import prefetch
@@ -66,8 +68,9 @@ def write_file(path: Path, gb: float, pieces: int = 16) -> int:
     return path.stat().st_size
 
 
-def run_child(path: Path, mode: str, device: str) -> dict:
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps({"path": str(path), "mode": mode, "device": device})],
+def run_child(path: Path, mode: str, device: str, leave_out: bool = False) -> dict:
+    args = {"path": str(path), "mode": mode, "device": device, "leave_out": leave_out}
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("EARLY ")]
     if p.returncode or not lines:
@@ -96,12 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bytecode", action="store_true", help="write the imported packages' bytecode caches first")
     ap.add_argument("--work", default=None, help="local disk for the file (default: a temporary folder)")
+    ap.add_argument("--leave-out", action="store_true", help="leave out what a serving process leaves out")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from tryon_lab.provenance import report_probe
 
     res: dict = {"what": "fresh processes: imports + the FP8-sized read onto the device, read started after the "
-                         "imports or at torch's import", "gb": a.gb, "device": a.device}
+                         "imports or at torch's import", "gb": a.gb, "device": a.device, "leave_out": a.leave_out}
     if a.bytecode:
         from tryon_lab.experiments.bytecode import compile_bytecode
 
@@ -116,7 +120,7 @@ def main(argv=None) -> int:
         runs: dict[str, list[dict]] = {"after": [], "early": []}
         for r in range(a.rounds):
             for mode in ("after", "early"):
-                runs[mode].append(run_child(path, mode, a.device))
+                runs[mode].append(run_child(path, mode, a.device, a.leave_out))
                 print(f"round {r + 1} {mode}: {json.dumps(runs[mode][-1])[:400]}", flush=True)
         res["runs"], res["summary"] = runs, summarize(runs)
     report_probe(res, a.device, a.out)

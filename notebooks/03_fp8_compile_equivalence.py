@@ -188,6 +188,18 @@ fig = plots.phase_bars(nt_cold, phases, title="hot path, and no transformers: fr
 notebook.markdown(f"Measured on {measured_on}.")
 
 # %% [markdown]
+# In those processes the build started the FP8 transformer's read (15.2 GB) after most imports and waited 1.44 s
+# for it. `configure.start_reads` starts it right after `import torch`. Probed alone (fresh processes, the full
+# imports, a file of that size): the wait after the imports disappears and the imports do not slow down; the
+# read itself takes longer beside them. Not yet measured as a cold-start case.
+
+# %%
+early, measured_on = variants_report.gpu_early_reads()
+fig = plots.phase_bars(early, ["torch", "CUDA context and imports", "wait for the read"], label="process",
+                       title="the FP8 read after the imports, or from torch's import on (s)")
+notebook.table(early, note=f"Measured on {measured_on}.")
+
+# %% [markdown]
 # ### On the GPU: step speed and per image, with a verdict each
 # Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
 # weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the

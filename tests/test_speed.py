@@ -530,3 +530,20 @@ def test_early_reads_probe_runs_small_and_reads_every_byte_in_both_orders(tmp_pa
         assert row["torch"] <= row["cuda"] <= row["imports"] and row["read_done"] >= row["torch"] + row["read_s"] * 0.9
     assert res["summary"]["read_done_saved_s"] == pytest.approx(
         res["runs"]["after"][0]["read_done"] - res["runs"]["early"][0]["read_done"])
+
+
+def test_early_reads_probe_rows_come_from_the_results_file(tmp_path):
+    """Notebook 03's probe table: one row per fresh process, the read's wait after the imports from its marks."""
+    from tryon_lab.experiments import variants_report
+
+    def run(torch_s, imports, done):
+        return {"status": "ok", "torch": torch_s, "imports": imports, "read_done": done, "read_s": 1.0,
+                "waited_s": max(0.0, done - imports)}
+
+    entry = {"stamp": {"device": "NVIDIA H200", "date": "d", "torch": "t"}, "bytes": 15.2e9, "note": "a probe",
+             "runs": {"after": [run(3.0, 9.0, 10.1)], "early": [run(3.0, 9.5, 9.5), {"status": "failed"}]}}
+    (tmp_path / "r.json").write_text(json.dumps({variants_report.GPU_EARLY_READS_KEY: entry}))
+    rows, where = variants_report.gpu_early_reads(tmp_path / "r.json")
+    assert [r["process"] for r in rows] == ["read after imports (1)", "read at torch (1)"]
+    assert rows[0]["wait for the read"] == pytest.approx(1.1) and rows[1]["wait for the read"] == 0.0
+    assert rows[0]["CUDA context and imports"] == pytest.approx(6.0) and "15.2 GB" in where and "H200" in where

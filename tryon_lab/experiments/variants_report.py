@@ -157,6 +157,7 @@ GPU_STEPS_FA3_KEY = "bench_gpu_fa3_steps"  # run 18: the best variants with cuDN
 GPU_COLD_NO_TRANSFORMERS_KEY = "bench_gpu_cold_no_transformers"  # run 20: + hot path; + Redux in its own process
 GPU_PEER_KEY = "bench_gpu_peer_transformer"  # run 22: the flux-fast peer recipe beside eager and our best
 GPU_TUNED_KEY = "bench_gpu_tuned_steps"  # run 23: our best with the peer's inductor flags
+GPU_EARLY_READS_KEY = "probe_early_reads"  # run 24: the FP8 read started at torch's import, probed alone
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:
@@ -247,3 +248,16 @@ def gpu_per_image(results_file=None) -> tuple[list[dict], list[str]]:
         rows += [{"run": entry["stamp"]["date"], **r} for r in steps if r["variant"] == "eager" or "cache" in r["variant"]]
         where.append(measured)
     return rows, where
+
+
+def gpu_early_reads(results_file=None) -> tuple[list[dict], str]:
+    """Run 24's probe, one row per fresh process: seconds from its start to torch imported, the imports after
+    torch, and the wait for the FP8-sized read after them (the read started after the imports, or at torch's
+    import); and where it ran."""
+    entry = _gpu_entry(results_file, GPU_EARLY_READS_KEY)
+    rows = [{"process": f"read {'at torch' if mode == 'early' else 'after imports'} ({i + 1})", "torch": r["torch"],
+             "CUDA context and imports": r["imports"] - r["torch"], "wait for the read": r["waited_s"],
+             "read itself": r["read_s"]}
+            for mode in ("after", "early") for i, r in enumerate(entry["runs"][mode]) if r["status"] == "ok"]
+    st = entry["stamp"]
+    return rows, f"{st['device']}, {st['date']}, torch {st['torch']}; a {entry['bytes'] / 1e9:.1f} GB file; {entry['note']}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from tryon_lab import checkpoint, provenance
@@ -85,3 +86,20 @@ def test_committed_results_name_no_machine_folders():
     shown = provenance.portable(line)
     assert "at checkpoints/toy-tryon [fingerprint " in shown and str(provenance.REPO_ROOT) not in shown
     assert provenance.portable(f"{Path.home()}/.cache/tryon_lab/x") == "~/.cache/tryon_lab/x"
+
+
+def test_candidate_shapes_are_sized_and_timed_against_the_committed_one(tmp_path):
+    """``experiments.model_sizes`` (scripts/size_default_model.py): each candidate built with random weights from
+    the committed shape; its bf16 bytes follow from its parameters, and its try-on is timed beside the first."""
+    from tryon_lab.experiments import model_sizes
+
+    rows = model_sizes.run({model_sizes.COMMITTED: {}, "wider": {"num_attention_heads": 6, "text_tokens": 32}},
+                           height=64, steps=1, repeats=1, threads=1, results=tmp_path / "r.json")
+    first, wider = json.loads((tmp_path / "r.json").read_text())["default_model_sizes_cpu"]["candidates"].values()
+    assert first["vs_first"] == 1.0 and wider["vs_first"] == pytest.approx(wider["tryon_s"] / first["tryon_s"])
+    assert wider["params"]["transformer"] > first["params"]["transformer"]
+    assert wider["params"]["vae"] == first["params"]["vae"]  # only the transformer's width changed
+    assert first["checkpoint_mb"] == pytest.approx(2 * sum(first["params"].values()) / 1e6)
+    assert first["tokens"] - wider["tokens"] == 512 - 32  # the same image tokens, the prompt padded shorter
+    assert [r["shape"] for r in rows] == [model_sizes.COMMITTED, "wider"]
+    assert (tmp_path / "default_model_sizes_cpu.md").read_text().count("\n|") == 4  # header, rule, two rows

@@ -39,6 +39,7 @@ NO_TRANSFORMERS = {**HOT_FA3, "redux_process": True}  # + Redux in a worker: no 
 SERVING = dict(fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
                cache="slim + static FP8 weights + FA3, AOT blocks, empty cache")
 
+
 def aoti_child(t: float) -> None:
     """The AOTInductor case (``_AOTI_CHILD``): torch, numpy, PIL and safetensors only (no diffusers, no
     transformers, no dynamo), the packages ``prepare_aoti`` wrote, the same request as every other case, the same
@@ -191,14 +192,12 @@ GPU_CASES = {
         options=SLIM, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
         cache="slim + FP8 weights, AOT blocks, empty cache"),
     # the best step variant's FP8 (static activation scales, calibrated once at image build) in the serving case
-    "slim + static FP8 weights, AOT blocks, empty cache": Case(options=STATIC_SLIM, fp8_weights=True,
-                                                             aot_blocks="save"),
+    "slim + static FP8 weights, AOT blocks, empty cache": Case(options=STATIC_SLIM, fp8_weights=True, aot_blocks="save"),
     "slim, serving with static FP8: AOT blocks + inductor folder + import cache + packages left out": Case(
         options=STATIC_SLIM, fp8_weights=True, aot_blocks="load", import_cache=True, leave_out=True,
         cache="slim + static FP8 weights, AOT blocks, empty cache"),
     # FlashAttention-3 (bf16): its kernels come compiled, where cuDNN builds a plan for the shape on first use
-    "slim + static FP8 weights + FA3, AOT blocks, empty cache": Case(options=STATIC_FA3, fp8_weights=True,
-                                                                   aot_blocks="save"),
+    "slim + static FP8 weights + FA3, AOT blocks, empty cache": Case(options=STATIC_FA3, fp8_weights=True, aot_blocks="save"),
     "slim, serving with static FP8 + FA3: AOT blocks + inductor folder + import cache + packages left out": Case(
         options=STATIC_FA3, **SERVING),
     "slim, serving with static FP8 + FA3 + hot path: AOT blocks + inductor folder + import cache + packages left "

@@ -286,9 +286,9 @@ def _leave_together() -> None:
 def _spawn(fn, args: tuple, world: int = 2, timeout: float = 180) -> None:
     """``world`` processes on a free local port; a rank's exception fails the test with its traceback.
 
-    A rank killed by a signal (gloo's "terminate called without an active exception", SIGABRT, seen twice on CI
-    within ~2 s of a rank's start, even with the ranks leaving together) gets one more try on a fresh port, said
-    in the test's output; a second abort, an exception or a wrong result still fails the test.
+    A rank killed by a signal (gloo's "terminate called without an active exception", SIGABRT: seen twice on CI,
+    the second time about 2 s after the ranks started, with the ranks leaving together) gets one more try on a
+    fresh port, said in the test's output; a second abort, an exception or a wrong result still fails the test.
     """
     import time
 

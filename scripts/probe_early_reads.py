@@ -13,6 +13,11 @@ time. What counts is the wait after the imports (read done - imports done) and w
 
     python scripts/probe_early_reads.py --gb 15.2 --rounds 3 --bytecode --out results.json   # the H200 host
     python scripts/probe_early_reads.py --gb 0.05 --rounds 1 --device cpu                   # the CPU smoke run
+    python scripts/probe_early_reads.py --modes after,early,early-chunk256,early-switch0.5 --leave-out --bytecode
+
+Beside the imports run 24's read took 2.4-2.7 s against 1.0-1.2 s alone: its threads wait for the GIL behind the
+importing thread at every 64 MiB chunk. ``-chunkN`` (fewer, larger reads in flight) and ``-switchX`` (a shorter GIL
+switch interval) are the two knobs to measure against that; ``--leave-out`` imports what a serving process does.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ if a["leave_out"]:  # what a serving process leaves out (peft, scipy, sklearn, s
 import torch
 marks = {"torch": time.time() - T}
 from tryon_lab.bulk_read import prefetch
-read = prefetch([a["path"]], a["device"], "fp8-read") if a["mode"] == "early" else None
+if a["switch_ms"]:  # the GIL handed over sooner: the reader's threads wait less behind the importing thread
+    sys.setswitchinterval(a["switch_ms"] / 1000)
+read = prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"]) if a["mode"] == "early" else None
 if read is None and a["device"] == "cuda":
     torch.cuda.init(); torch.ones(1, device="cuda").sum().item()  # the serving child's CUDA context, made first
 marks["cuda"] = time.time() - T
@@ -47,7 +54,7 @@ from diffusers import AutoencoderKL, FluxPriorReduxPipeline, FluxTransformer2DMo
 from torchao.quantization import quantize_
 from transformers import SiglipVisionModel
 marks["imports"] = time.time() - T
-read = read or prefetch([a["path"]], a["device"], "fp8-read")
+read = read or prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"])
 got = read.result()
 if a["device"] == "cuda":
     torch.cuda.synchronize()
@@ -68,8 +75,25 @@ def write_file(path: Path, gb: float, pieces: int = 16) -> int:
     return path.stat().st_size
 
 
+def parse_mode(mode: str) -> dict:
+    """``after`` or ``early``, with optional ``-chunkN`` (MiB a read in flight; 64 by default) and ``-switchX``
+    (the interpreter's GIL switch interval in ms; Python's 5 by default), e.g. ``early-chunk256-switch0.5``."""
+    base, *mods = mode.split("-")
+    out = {"mode": base, "chunk_mib": 64, "switch_ms": 0.0}
+    for m in mods:
+        if m.startswith("chunk"):
+            out["chunk_mib"] = int(m[5:])
+        elif m.startswith("switch"):
+            out["switch_ms"] = float(m[6:])
+        else:
+            raise ValueError(f"mode {mode!r}: {m!r} is neither chunkN nor switchX")
+    if base not in ("after", "early"):
+        raise ValueError(f"mode {mode!r} starts with neither 'after' nor 'early'")
+    return out
+
+
 def run_child(path: Path, mode: str, device: str, leave_out: bool = False) -> dict:
-    args = {"path": str(path), "mode": mode, "device": device, "leave_out": leave_out}
+    args = {"path": str(path), "device": device, "leave_out": leave_out, **parse_mode(mode)}
     p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("EARLY ")]
@@ -87,7 +111,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         out[mode] = {k: {"median": statistics.median(r[k] for r in ok), "min": min(r[k] for r in ok),
                          "max": max(r[k] for r in ok)}
                      for k in ("torch", "cuda", "imports", "import_s", "read_done", "read_s", "waited_s")} if ok else {}
-    if out.get("early") and out.get("after"):
+    if out.get("early") and out.get("after"):  # the lever itself, at the reader's defaults
         out["read_done_saved_s"] = out["after"]["read_done"]["median"] - out["early"]["read_done"]["median"]
     return out
 
@@ -100,6 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bytecode", action="store_true", help="write the imported packages' bytecode caches first")
     ap.add_argument("--work", default=None, help="local disk for the file (default: a temporary folder)")
     ap.add_argument("--leave-out", action="store_true", help="leave out what a serving process leaves out")
+    ap.add_argument("--modes", default="after,early", help="comma-separated: after|early[-chunkN][-switchX] "
+                    "(MiB a read in flight, the GIL switch interval in ms), run in turn each round")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     from tryon_lab.provenance import report_probe
@@ -112,14 +138,19 @@ def main(argv=None) -> int:
         res["bytecode_build"] = compile_bytecode(("diffusers", "transformers", "torchao", "huggingface_hub",
                                                   "safetensors", "accelerate", "tryon_lab"))
         print(f"bytecode written in {res['bytecode_build']['seconds']:.0f} s", flush=True)
+    modes = a.modes.split(",")
+    try:
+        [parse_mode(m) for m in modes]  # a typo fails before 15 GB are written
+    except ValueError as e:
+        ap.error(str(e))
     with tempfile.TemporaryDirectory(dir=a.work) as work:
         path = Path(work) / "fp8-sized.safetensors"
         start = time.perf_counter()
         res["bytes"] = write_file(path, a.gb)
         res["write_s"] = time.perf_counter() - start
-        runs: dict[str, list[dict]] = {"after": [], "early": []}
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(a.rounds):
-            for mode in ("after", "early"):
+            for mode in modes:
                 runs[mode].append(run_child(path, mode, a.device, a.leave_out))
                 print(f"round {r + 1} {mode}: {json.dumps(runs[mode][-1])[:400]}", flush=True)
         res["runs"], res["summary"] = runs, summarize(runs)

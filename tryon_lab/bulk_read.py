@@ -117,28 +117,28 @@ def _read_each(fd: int, header: dict, start: int, workers: int) -> dict[str, tor
     return out
 
 
-def read_files(paths: list[str | Path], device: str | torch.device = "cpu") -> dict:
+def read_files(paths: list[str | Path], device: str | torch.device = "cpu", chunk_mib: int = 64) -> dict:
     """Every tensor of ``paths`` (safetensors files) on ``device``, merged: {"tensors", "metadata" (the first
-    file's), "read_s", "thread" (the one that read them)}."""
+    file's), "read_s", "thread" (the one that read them)}; ``chunk_mib``: each read in flight (GPU)."""
     import threading
     import time
 
     start, tensors, metadata = time.perf_counter(), {}, None
     for path in paths:
-        more, meta = read_safetensors(path, device)
+        more, meta = read_safetensors(path, device, chunk_mib=chunk_mib)
         tensors.update(more)
         metadata = meta if metadata is None else metadata
     return {"tensors": tensors, "metadata": metadata or {}, "read_s": time.perf_counter() - start,
             "thread": threading.current_thread().name}
 
 
-def prefetch(paths: list[str | Path], device: str | torch.device = "cpu", name: str = "prefetch"):
+def prefetch(paths: list[str | Path], device: str | torch.device = "cpu", name: str = "prefetch", chunk_mib: int = 64):
     """Start ``read_files`` on a worker thread (named ``name``) and return its future.
 
     The reads (page cache or disk, then host to device) release the GIL, so they run while the calling thread
     imports diffusers and builds the models on the meta device, which a cold process spends seconds on.
     """
     pool = ThreadPoolExecutor(1, thread_name_prefix=name)
-    future = pool.submit(read_files, paths, device)
+    future = pool.submit(read_files, paths, device, chunk_mib)
     pool.shutdown(wait=False)  # the worker ends with its one task
     return future

@@ -43,9 +43,8 @@ if a["leave_out"]:  # what a serving process leaves out (peft, scipy, sklearn, s
 import torch
 marks = {"torch": time.time() - T}
 from tryon_lab.bulk_read import prefetch
-if a["switch_ms"]:  # the GIL handed over sooner: the reader's threads wait less behind the importing thread
-    sys.setswitchinterval(a["switch_ms"] / 1000)
-read = prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"]) if a["mode"] == "early" else None
+switch = a["switch_ms"] or None  # the GIL handed over sooner while the read runs (bulk_read.SWITCH_INTERVAL)
+read = prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"], switch) if a["mode"] == "early" else None
 if read is None and a["device"] == "cuda":
     torch.cuda.init(); torch.ones(1, device="cuda").sum().item()  # the serving child's CUDA context, made first
 marks["cuda"] = time.time() - T
@@ -54,7 +53,7 @@ from diffusers import AutoencoderKL, FluxPriorReduxPipeline, FluxTransformer2DMo
 from torchao.quantization import quantize_
 from transformers import SiglipVisionModel
 marks["imports"] = time.time() - T
-read = read or prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"])
+read = read or prefetch([a["path"]], a["device"], "fp8-read", a["chunk_mib"], switch)
 got = read.result()
 if a["device"] == "cuda":
     torch.cuda.synchronize()
@@ -66,7 +65,8 @@ print("EARLY " + json.dumps(marks), flush=True)
 
 
 def write_file(path: Path, gb: float, pieces: int = 16) -> int:
-    """One safetensors file of ``gb`` GB in ``pieces`` uint8 tensors (what bulk_read reads, whatever the bytes)."""
+    """One safetensors file of ``gb`` GB in ``pieces`` uint8 tensors (what bulk_read reads, whatever the bytes; on
+    the CPU each tensor is one read, so ``pieces`` sets how often a reader takes the GIL back)."""
     import torch
     from safetensors.torch import save_file
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gb", type=float, default=15.2, help="the file's size (the FP8 transformer: 15.2 GB)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--pieces", type=int, default=16, help="tensors in the file (on the CPU: one read each)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bytecode", action="store_true", help="write the imported packages' bytecode caches first")
     ap.add_argument("--work", default=None, help="local disk for the file (default: a temporary folder)")
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
     from tryon_lab.provenance import report_probe
 
     res: dict = {"what": "fresh processes: imports + the FP8-sized read onto the device, read started after the "
-                         "imports or at torch's import", "gb": a.gb, "device": a.device, "leave_out": a.leave_out}
+                         "imports or at torch's import", "gb": a.gb, "pieces": a.pieces, "device": a.device,
+                         "leave_out": a.leave_out}
     if a.bytecode:
         from tryon_lab.experiments.bytecode import compile_bytecode
 
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=a.work) as work:
         path = Path(work) / "fp8-sized.safetensors"
         start = time.perf_counter()
-        res["bytes"] = write_file(path, a.gb)
+        res["bytes"] = write_file(path, a.gb, a.pieces)
         res["write_s"] = time.perf_counter() - start
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for r in range(a.rounds):

@@ -82,3 +82,32 @@ def test_unknown_dtype_points_to_load_file(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
     with pytest.raises(ValueError, match="load_file"):
         read_safetensors(path, "cpu")
+
+
+def test_the_gil_switch_interval_is_shortened_while_any_read_asks_and_put_back_after_the_last():
+    import sys
+
+    from tryon_lab.bulk_read import SWITCH_INTERVAL
+
+    before = sys.getswitchinterval()
+    with SWITCH_INTERVAL.shortened(0.5):
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with SWITCH_INTERVAL.shortened(1.0):  # a second read asking for longer keeps the shorter one
+            assert sys.getswitchinterval() == pytest.approx(0.0005)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # the first read still runs
+    assert sys.getswitchinterval() == before
+    with SWITCH_INTERVAL.shortened(None):  # None: left alone
+        assert sys.getswitchinterval() == before
+
+
+def test_a_prefetch_with_a_switch_interval_reads_the_same_tensors_and_puts_the_interval_back(tmp_path):
+    import sys
+
+    from tryon_lab.bulk_read import prefetch
+
+    tensors = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    before = sys.getswitchinterval()
+    got = prefetch([tmp_path / "t.safetensors"], "cpu", "test-read", switch_ms=0.2).result()
+    assert all(torch.equal(got["tensors"][k], v) for k, v in tensors.items())
+    assert got["thread"].startswith("test-read") and sys.getswitchinterval() == before

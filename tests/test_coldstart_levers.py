@@ -122,6 +122,8 @@ def test_reads_started_before_the_imports_build_the_same_pipeline(weight_only_fo
     assert reads.fp8 is not None and reads.siglip is not None
     early, plain = configure.build_pipeline(TRAINED_DIR, reads=reads, **opts), configure.build_pipeline(TRAINED_DIR, **opts)
     read = reads.fp8.result()  # this read, not a second one
+    reads.siglip.result()
+    assert sys.getswitchinterval() == 0.005  # shortened to 0.5 ms while the reads ran (the default), then put back
     assert early.transformer.fp8_read == {"read_s": read["read_s"], "thread": read["thread"]}
     same_weights(plain.transformer, early.transformer)
     siglip = plain.redux.image_encoder.state_dict()

@@ -255,11 +255,13 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
     return pipe
 
 
-def start_reads(model_dir: str | Path, options: PipelineOptions | None = None, **changes) -> EarlyReads:
+def start_reads(model_dir: str | Path, options: PipelineOptions | None = None, gil_switch_ms: float | None = 0.5,
+                **changes) -> EarlyReads:
     """A serving script's call right after ``import torch``: the weight reads ``build_pipeline`` would start (the
     saved FP8 transformer, SigLIP) start now on worker threads, so that they, and the CUDA context they create,
     run while the script imports diffusers and torchao. Pass the result to ``build_pipeline(..., reads=...)``
-    with the same options."""
+    with the same options. ``gil_switch_ms``: the GIL switch interval while the reads run (Python's is 5 ms; None
+    leaves it), so that the importing thread holds the readers up less (``bulk_read.SWITCH_INTERVAL``)."""
     o = replace(options or PipelineOptions(), **changes)
     if o.context_parallel is not None:
         raise OptionsError("start_reads with context_parallel: a rank's device is known once its process group "
@@ -267,7 +269,7 @@ def start_reads(model_dir: str | Path, options: PipelineOptions | None = None, *
     o = o.resolved()
     offload = o.memory is not None and "offload" in o.memory
     return loading.start_reads(resolve_model_dir(model_dir), "cpu" if offload else o.device, o.fp8_weights,
-                               siglip=not o.redux_process)
+                               siglip=not o.redux_process, switch_ms=gil_switch_ms)
 
 
 def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, redux=None,

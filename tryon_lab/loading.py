@@ -322,23 +322,24 @@ class EarlyReads:
             f"{wanted}: start them with the options the pipeline is built with.")
 
 
-def start_reads(model_dir: str | Path, device: str, fp8_folder: str | Path | None = None,
-                siglip: bool = True) -> EarlyReads:
+def start_reads(model_dir: str | Path, device: str, fp8_folder: str | Path | None = None, siglip: bool = True,
+                switch_ms: float | None = None) -> EarlyReads:
     """Start the saved FP8 transformer's read and SigLIP's, each on a worker thread, for ``load_slim(reads=...)``.
 
     Called right after ``import torch`` (``configure.start_reads``), the reads and the CUDA context they create
-    run while the caller imports diffusers and torchao, instead of after: on the H200 host the FP8 read took
-    1.9 s and the build waited 1.44 s of it when the read started in ``load_slim``.
+    run while the caller imports diffusers and torchao, instead of after (H200: the build waited 1.44 s of a 1.9 s
+    read started in ``load_slim``). ``switch_ms``: the GIL switch interval meanwhile (``bulk_read.SWITCH_INTERVAL``).
     """
     model_dir = Path(model_dir)
-    fp8 = quant.prefetch_fp8_tensors(fp8_folder, device) if fp8_folder else None
+    fp8 = quant.prefetch_fp8_tensors(fp8_folder, device, switch_ms) if fp8_folder else None
     return EarlyReads(model_dir, str(device), Path(fp8_folder) if fp8_folder else None, fp8,
-                      prefetch_siglip(model_dir, device) if siglip else None)
+                      prefetch_siglip(model_dir, device, switch_ms) if siglip else None)
 
 
-def prefetch_siglip(model_dir: Path, device: str):
+def prefetch_siglip(model_dir: Path, device: str, switch_ms: float | None = None):
     """SigLIP's weights read on a worker thread from now on (``bulk_read.prefetch``), for ``load_redux``."""
-    return prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read")
+    return prefetch(sorted((model_dir / REDUX_SUBDIR / "image_encoder").glob("*.safetensors")), device, "siglip-read",
+                    switch_ms=switch_ms)
 
 
 def load_redux(model_dir: Path, dtype: torch.dtype, device: str, encoder=None) -> tuple[object, list[dict]]:

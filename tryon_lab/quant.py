@@ -333,11 +333,12 @@ def read_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu") -> 
     return read_files([Path(folder) / FP8_FILE], device)
 
 
-def prefetch_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu"):
-    """``read_fp8_tensors`` started on a worker thread (``bulk_read.prefetch``); returns its future."""
+def prefetch_fp8_tensors(folder: str | Path, device: str | torch.device = "cpu", switch_ms: float | None = None):
+    """``read_fp8_tensors`` started on a worker thread (``bulk_read.prefetch``, ``switch_ms`` passed on); returns
+    its future."""
     from .bulk_read import prefetch
 
-    return prefetch([Path(folder) / FP8_FILE], device, "fp8-read")
+    return prefetch([Path(folder) / FP8_FILE], device, "fp8-read", switch_ms=switch_ms)
 
 
 def load_fp8_transformer(folder: str | Path, source: str | Path, mode: str, dtype: torch.dtype,

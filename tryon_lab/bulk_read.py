@@ -140,8 +140,8 @@ class _SwitchInterval:
     A reader thread takes the GIL back a few times a chunk (its Python between the calls that release it); while
     another thread runs Python (a cold process importing diffusers), each take waits for that thread to drop the
     GIL, at most the switch interval (5 ms by default) later. Beside the imports of a cold H200 process the FP8 read
-    took 2.4-2.7 s against 1.0-1.2 s alone (run 24); ``scripts/probe_gil_switch.py`` shows the effect and its cure
-    on a CPU.
+    took 2.4-2.7 s against 1.0-1.2 s alone (run 24); on a 2-core CPU 0.5 ms took such a read from 1.30 to 1.00 s
+    (``scripts/probe_early_reads.py --modes early,early-switch0.5``, ``benchmarks/probe_early_reads_cpu.json``).
     """
 
     def __init__(self) -> None:

@@ -107,6 +107,7 @@ res = pipeline.tryon(pipe, pipeline.TryOnRequest(person, garment, mask, seed=3),
 digest = lambda t: hashlib.sha256(t.float().numpy().tobytes()).hexdigest()
 print(json.dumps({"latents": digest(res.latents), "tokens": digest(pipeline.encode_garment(pipe.redux, garment)),
                   "left": left, "fill": type(pipe.fill).__name__, "worker": getattr(pipe.redux, "ready", None),
+                  "warm_up_s": getattr(pipe.redux, "warm_up_s", None),
                   "transformers": sorted(m for m, v in sys.modules.items() if m.startswith("transformers") and v)}))
 """
 
@@ -125,7 +126,8 @@ def test_serving_process_imports_no_transformers_and_draws_the_same_try_on():
     for served in (spawned, forked):
         assert served["fill"] == "FillParts" and served["transformers"] == [] and "transformers" in served["left"]
         assert set(served["worker"]) == {"imports", "cuda_init", "load"}
-        assert (served["tokens"], served["latents"]) == (slim["tokens"], slim["latents"])
+        assert served["warm_up_s"] > 0  # a blank garment encoded after ready, told with the first tokens
+        assert (served["tokens"], served["latents"]) == (slim["tokens"], slim["latents"])  # the warm-up changed none
     assert forked["worker"]["imports"] < 0.01 < spawned["worker"]["imports"]  # the fork has torch already
     assert slim["fill"] == "FluxFillPipeline" and slim["transformers"]  # what the lever keeps out
 

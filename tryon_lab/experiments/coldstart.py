@@ -238,7 +238,7 @@ def child(t: float) -> None:
     if a.get("import_cache"):
         marks["import_cache"].update(import_cache.report())
     if redux is not None:  # the worker's own phases, and what this process waited for it
-        marks["redux_process"] = {"worker": redux.ready, "waited_s": redux.waited}
+        marks["redux_process"] = {"worker": redux.ready, "waited_s": redux.waited, "warm_up_s": redux.warm_up_s}
     marks["imports_by_package"] = _by_package(imports)
     marks["imports_slowest_modules"] = _largest(imports["self"])  # each module's own code, not its imports
     marks["imports_by_package_entered"] = _largest(imports["entered"])  # a package with all it pulled in

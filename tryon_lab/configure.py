@@ -76,6 +76,11 @@ class PipelineOptions:
         return replace(self, device=device, dtype=str(dtype).removeprefix("torch."))
 
     @property
+    def load_device(self) -> str:
+        """Where the weights are read to: the CPU when the memory mode offloads them, else the device."""
+        return "cpu" if self.memory is not None and "offload" in self.memory else self.device
+
+    @property
     def key(self) -> str:
         """A stable text key (the TeaCache config is a mutable dataclass, so options hash by their repr)."""
         return repr(self.resolved())
@@ -267,9 +272,8 @@ def start_reads(model_dir: str | Path, options: PipelineOptions | None = None, g
         raise OptionsError("start_reads with context_parallel: a rank's device is known once its process group "
                            "starts (in build_pipeline); build without reads=.")
     o = o.resolved()
-    offload = o.memory is not None and "offload" in o.memory
-    return loading.start_reads(resolve_model_dir(model_dir), "cpu" if offload else o.device, o.fp8_weights,
-                               siglip=not o.redux_process, switch_ms=gil_switch_ms)
+    return loading.start_reads(resolve_model_dir(model_dir), o.load_device, o.fp8_weights, siglip=not o.redux_process,
+                               switch_ms=gil_switch_ms)
 
 
 def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None, redux=None,
@@ -296,13 +300,12 @@ def build_pipeline(model_dir: str | Path, options: PipelineOptions | None = None
         o = replace(o, device=rank_device)
     o = o.resolved()
     check_options(o)
-    offload = o.memory is not None and "offload" in o.memory
     # a saved FP8 folder of another mode, dtype, model or QKV fusing is refused there, before any load
     if o.redux_process and redux is None:
         from .redux_process import RemoteRedux
 
         redux = RemoteRedux(model_dir, o.device, o.dtype)
-    pipe = load_slim(model_dir, o.torch_dtype, "cpu" if offload else o.device,
+    pipe = load_slim(model_dir, o.torch_dtype, o.load_device,
                      Path(o.embeddings_file) if o.embeddings_file else None,
                      (o.fp8_weights, o.fp8) if o.fp8_weights else None, o.fuse_qkv,
                      redux if o.redux_process else None, reads)

@@ -26,6 +26,7 @@ from ..pipeline import TryOnRequest, TryOnSettings, tryon
 from ..plots import markdown_table
 from ..provenance import REPO_ROOT, stamp, write_results
 from ..samples import load_sample
+from ..timers import kernel_ms
 
 RESULTS = REPO_ROOT / "benchmarks" / "results.json"
 NAME = "default_model_sizes_cpu"
@@ -51,8 +52,9 @@ def committed_shape() -> checkpoint.SmallModelConfig:
     """The committed model's shape, as its folder records it."""
     import json
 
-    d = json.loads((checkpoint.TRAINED_DIR / checkpoint.CONFIG_FILE).read_text())
-    return checkpoint.SmallModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    from .default_model import recorded_model
+
+    return recorded_model({"model": json.loads((checkpoint.TRAINED_DIR / checkpoint.CONFIG_FILE).read_text())})
 
 
 def part_sizes(cfg: checkpoint.SmallModelConfig) -> dict:
@@ -68,15 +70,16 @@ def time_tryon(model_dir: Path, height: int, steps: int, repeats: int) -> dict:
     pipe = configure.build_pipeline(model_dir, device="cpu", dtype="float32")
     s = load_sample(0, height=height)
     request, settings = TryOnRequest(s.person, s.garment, s.mask, seed=0), TryOnSettings(steps=steps, progress=False)
-    runs = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+    denoise = []
+
+    def run():
         with torch.no_grad():
             result = tryon(pipe, request, settings)
-        runs.append({"total": time.perf_counter() - start, "denoise": result.timings.get("denoise", 0.0)})
-    steady = runs[1:]
-    return {"tryon_s": statistics.median(r["total"] for r in steady),
-            "denoise_s": statistics.median(r["denoise"] for r in steady),
+        denoise.append(result.timings.get("denoise", 0.0))
+        return result
+
+    result, _, ms = kernel_ms(run, (), repeats, "cpu")  # the one timer: a warm-up call, then the median
+    return {"tryon_s": ms / 1000, "denoise_s": statistics.median(denoise[1:]),
             "tokens": int(result.latents.shape[1]) + pipe.prompt_embeds.shape[1]}
 
 

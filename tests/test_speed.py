@@ -280,16 +280,16 @@ def test_gpu_bench_levers_and_peers_on_the_tiny_model():
 
     s = fullsize.shape(tiny=True)
     names = ["eager", "fp8_static_fused_regional", "flux_fast_peer", "fp8_row_fused_regional_teacache1",
-             "fp8_row_fused_regional_cache_dit"]
+             "fp8_row_fused_regional_cache_dit", "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu_multi_kernel"]
     res = gpu_bench.run(names, s, steps=4, quick_steps=3, schedule=[True, False, True, True])["variants"]
     assert all(r["status"] == "ok" for r in res.values()), {k: r.get("reason") for k, r in res.items()}
     assert res["fp8_static_fused_regional"]["static_fp8_layers"] > 0
-    for name in ("fp8_static_fused_regional", "flux_fast_peer"):
+    for name in ("fp8_static_fused_regional", "flux_fast_peer", names[-1]):
         assert 0 < res[name]["latent_rel_l2_vs_eager"] < 0.05, name
     fast, aten = gpu_bench.RECIPES["flux_fast_peer"], gpu_bench.RECIPES["flux_fast_peer_aten_gemm"]
     assert aten.options == fast.options and aten.extra == fast.extra  # only the GEMM autotuning differs
     assert aten.inductor == {**fast.inductor, "max_autotune_gemm_backends": "ATEN"}
-    for name in names[3:]:
+    for name in names[3:5]:
         assert res[name]["computed"] == 3 and res[name]["cache"] and "ms_per_step" not in res[name]
     assert any("per image" in t for t in gpu_bench.targets({"variants": res}))
 
@@ -548,3 +548,46 @@ def test_early_reads_probe_rows_come_from_the_results_file(tmp_path):
     assert [r["process"] for r in rows] == ["read after imports (1)", "read at torch (1)"]
     assert rows[0]["wait for the read"] == pytest.approx(1.1) and rows[1]["wait for the read"] == 0.0
     assert rows[0]["CUDA context and imports"] == pytest.approx(6.0) and "15.2 GB" in where and "H200" in where
+
+
+def test_gelu_tanh_as_sigmoid_is_the_same_function():
+    """x * sigmoid(2z) equals GELU's tanh form to fp32 rounding, tails included (no overflow at |x| = 1e4)."""
+    x = torch.cat([torch.linspace(-12, 12, 20001), torch.tensor([-1e4, -100.0, 0.0, 100.0, 1e4])])
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    out = compiling.gelu_tanh_as_sigmoid(x)
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 2e-6
+    xb = x.bfloat16()  # in bf16 it computes in fp32, as eager GELU does, and rounds once
+    assert rel_l2(compiling.gelu_tanh_as_sigmoid(xb), torch.nn.functional.gelu(xb, approximate="tanh")) < 1e-4
+
+
+def test_sigmoid_gelu_swaps_every_tanh_gelu_and_keeps_the_transformer_output():
+    t = tiny_transformer()
+    x = tiny_inputs(t)
+    with torch.no_grad():
+        ref = t(**x)[0]
+        changed = compiling.sigmoid_gelu(t)
+        out = t(**x)[0]
+    # a double block's feed-forwards (image and text) and each single block's MLP activation
+    assert changed == 2 * TINY.num_layers + TINY.num_single_layers
+    assert not any(isinstance(m, torch.nn.GELU) for m in t.modules())
+    assert rel_l2(out, ref) < 1e-5
+
+
+def test_block_kernels_probe_runs_tiny_and_projects_a_step_from_its_blocks(tmp_path):
+    """``block_kernels.probe`` on the tiny model (CPU, native attention): each knob set compiles the quantized
+    blocks, times each block class on the inputs it was called with, and projects a step by the block counts;
+    the sigmoid-GELU set changes the model after the config-only ones, whatever order they are named in."""
+    from tryon_lab.experiments import fullsize
+    from tryon_lab.experiments.block_kernels import BLOCKS, probe
+
+    s = fullsize.shape(tiny=True)
+    res = probe(s, ["sigmoid_gelu", "default"], "native", tmp_path, calls=2)
+    assert list(res["rows"]) == ["default", "sigmoid_gelu"]
+    counts = {k: s.transformer[v] for k, v in BLOCKS.items()}
+    assert res["blocks_per_step"] == counts
+    for row in res["rows"].values():
+        assert row["status"] == "ok", row["status"]
+        assert set(row["block_ms"]) == set(BLOCKS) and all(v > 0 for v in row["block_ms"].values())
+        assert row["projected_blocks_ms_per_step"] == pytest.approx(
+            sum(row["block_ms"][n] * counts[n] for n in BLOCKS))
+        assert row["rel_l2_vs_eager"] < 1e-3  # static FP8 eager against the same compiled

@@ -98,3 +98,41 @@ def load_compile_artifacts(path: str | Path) -> dict | None:
     data = path.read_bytes()
     info = torch.compiler.load_cache_artifacts(data)
     return {"bytes": len(data), "entries": {k: len(v) for k, v in info.artifacts.items()} if info else {}}
+
+
+# ----------------------------------------------------------------------------- GELU as a sigmoid
+_SQRT_8_OVER_PI = 1.5957691216057308  # 2 * sqrt(2 / pi)
+
+
+def gelu_tanh_as_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh form, x/2 * (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written as x * sigmoid(2z):
+    the same function (1 + tanh(z) = 2 sigmoid(2z)), in fp32 as eager GELU computes it. Compiled, the sigmoid is
+    one fast exponential where inductor's tanh is libdevice's accurate one, the heaviest part of the fused
+    GELU + FP8-quantize kernels, which are bound by arithmetic, not memory, on the H200."""
+    g = x.float()
+    return (g * torch.sigmoid(_SQRT_8_OVER_PI * (g + 0.044715 * g * g * g))).to(x.dtype)
+
+
+class SigmoidGELU(torch.nn.Module):
+    """``nn.GELU(approximate="tanh")`` computed by ``gelu_tanh_as_sigmoid``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu_tanh_as_sigmoid(x)
+
+
+def sigmoid_gelu(transformer: torch.nn.Module) -> int:
+    """Compute every tanh-form GELU of ``transformer`` as ``gelu_tanh_as_sigmoid``, in place; returns how many.
+    diffusers' ``GELU`` (the double blocks' feed-forward) keeps its projection and takes the new activation; a
+    bare ``nn.GELU(approximate="tanh")`` (the single blocks' ``act_mlp``) is replaced by ``SigmoidGELU``."""
+    from diffusers.models.activations import GELU
+
+    changed = 0
+    for parent in list(transformer.modules()):
+        if isinstance(parent, GELU) and parent.approximate == "tanh":
+            parent.gelu = gelu_tanh_as_sigmoid
+            changed += 1
+        for name, child in parent.named_children():
+            if isinstance(child, torch.nn.GELU) and child.approximate == "tanh":
+                setattr(parent, name, SigmoidGELU())
+                changed += 1
+    return changed

@@ -47,6 +47,7 @@ class PipelineOptions:
     fp8_calibration: int | None = None  # fp8_static_tensor: the bundled sample's height for its 2-step calibration
     fp8_weights: str | None = None  # a folder quant.save_fp8_transformer wrote (save_fp8_weights): loaded, not quantized
     fuse_qkv: bool = False  # one QKV matmul per attention (diffusers' fuse_qkv_projections)
+    sigmoid_gelu: bool = False  # GELU's tanh form as x * sigmoid(2z), the same function (compiling.sigmoid_gelu)
     compile: str = "none"  # compiling.COMPILE_MODES: "regional" (repeated blocks) or "full"
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"
     compile_backend: str = "inductor"
@@ -205,6 +206,8 @@ def apply_options(pipe: SlimPipeline, options: PipelineOptions) -> SlimPipeline:
             pipe.fill.disable_lora()
     if o.fuse_qkv and not quant.fused_qkv(transformer):  # a saved FP8 folder may come fused already
         quant.fuse_qkv(transformer)
+    if o.sigmoid_gelu:
+        compiling.sigmoid_gelu(transformer)
     seconds = pipe.build_report.setdefault("seconds", {})  # the cold-start phases of this step
     start = time.perf_counter()
     if o.memory is not None:

@@ -74,6 +74,17 @@ RECIPES = {
     "fp8_static_fused_regional_step_graph_fa3_tuned": Recipe(
         PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3), 200, extra="static_fp8",
         inductor=FLUX_FAST_INDUCTOR),
+    # GELU's tanh form computed as x * sigmoid(2z): inductor's GELU + FP8-quantize kernels are bound by libdevice's
+    # tanh, not by memory (block_kernels.py); with multi_kernel, inductor also tries persistent norm reductions
+    "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu": Recipe(
+        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 80,
+        extra="static_fp8"),
+    "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu_multi_kernel": Recipe(
+        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 90,
+        extra="static_fp8", inductor={"triton.multi_kernel": 1}),
+    "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu_tuned": Recipe(
+        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 200,
+        extra="static_fp8", inductor=FLUX_FAST_INDUCTOR),
     # the published flux-fast recipe from stock libraries: whole-model max-autotune with its inductor flags and
     # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
     "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", compile_exact_casts=False,

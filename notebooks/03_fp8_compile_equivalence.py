@@ -200,6 +200,16 @@ fig = plots.phase_bars(early, ["torch", "CUDA context and imports", "wait for th
 notebook.table(early, note=f"Measured on {measured_on}.")
 
 # %% [markdown]
+# The same lever as a cold-start case (run 25, a slower host: stock 22.5 s): the reads started at torch's import
+# took the serving process from 13.1 to 12.1 s (median of 3), 0.54x stock. The read now hides behind the imports;
+# what the build does besides them (1.6 s) and the first image's 28 steps (3.0 s) are what is left after imports.
+
+# %%
+early_cold, phases, measured_on = variants_report.gpu_cold_start(key=variants_report.GPU_COLD_EARLY_READS_KEY)
+fig = plots.phase_bars(early_cold, phases, title="reads started at torch's import: fresh process -> first image (s)")
+notebook.markdown(f"Measured on {measured_on}.")
+
+# %% [markdown]
 # ### On the GPU: step speed and per image, with a verdict each
 # Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
 # weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the
@@ -231,6 +241,29 @@ peer_steps, peer_measured_on = variants_report.gpu_steps(key=variants_report.GPU
 notebook.table(peer_steps, note=f"Measured on {peer_measured_on}.")
 tuned_steps, tuned_measured_on = variants_report.gpu_steps(key=variants_report.GPU_TUNED_KEY)
 notebook.table(tuned_steps, note=f"Measured on {tuned_measured_on}.")
+
+# %% [markdown]
+# Inside the best step's blocks (runs 26-27, `scripts/probe_block_kernels.py`): inductor's fused kernels under
+# each inductor knob set, per call of one double- and one single-stream block. The GELU kernels are bound by
+# arithmetic (libdevice's accurate tanh), not memory, and no knob moves them; GELU's tanh form written as
+# x * sigmoid(2z), the same function (`sigmoid_gelu=True`), takes them down by a sixth; `multi_kernel` lets inductor
+# pick persistent norm reductions.
+
+# %%
+kernels, kernels_measured_on = variants_report.gpu_block_kernels()
+fig = plots.phase_bars(kernels, ["GELU kernels", "norm kernels", "other Triton"], label="knob set",
+                       title="inductor's fused kernels, one block of each kind (ms per call)")
+notebook.table(kernels, note=f"Measured on {kernels_measured_on}.")
+
+# %% [markdown]
+# The whole step with it (runs 28-29, each beside its own eager): 82.0 -> 81.0 ms with sigmoid GELU, 80.8 ms with
+# `multi_kernel` too, the fastest step measured; the peer's coordinate-descent tuning on top gained nothing here.
+
+# %%
+gelu_steps, gelu_measured_on = variants_report.gpu_steps(key=variants_report.GPU_SIGMOID_GELU_KEY)
+notebook.table(gelu_steps, note=f"Measured on {gelu_measured_on}.")
+gelu_tuned, gelu_tuned_measured_on = variants_report.gpu_steps(key=variants_report.GPU_SIGMOID_GELU_TUNED_KEY)
+notebook.table(gelu_tuned, note=f"Measured on {gelu_tuned_measured_on}.")
 
 # %% [markdown]
 # Per image with the step cache, each run beside its own stock eager: our cache (TeaCache's fitted rule with

@@ -591,3 +591,24 @@ def test_block_kernels_probe_runs_tiny_and_projects_a_step_from_its_blocks(tmp_p
         assert row["projected_blocks_ms_per_step"] == pytest.approx(
             sum(row["block_ms"][n] * counts[n] for n in BLOCKS))
         assert row["rel_l2_vs_eager"] < 1e-3  # static FP8 eager against the same compiled
+
+
+def test_block_kernel_rows_split_each_knob_sets_triton_time_by_kernel_kind(tmp_path):
+    """Notebook 03's probe chart: per knob set, the Triton kernels' time split into GELU, norm and the rest (other
+    kernels, such as the GEMMs, not counted); a knob set that failed has no row."""
+    from tryon_lab.experiments import variants_report
+
+    kernels = {"triton_poi_fused_gelu_3": {"ms_per_call": 0.1}, "triton_poi_fused_mul_sigmoid_4": {"ms_per_call": 0.02},
+               "triton_red_fused_native_layer_norm_1": {"ms_per_call": 0.04}, "triton_poi_fused_add_2":
+               {"ms_per_call": 0.01}, "nvjet_sm90_qqtst": {"ms_per_call": 0.5}}
+    entry = {"stamp": {"device": "NVIDIA H200", "date": "d", "torch": "t"},
+             "rows": {"default": {"status": "ok", "kernels": kernels, "rel_l2_vs_eager": 0.004},
+                      "block_ptr": {"status": "failed: InductorError"}}}
+    (tmp_path / "k.json").write_text(json.dumps({"probe_block_kernels_knobs": entry}))
+    rows, where = variants_report.gpu_block_kernels(tmp_path / "k.json")
+    assert [r["knob set"] for r in rows] == ["default (knobs run)"] and "H200" in where
+    assert rows[0]["GELU kernels"] == pytest.approx(0.12) and rows[0]["norm kernels"] == pytest.approx(0.04)
+    assert rows[0]["other Triton"] == pytest.approx(0.01) and rows[0]["Triton ms / call"] == pytest.approx(0.17)
+    committed, _ = variants_report.gpu_block_kernels()  # the committed probe: the sigmoid set's GELU time is lower
+    by = {r["knob set"]: r for r in committed}
+    assert by["sigmoid_gelu (sigmoid_gelu run)"]["GELU kernels"] < by["default (sigmoid_gelu run)"]["GELU kernels"]

@@ -158,6 +158,10 @@ GPU_COLD_NO_TRANSFORMERS_KEY = "bench_gpu_cold_no_transformers"  # run 20: + hot
 GPU_PEER_KEY = "bench_gpu_peer_transformer"  # run 22: the flux-fast peer recipe beside eager and our best
 GPU_TUNED_KEY = "bench_gpu_tuned_steps"  # run 23: our best with the peer's inductor flags
 GPU_EARLY_READS_KEY = "probe_early_reads"  # run 24: the FP8 read started at torch's import, probed alone
+GPU_COLD_EARLY_READS_KEY = "bench_gpu_cold_early_reads"  # run 25: the same lever as a cold-start case
+GPU_SIGMOID_GELU_KEY = "bench_gpu_sigmoid_gelu_steps"  # run 28: GELU as a sigmoid (+ multi_kernel) beside the best
+GPU_SIGMOID_GELU_TUNED_KEY = "bench_gpu_sigmoid_gelu_tuned_steps"  # run 29: the same + coordinate descent
+BLOCK_KERNELS_FILE = "probe_block_kernels.json"  # runs 26-27: inductor's fused kernels in the best step's blocks
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:
@@ -261,3 +265,32 @@ def gpu_early_reads(results_file=None) -> tuple[list[dict], str]:
             for mode in ("after", "early") for i, r in enumerate(entry["runs"][mode]) if r["status"] == "ok"]
     st = entry["stamp"]
     return rows, f"{st['device']}, {st['date']}, torch {st['torch']}; a {entry['bytes'] / 1e9:.1f} GB file; {entry['note']}"
+
+
+def gpu_block_kernels(results_file=None) -> tuple[list[dict], str]:
+    """Runs 26-27's probe, one row per knob set: the Triton time of one call of each block class, split into the
+    GELU kernels, the norm kernels (layer norm, RMS norm, with what inductor fused into them) and the rest, and the
+    output's rel-L2 against the same quantized blocks eager; and where it ran."""
+    import json
+    from pathlib import Path
+
+    from ..provenance import REPO_ROOT
+
+    path = Path(results_file or REPO_ROOT / "benchmarks" / BLOCK_KERNELS_FILE)
+    rows, stamps = [], []
+    for run, entry in json.loads(path.read_text()).items():
+        stamps.append(entry["stamp"]["date"])
+        for knob, r in entry["rows"].items():
+            if r["status"] != "ok":
+                continue
+            ms = {"GELU kernels": 0.0, "norm kernels": 0.0, "other Triton": 0.0}
+            for name, k in r["kernels"].items():
+                if name.startswith("triton_"):
+                    part = ("GELU kernels" if "gelu" in name or "sigmoid" in name
+                            else "norm kernels" if "norm" in name else "other Triton")
+                    ms[part] += k["ms_per_call"]
+            rows.append({"knob set": f"{knob} ({run.removeprefix('probe_block_kernels_')} run)", **ms,
+                         "Triton ms / call": sum(ms.values()), "rel-L2 vs eager": r["rel_l2_vs_eager"]})
+    st = entry["stamp"]
+    return rows, (f"{st['device']}, {', '.join(stamps)}, torch {st['torch']}; one block of each kind at full width, "
+                  "static FP8, fused QKV, FA3; random weights")

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
             print(f"{k}: {r['status']}", flush=True)
             continue
         print(f"{k}: compile {r['compile_s']:.1f} s, blocks {r['block_ms']}, projected "
-              f"{r['projected_blocks_ms_per_step']:.1f} ms/step, Triton {r['triton_ms_per_call']:.3f} ms/call, "
+              f"{r['projected_blocks_ms_per_step']:.1f} ms/step, Triton {r['triton_ms_per_call']:.3f} ms/call "
+              f"({r['projected_triton_ms_per_step']:.1f} ms/step), "
               f"rel-L2 {r['rel_l2_vs_eager']:.4f}", flush=True)
         for name, kr in sorted(r["kernels"].items(), key=lambda kv: -kv[1]["ms_per_call"])[:8]:
             print(f"   {kr['ms_per_call']:.3f} ms x{kr['launches_per_call']:.0f} "

@@ -581,6 +581,7 @@ def test_block_kernels_probe_runs_tiny_and_projects_a_step_from_its_blocks(tmp_p
     from tryon_lab.experiments.block_kernels import BLOCKS, probe
 
     s = fullsize.shape(tiny=True)
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     res = probe(s, ["sigmoid_gelu", "default"], "native", tmp_path, calls=2)
     assert list(res["rows"]) == ["default", "sigmoid_gelu"]
     counts = {k: s.transformer[v] for k, v in BLOCKS.items()}
@@ -591,6 +592,9 @@ def test_block_kernels_probe_runs_tiny_and_projects_a_step_from_its_blocks(tmp_p
         assert row["projected_blocks_ms_per_step"] == pytest.approx(
             sum(row["block_ms"][n] * counts[n] for n in BLOCKS))
         assert row["rel_l2_vs_eager"] < 1e-3  # static FP8 eager against the same compiled
+        assert set(row["triton_ms_by_block"]) == set(BLOCKS) and row["projected_triton_ms_per_step"] == pytest.approx(
+            sum(row["triton_ms_by_block"][n] * counts[n] for n in BLOCKS))
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") == before  # each knob set's folder, then put back
 
 
 def test_block_kernel_rows_split_each_knob_sets_triton_time_by_kernel_kind(tmp_path):

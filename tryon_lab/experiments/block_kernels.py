@@ -7,8 +7,9 @@ transformer at full width with one block of each kind, quantizes it as the best 
 on its own inputs), compiles its blocks regionally under each knob set, and for each: the block calls' time (CUDA
 events, median), every kernel's time in the blocks (profiler), the bytes inductor counts for each Triton kernel
 (``kernel_num_gb``, written into the kernel's source with ``benchmark_kernel``) and so its GB/s, the output's
-rel-L2 against the first knob set's, and the generated source of the slowest kernels. A knob set that fails to
-compile is kept as a row with its error. The projection to a step multiplies by the full model's block counts.
+rel-L2 against the same quantized blocks eager, and the generated source of the slowest kernels; each block class
+is also profiled alone on the inputs it was called with, so its Triton time times the full model's block count
+projects the step's (run 18's profile: 17.7 ms). A knob set that fails to compile is kept as a row with its error.
 """
 
 from __future__ import annotations
@@ -109,15 +110,16 @@ def _block_ms(calls_of: dict[str, tuple], device: str, calls: int) -> dict[str, 
     return out
 
 
-def _kernels(tr, inputs: dict, calls: int) -> dict[str, dict]:
-    """Device time of each kernel per transformer call (profiler), by name."""
+def _kernels(call, calls: int) -> dict[str, dict]:
+    """Device time of each kernel per ``call()`` (profiler), by name."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with torch.no_grad(), profile(activities=acts) as prof:
         for _ in range(calls):
-            tr(**inputs)
-        _sync(str(inputs["hidden_states"].device))
+            call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     out: dict[str, dict] = {}
     for e in prof.key_averages():  # kernels only: device events, not the CPU ops that launched them
         us = getattr(e, "self_device_time_total", 0.0)
@@ -142,6 +144,13 @@ def _sources(folder: Path, names: list[str]) -> dict[str, dict]:
     return found
 
 
+def _set_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls: int = 20,
           budget_s: float = 400.0, top: int = 6) -> dict:
     """Every knob set in ``knobs`` on the same quantized blocks; see the module docstring."""
@@ -154,6 +163,7 @@ def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls
         ref = tr(**inputs)[0].float()  # the quantized blocks eager: what every knob set is compared with
     calls_of = block_calls(tr, inputs)
     rows, counts = {}, {k: s.transformer[v] for k, v in BLOCKS.items()}
+    old_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # put back after each knob set's compile
     for knob in knobs:
         if time.perf_counter() - start > budget_s:
             rows[knob] = {"status": "skipped: the probe's budget was spent"}
@@ -174,20 +184,28 @@ def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls
                 _sync(s.device)
                 compile_s = time.perf_counter() - t0
             ms = _block_ms(calls_of, s.device, calls)
-            kernels = _kernels(tr, inputs, 5)
+            kernels = _kernels(lambda: tr(**inputs), 5)
+            by_block = {n: _kernels(lambda b=b, a=a, k=k: b(*a, **k), 5) for n, (b, a, k) in calls_of.items()}
         except Exception as e:  # noqa: BLE001 -- a knob this torch cannot compile stays in the table as failed
             rows[knob] = {"status": f"failed: {type(e).__name__}: {str(e)[:300]}"}
             continue
+        finally:
+            _set_env("TORCHINDUCTOR_CACHE_DIR", old_cache)
         slow = sorted((k for k in kernels if k.startswith("triton_")), key=lambda k: -kernels[k]["ms_per_call"])
         src = _sources(work, slow)
         for k in slow:
             if gb := src.get(k, {}).get("num_gb"):
                 kernels[k]["gb"] = gb
                 kernels[k]["gb_per_s"] = gb / (kernels[k]["ms_per_call"] / kernels[k]["launches_per_call"] / 1e3)
+        triton_by_block = {n: sum(v["ms_per_call"] for k, v in kb.items() if k.startswith("triton_"))
+                           for n, kb in by_block.items()}
         rows[knob] = {"status": "ok", "compile_s": compile_s, "block_ms": ms,
                       "projected_blocks_ms_per_step": sum(ms[n] * counts[n] for n in ms),
                       "triton_ms_per_call": sum(kernels[k]["ms_per_call"] for k in slow),
+                      "triton_ms_by_block": triton_by_block,  # each class profiled alone on its recorded inputs
+                      "projected_triton_ms_per_step": sum(triton_by_block[n] * counts[n] for n in triton_by_block),
                       "rel_l2_vs_eager": rel_l2(out, ref), "kernels": kernels,
+                      "kernels_by_block": {n: sorted(k for k in kb if k.startswith("triton_")) for n, kb in by_block.items()},
                       "sources": {k: src[k]["source"] for k in slow[:top] if k in src}}
     return {"shape": s.describe(), "attention": attention, "blocks_per_step": counts, "calls": calls,
             "knobs": {k: KNOBS[k] for k in knobs}, "rows": rows, "seconds": time.perf_counter() - start}

@@ -2,7 +2,7 @@
 
 The best full-size step (static FP8 + fused QKV + regional compile + FA3 + step graph, H200) spends ~17.7 ms of
 its ~81 ms in inductor's fused Triton kernels (norm + modulation + FP8 quantize, GELU + concat + quantize, RMS
-norm + RoPE), at roughly a third of the card's memory bandwidth by a count of their bytes. This probe builds the
+norm + RoPE): about twice the time their bytes take at the rate plain elementwise kernels reach. This probe builds the
 transformer at full width with one block of each kind, quantizes it as the best step does (static FP8 calibrated
 on its own inputs), compiles its blocks regionally under each knob set, and for each: the block calls' time (CUDA
 events, median), every kernel's time in the blocks (profiler), the bytes inductor counts for each Triton kernel
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from ..compiling import sigmoid_gelu
 from ..metrics import rel_l2
 from ..quant import STATIC, fuse_qkv, quantize_transformer
+from ..timers import kernel_ms, sync
 from . import fullsize
 from .teacache_bench import transformer_inputs
 
@@ -37,8 +37,8 @@ KNOBS = {
     "aggressive_fusion": {"aggressive_fusion": True},
     "coordinate_descent": {"coordinate_descent_tuning": True},
     "multi_kernel": {"triton.multi_kernel": 1},
-    # a model change, not a config: GELU's tanh form as x * sigmoid(2z) (``compiling.sigmoid_gelu``); kept for the
-    # knob sets after it, so name it after the config-only ones
+    # a model change, not a config: GELU's tanh form as x * sigmoid(2z) (``compiling.sigmoid_gelu``); it stays for
+    # the knob sets after it, so the probe runs these after the config-only ones
     "sigmoid_gelu": {},
     "sigmoid_gelu_multi_kernel": {"triton.multi_kernel": 1},
 }
@@ -67,11 +67,6 @@ def build(s: fullsize.Shape, attention: str, seed: int = 0):
     return tr, inputs
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def block_calls(tr, inputs: dict) -> dict[str, tuple]:
     """Each block class's first block with the (args, kwargs) it was called with, from one eager call."""
     seen: dict[str, tuple] = {}
@@ -88,26 +83,10 @@ def block_calls(tr, inputs: dict) -> dict[str, tuple]:
 
 
 def _block_ms(calls_of: dict[str, tuple], device: str, calls: int) -> dict[str, float]:
-    """Median milliseconds of each block's call on its recorded inputs (events on a GPU, wall clock on the CPU)."""
-    out = {}
+    """Median milliseconds of each block's call on its recorded inputs (``timers.kernel_ms``)."""
     with torch.no_grad():
-        for name, (block, args, kwargs) in calls_of.items():
-            block(*args, **kwargs)  # a first call (compiled code loads)
-            times = []
-            for _ in range(calls):
-                if device.startswith("cuda"):
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    block(*args, **kwargs)
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    t0 = time.perf_counter()
-                    block(*args, **kwargs)
-                    times.append(1e3 * (time.perf_counter() - t0))
-            out[name] = statistics.median(times)
-    return out
+        return {name: kernel_ms(lambda b=block, a=args, k=kwargs: b(*a, **k), (), calls, device)[2]
+                for name, (block, args, kwargs) in calls_of.items()}
 
 
 def _kernels(call, calls: int) -> dict[str, dict]:
@@ -118,8 +97,7 @@ def _kernels(call, calls: int) -> dict[str, dict]:
     with torch.no_grad(), profile(activities=acts) as prof:
         for _ in range(calls):
             call()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        sync()
     out: dict[str, dict] = {}
     for e in prof.key_averages():  # kernels only: device events, not the CPU ops that launched them
         us = getattr(e, "self_device_time_total", 0.0)
@@ -181,7 +159,7 @@ def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls
                 tr.compile_repeated_blocks(fullgraph=True)
                 with torch.no_grad():
                     out = tr(**inputs)[0].float()
-                _sync(s.device)
+                sync(s.device)
                 compile_s = time.perf_counter() - t0
             ms = _block_ms(calls_of, s.device, calls)
             kernels = _kernels(lambda: tr(**inputs), 5)

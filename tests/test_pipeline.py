@@ -134,3 +134,17 @@ def test_resize_paste_back_keeps_pixels_outside_the_mask(slim):
     keep = np.asarray(req.mask) < 128
     assert out.images[0].size == (100, 150) and "resized" in out.notes[0][0]
     assert np.array_equal(np.asarray(out.images[0])[keep], np.asarray(req.person)[keep])
+
+
+def test_sigmoid_gelu_option_gives_the_same_tryon(model_dir):
+    """``PipelineOptions(sigmoid_gelu=True)``: every tanh GELU computed as x * sigmoid(2z), the same function; the
+    try-on's latents stay within fp32 rounding of the default build's."""
+    from tryon_lab import compiling, configure
+
+    plain = configure.build_pipeline(model_dir, device="cpu", dtype="float32")
+    swapped = configure.build_pipeline(model_dir, device="cpu", dtype="float32", sigmoid_gelu=True)
+    singles = plain.transformer.config.num_single_layers  # each single block's act_mlp (the double blocks' GELU
+    assert sum(isinstance(m, compiling.SigmoidGELU) for m in swapped.transformer.modules()) == singles  # kept)
+    assert not any(isinstance(m, compiling.SigmoidGELU) for m in plain.transformer.modules())
+    a, b = pipeline.tryon(plain, _req(seed=3), FAST), pipeline.tryon(swapped, _req(seed=3), FAST)
+    assert (a.latents - b.latents).norm() / a.latents.norm() < 1e-4

@@ -243,7 +243,7 @@ tuned_steps, tuned_measured_on = variants_report.gpu_steps(key=variants_report.G
 notebook.table(tuned_steps, note=f"Measured on {tuned_measured_on}.")
 
 # %% [markdown]
-# Inside the best step's blocks (runs 26-27, `scripts/probe_block_kernels.py`): inductor's fused kernels under
+# Inside the best step's blocks (runs 26, 27 and 30, `scripts/probe_block_kernels.py`): inductor's fused kernels under
 # each inductor knob set, per call of one double- and one single-stream block. The GELU kernels are bound by
 # arithmetic (libdevice's accurate tanh), not memory, and no knob moves them; GELU's tanh form written as
 # x * sigmoid(2z), the same function (`sigmoid_gelu=True`), takes them down by a sixth; `multi_kernel` lets inductor

@@ -161,7 +161,7 @@ GPU_EARLY_READS_KEY = "probe_early_reads"  # run 24: the FP8 read started at tor
 GPU_COLD_EARLY_READS_KEY = "bench_gpu_cold_early_reads"  # run 25: the same lever as a cold-start case
 GPU_SIGMOID_GELU_KEY = "bench_gpu_sigmoid_gelu_steps"  # run 28: GELU as a sigmoid (+ multi_kernel) beside the best
 GPU_SIGMOID_GELU_TUNED_KEY = "bench_gpu_sigmoid_gelu_tuned_steps"  # run 29: the same + coordinate descent
-BLOCK_KERNELS_FILE = "probe_block_kernels.json"  # runs 26-27: inductor's fused kernels in the best step's blocks
+BLOCK_KERNELS_FILE = "probe_block_kernels.json"  # runs 26, 27 and 30: inductor's fused kernels in the best step's blocks
 
 
 def gpu_cold_start(results_file=None, key: str = GPU_COLD_KEY) -> tuple[list[dict], list[str], str]:
@@ -268,7 +268,7 @@ def gpu_early_reads(results_file=None) -> tuple[list[dict], str]:
 
 
 def gpu_block_kernels(results_file=None) -> tuple[list[dict], str]:
-    """Runs 26-27's probe, one row per knob set: the Triton time of one call of each block class, split into the
+    """Runs 26, 27 and 30 of the probe, one row per knob set: the Triton time of one call of each block class, split into the
     GELU kernels, the norm kernels (layer norm, RMS norm, with what inductor fused into them) and the rest, and the
     output's rel-L2 against the same quantized blocks eager; and where it ran."""
     import json
@@ -278,7 +278,7 @@ def gpu_block_kernels(results_file=None) -> tuple[list[dict], str]:
 
     path = Path(results_file or REPO_ROOT / "benchmarks" / BLOCK_KERNELS_FILE)
     rows, stamps = [], []
-    for run, entry in json.loads(path.read_text()).items():
+    for run, entry in sorted(json.loads(path.read_text()).items(), key=lambda kv: kv[1]["stamp"]["date"]):
         stamps.append(entry["stamp"]["date"])
         for knob, r in entry["rows"].items():
             if r["status"] != "ok":

@@ -198,6 +198,9 @@ def test_bench_gpu_script_tiny_mode(tmp_path):
     assert "diffusers" not in aoti["imports_by_package"] and "diffusers" in cases["stock eager"]["imports_by_package"]
     stock = cases["stock eager"]  # each module's own load time: disjoint parts of all the imports
     assert len(stock["imports_slowest_modules"]) == 25 and min(stock["imports_slowest_modules"].values()) >= 0
+    parts = cases["slim + FP8 weights, AOT blocks loaded"]["build_parts"]  # the build's own work, part by part
+    assert parts["configure.load_slim"]["calls"] == 1 and parts["aot_blocks.apply_aot_blocks"]["calls"] == 1
+    assert all(p["wall_s"] >= p["imports_s"] >= 0 for p in parts.values()) and "build_parts" not in stock
     assert sum(stock["imports_slowest_modules"].values()) <= stock["imports_total_s"] + 1e-6
     assert stock["imports_total_s"] >= stock["imports"] - 1e-3
     entered = stock["imports_by_package_entered"]  # a package with all it pulled in, wherever it was entered

@@ -118,6 +118,33 @@ def _count_imports() -> dict:
     return state
 
 
+# the build's parts, as (module, name) where they are looked up when called: each call's wall and import seconds
+BUILD_PARTS = (("configure", "load_slim"), ("configure", "apply_options"), ("loading", "load_fp8_component"),
+               ("loading", "load_component"), ("loading", "load_redux"), ("loading", "ensure_embeddings"))
+
+
+def _time_parts(imports: dict, aot: bool) -> dict:
+    """Wrap the build's parts (``BUILD_PARTS``; ``apply_aot_blocks`` when ``aot``): each call adds its wall and import
+    seconds to the dict returned, so the build's own work, part by part, is wall less imports."""
+    import importlib
+    times: dict = {}
+
+    def wrap(name, fn):
+        def timed(*args, **kwargs):
+            start, imported = time.perf_counter(), imports["seconds"]
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                t = times.setdefault(name, {"calls": 0, "wall_s": 0.0, "imports_s": 0.0})
+                t.update(calls=t["calls"] + 1, wall_s=t["wall_s"] + time.perf_counter() - start,
+                         imports_s=t["imports_s"] + imports["seconds"] - imported)
+        return timed
+    for module, name in (*BUILD_PARTS, *([("aot_blocks", "apply_aot_blocks")] if aot else [])):
+        m = importlib.import_module(f"tryon_lab.{module}")
+        setattr(m, name, wrap(f"{module}.{name}", getattr(m, name)))
+    return times
+
+
 def _split(marks: dict, rest: str, parts: dict[str, float]) -> None:
     """Move ``parts`` (seconds reported from inside) out of ``marks[rest]``, never below zero: phases add up to the
     wall (a part that holds a lazy import was already counted under "imports")."""
@@ -195,6 +222,7 @@ def child(t: float) -> None:
     if a["stock"]:
         pipe = load_standard(a["model_dir"], getattr(torch, a["options"].get("dtype", "float32")), device)
     else:
+        marks["build_parts"] = _time_parts(imports, a["options"].get("compile_aot") is not None)
         pipe = build_pipeline(a["model_dir"], PipelineOptions(**a["options"]), redux, reads)
     sync(device)
     lap("configure")  # the build without its imports, split by what the loader and the configure step report

@@ -42,6 +42,7 @@ KNOBS = {
     "sigmoid_gelu": {},
     "sigmoid_gelu_multi_kernel": {"triton.multi_kernel": 1},
 }
+MODEL_CHANGE = "sigmoid_gelu"  # the prefix of the knob sets that change the model
 BLOCKS = {"FluxTransformerBlock": "num_layers", "FluxSingleTransformerBlock": "num_single_layers"}
 _NUM_GB = re.compile(r"""['"]kernel_num_gb['"]\s*:\s*([0-9.eE+-]+)""")
 
@@ -135,7 +136,7 @@ def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls
     import torch._inductor.config as inductor_config
 
     start = time.perf_counter()
-    knobs = sorted(knobs, key=lambda k: k.startswith("sigmoid_gelu"))  # the model change stays: those last
+    knobs = sorted(knobs, key=lambda k: k.startswith(MODEL_CHANGE))  # the model change stays: those last
     tr, inputs = build(s, attention)
     with torch.no_grad():
         ref = tr(**inputs)[0].float()  # the quantized blocks eager: what every knob set is compared with
@@ -146,7 +147,7 @@ def probe(s: fullsize.Shape, knobs: list[str], attention: str, work: Path, calls
         if time.perf_counter() - start > budget_s:
             rows[knob] = {"status": "skipped: the probe's budget was spent"}
             continue
-        if knob.startswith("sigmoid_gelu") and not getattr(tr, "_sigmoid_gelu", 0):
+        if knob.startswith(MODEL_CHANGE) and not getattr(tr, "_sigmoid_gelu", 0):
             tr._sigmoid_gelu = sigmoid_gelu(tr)
         torch._dynamo.reset()
         for m in tr.modules():  # undo the previous knob set's compile

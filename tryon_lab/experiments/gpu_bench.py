@@ -43,6 +43,9 @@ class Recipe:
 
 
 FP8_FUSED = dict(fp8="fp8_dynamic_row", fuse_qkv=True)
+# the best step's options (static FP8 comes as the recipe's extra): fused QKV, regional compile, step graph, FA3
+BEST = PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3)
+BEST_SIGMOID_GELU = replace(BEST, sigmoid_gelu=True)
 FLUX_FAST_INDUCTOR = {"conv_1x1_as_mm": True, "epilogue_fusion": False, "coordinate_descent_tuning": True,
                       "coordinate_descent_check_all_directions": True}
 RECIPES = {
@@ -67,24 +70,17 @@ RECIPES = {
     # the same with FlashAttention-3's bf16 kernels in place of cuDNN's (attention.py: the fa3-fwd wheel)
     "fp8_static_fused_regional_fa3": Recipe(PipelineOptions(compile="regional", fuse_qkv=True, attention=FA3), 70,
                                             extra="static_fp8"),
-    "fp8_static_fused_regional_step_graph_fa3": Recipe(PipelineOptions(compile="regional", fuse_qkv=True,
-                                                                       step_graph=True, attention=FA3), 80,
-                                                       extra="static_fp8"),
+    "fp8_static_fused_regional_step_graph_fa3": Recipe(BEST, 80, extra="static_fp8"),
     # the best with the peer's inductor flags (coordinate-descent tuning of every fused Triton kernel)
-    "fp8_static_fused_regional_step_graph_fa3_tuned": Recipe(
-        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3), 200, extra="static_fp8",
-        inductor=FLUX_FAST_INDUCTOR),
+    "fp8_static_fused_regional_step_graph_fa3_tuned": Recipe(BEST, 200, extra="static_fp8",
+                                                             inductor=FLUX_FAST_INDUCTOR),
     # GELU's tanh form computed as x * sigmoid(2z): inductor's GELU + FP8-quantize kernels are bound by libdevice's
     # tanh, not by memory (block_kernels.py); with multi_kernel, inductor also tries persistent norm reductions
-    "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu": Recipe(
-        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 80,
-        extra="static_fp8"),
+    "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu": Recipe(BEST_SIGMOID_GELU, 80, extra="static_fp8"),
     "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu_multi_kernel": Recipe(
-        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 90,
-        extra="static_fp8", inductor={"triton.multi_kernel": 1}),
+        BEST_SIGMOID_GELU, 90, extra="static_fp8", inductor={"triton.multi_kernel": 1}),
     "fp8_static_fused_regional_step_graph_fa3_sigmoid_gelu_tuned": Recipe(
-        PipelineOptions(compile="regional", fuse_qkv=True, step_graph=True, attention=FA3, sigmoid_gelu=True), 200,
-        extra="static_fp8", inductor=FLUX_FAST_INDUCTOR),
+        BEST_SIGMOID_GELU, 200, extra="static_fp8", inductor=FLUX_FAST_INDUCTOR),
     # the published flux-fast recipe from stock libraries: whole-model max-autotune with its inductor flags and
     # CUDA graphs, fused QKV, FP8 per-row on the transformer and the VAE (FA3 is not available here)
     "flux_fast_peer": Recipe(PipelineOptions(compile="full", compile_mode="max-autotune", compile_exact_casts=False,

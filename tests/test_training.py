@@ -473,3 +473,22 @@ def test_the_committed_training_state_assembles_to_the_candidate_its_scores_are_
 
     out = default_model.assemble_default(root / record["training"]["state"], tmp_path / "candidate")
     assert provenance.fingerprint(out) == record["stamp"]["model_fingerprint"]
+
+
+def test_a_bf16_vae_encode_moves_the_fill_losses_only_by_rounding_and_the_step_probe_reports_it(tmp_path):
+    """``fill_encode_bf16`` encodes each Fill batch under bf16 autocast: losses within bf16 rounding of the fp32
+    encode's, and not identical (the knob reaches the encode). The step probe measures both settings and writes
+    what it measured."""
+    fp32 = call(tmp_path / "f", tiny_cfg(call_steps=4))["stages"]["fill"]["losses"]
+    bf16 = call(tmp_path / "b", tiny_cfg(call_steps=4, fill_encode_bf16=True))["stages"]["fill"]["losses"]
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
+    out = tmp_path / "probe.json"
+    subprocess.run([sys.executable, "scripts/probe_train_step.py", "--device", "cpu", "--batches", "1",
+                    "--settings", "default,encode_bf16", "--steps", "1", "--warm", "1", "--set", "workers=0",
+                    "--set", "height=64", "--set", "width=64", "--model", "num_layers=1", "--model",
+                    "num_single_layers=1", "--model", "vae_block_out_channels=8,8,8,8", "--model",
+                    "vae_norm_num_groups=4", "--out", str(out)], check=True, capture_output=True,
+                   cwd=Path(__file__).resolve().parent.parent)
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["setting"] for r in runs] == ["default", "encode_bf16"]
+    assert all(0 < r["vae_encode_s_per_step"] and r["samples_per_s"] > 0 and r["top_kernels"] for r in runs)

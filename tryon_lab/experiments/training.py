@@ -60,6 +60,7 @@ class TrainConfig:
     fill_warmup: int = 200
     fill_logo_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside a target logo box
     fill_mask_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside the inpainting mask
+    fill_encode_bf16: bool = False  # the frozen VAE encodes each Fill batch under bf16 autocast
     logo_steps: int = 3000
     logo_batch: int = 64  # logo diptychs per step
     logo_lr: float = 1e-3
@@ -216,8 +217,9 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
               logo_weight: float = 0.0, mask_weight: float = 0.0) -> torch.Tensor:
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
     prompt_embeds, pooled = text
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.fill_encode_bf16):
         x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device, gen=gen)
+    x0, cond, garment = x0.float(), cond.float(), garment.float()
     n, seq = x0.shape[0], x0.shape[1]
     sigma = sample_sigmas(n, seq, dict(fill_pipe.scheduler.config), device, gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)

@@ -1,5 +1,7 @@
 """Where a Fill training step's time goes: samples/s, the frozen VAE's share and the top kernels, per setting.
 
+A sample is one (pair, noise level) the transformer trains on: ``two_noise_draws`` gives each encoded pair two.
+
     python scripts/probe_train_step.py --device cuda --batches 128,512 --settings default,encode_bf16 \
         --set compile=true --set workers=14 --model vae_block_out_channels=32,64,128 \
         --model vae_layers_per_block=2 --model text_tokens=32 --out benchmarks/probe_train_step.json
@@ -26,7 +28,7 @@ from tryon_lab.checkpoint import build_models  # noqa: E402
 from tryon_lab.experiments import default_model, train_data, train_run, train_state, training  # noqa: E402
 from tryon_lab.synthetic import SyntheticConfig  # noqa: E402
 
-SETTINGS = {"default": {}, "encode_bf16": {"fill_encode_bf16": True}}
+SETTINGS = {"default": {}, "encode_bf16": {"fill_encode_bf16": True}, "two_noise_draws": {"fill_noise_draws": 2}}
 
 
 def _sync(dev: torch.device) -> None:
@@ -87,7 +89,8 @@ def probe(cfg: training.TrainConfig, models: dict, text, dev: torch.device, step
     rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     kernels = [{"name": e.key[:120], "ms_per_step": getattr(e, key) / 3e3, "calls_per_step": e.count / 3}
                for e in rows if dev.type != "cuda" or e.device_type == torch.autograd.DeviceType.CUDA][:15]
-    return {"batch": cfg.fill_batch, "step_s": step_s, "samples_per_s": cfg.fill_batch / step_s,
+    return {"batch": cfg.fill_batch, "noise_draws": cfg.fill_noise_draws, "step_s": step_s,
+            "pairs_per_s": cfg.fill_batch / step_s, "samples_per_s": cfg.fill_batch * cfg.fill_noise_draws / step_s,
             "data_wait_s_per_step": data_s, "vae_encode_s_per_step": encode_s,
             "vae_encode_share": encode_s / step_s, "top_kernels": kernels,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None}
@@ -128,7 +131,7 @@ def main(argv=None) -> int:
         for name in args.settings.split(","):
             run = {"setting": name, **probe(replace(cfg, fill_batch=batch, **SETTINGS[name]), models, text, dev,
                                              args.steps, args.warm)}
-            print(f"batch {batch} {name}: {run['samples_per_s']:.0f} samples/s, step {run['step_s'] * 1e3:.0f} ms, "
+            print(f"batch {batch} {name}: {run['samples_per_s']:.0f} samples/s ({run['pairs_per_s']:.0f} pairs/s), step {run['step_s'] * 1e3:.0f} ms, "
                   f"VAE encode {run['vae_encode_s_per_step'] * 1e3:.0f} ms ({run['vae_encode_share']:.0%}), "
                   f"data wait {run['data_wait_s_per_step'] * 1e3:.0f} ms", flush=True)
             runs.append(run)

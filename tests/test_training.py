@@ -484,11 +484,39 @@ def test_a_bf16_vae_encode_moves_the_fill_losses_only_by_rounding_and_the_step_p
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=0.05)
     out = tmp_path / "probe.json"
     subprocess.run([sys.executable, "scripts/probe_train_step.py", "--device", "cpu", "--batches", "1",
-                    "--settings", "default,encode_bf16", "--steps", "1", "--warm", "1", "--set", "workers=0",
+                    "--settings", "default,encode_bf16,two_noise_draws", "--steps", "1", "--warm", "1", "--set", "workers=0",
                     "--set", "height=64", "--set", "width=64", "--model", "num_layers=1", "--model",
                     "num_single_layers=1", "--model", "vae_block_out_channels=8,8,8,8", "--model",
                     "vae_norm_num_groups=4", "--out", str(out)], check=True, capture_output=True,
                    cwd=Path(__file__).resolve().parent.parent)
     runs = json.loads(out.read_text())["runs"]
-    assert [r["setting"] for r in runs] == ["default", "encode_bf16"]
+    assert [r["setting"] for r in runs] == ["default", "encode_bf16", "two_noise_draws"]
     assert all(0 < r["vae_encode_s_per_step"] and r["samples_per_s"] > 0 and r["top_kernels"] for r in runs)
+    assert runs[2]["samples_per_s"] == pytest.approx(2 * runs[2]["pairs_per_s"])
+
+
+def test_noise_draws_train_each_encoded_pair_at_several_noise_levels_in_one_step(tmp_path, monkeypatch):
+    """``fill_noise_draws=2``: the transformer sees every pair twice in a step, with the same conditioning and
+    different noisy latents; the default (1) is the plain step."""
+    from tryon_lab.experiments import default_model
+
+    captured = []
+    build = train_run.build_models
+
+    def build_and_watch(small):  # the transformer's input, as its x_embedder receives it
+        models = build(small)
+        models["transformer"].x_embedder.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+        return models
+
+    monkeypatch.setattr(train_run, "build_models", build_and_watch)
+    call(tmp_path / "one", tiny_cfg(call_steps=3))
+    one = captured[-1]  # the last step is a Fill step
+    call(tmp_path / "two", tiny_cfg(call_steps=3, fill_noise_draws=2))
+    two = captured[-1]
+    assert two.shape[0] == 2 * one.shape[0] == 4
+    c = TINY.latent_channels * 4  # packed noisy latents first, then the conditioning (masked latents + mask)
+    pairs = two.view(2, 2, *two.shape[1:])  # (pair, draw, tokens, channels)
+    assert torch.equal(pairs[:, 0, :, c:], pairs[:, 1, :, c:])
+    assert not torch.allclose(pairs[:, 0, :, :c], pairs[:, 1, :, :c])
+    with pytest.raises(ValueError, match="at least 1 noise draw"):
+        default_model.train_config(None, False, {"fill_noise_draws": "0"})

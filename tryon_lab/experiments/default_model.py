@@ -103,6 +103,8 @@ def train_config(resume: Path | None, quick: bool, overrides: dict[str, str] | N
         if kind is bool and v.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"--set {k}={v}: {k} is true or false.")
         setattr(cfg, k, v.lower() in ("true", "1") if kind is bool else kind(v))
+    if cfg.fill_noise_draws < 1:
+        raise ValueError(f"--set fill_noise_draws={cfg.fill_noise_draws}: each pair needs at least 1 noise draw.")
     return cfg
 
 

@@ -61,6 +61,7 @@ class TrainConfig:
     fill_logo_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside a target logo box
     fill_mask_weight: float = 0.0  # extra loss weight of a token by the fraction of it inside the inpainting mask
     fill_encode_bf16: bool = False  # the frozen VAE encodes each Fill batch under bf16 autocast
+    fill_noise_draws: int = 1  # noise levels drawn per pair in one step: the VAE encode paid once for each of them
     logo_steps: int = 3000
     logo_batch: int = 64  # logo diptychs per step
     logo_lr: float = 1e-3
@@ -214,12 +215,15 @@ def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device,
 
 
 def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen: torch.Generator,
-              logo_weight: float = 0.0, mask_weight: float = 0.0) -> torch.Tensor:
+              logo_weight: float = 0.0, mask_weight: float = 0.0, draws: int = 1) -> torch.Tensor:
+    """Flow-matching loss of a batch; ``draws`` > 1 repeats each encoded pair with that many (sigma, noise) draws."""
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
     prompt_embeds, pooled = text
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.fill_encode_bf16):
         x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device, gen=gen)
     x0, cond, garment = x0.float(), cond.float(), garment.float()
+    if draws > 1:
+        x0, cond = x0.repeat_interleave(draws, 0), cond.repeat_interleave(draws, 0)
     n, seq = x0.shape[0], x0.shape[1]
     sigma = sample_sigmas(n, seq, dict(fill_pipe.scheduler.config), device, gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)
@@ -227,13 +231,14 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
     guidance = torch.rand(n, device=device, generator=gen) * (cfg.guidance_max - cfg.guidance_min) + cfg.guidance_min
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
         hidden = encoder(pixel_values=siglip_pixels(garment, encoder.config.image_size)).last_hidden_state
-        tokens = embedder(hidden).image_embeds
+        tokens = embedder(hidden).image_embeds.repeat_interleave(draws, 0)
         enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
         txt_ids = torch.zeros(enc.shape[1], 3, device=device)
         pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
                            pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
                            img_ids=img_ids, return_dict=False)[0]
     weight = token_weights(b, 2 * fill_pipe.vae_scale_factor, device, logo_weight, mask_weight)
+    weight = weight.repeat_interleave(draws, 0) if weight is not None and draws > 1 else weight
     return weighted_mean((pred.float() - (noise - x0)) ** 2, weight)
 
 
@@ -262,7 +267,8 @@ def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainCon
     if stage == "vae":
         return vae_loss(models["vae"], b, cfg, device, gen)
     if stage in ("fill", "tryon"):
-        return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight, cfg.fill_mask_weight)
+        return fill_loss(models, fill_pipe, text, b, cfg, device, gen, cfg.fill_logo_weight, cfg.fill_mask_weight,
+                         cfg.fill_noise_draws)
     return fill_loss(models, fill_pipe, text, b, cfg, device, gen)
 
 

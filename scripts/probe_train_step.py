@@ -38,7 +38,7 @@ def _sync(dev: torch.device) -> None:
 
 def probe(cfg: training.TrainConfig, models: dict, text, dev: torch.device, steps: int, warm: int) -> dict:
     """Warm-up, then ``steps`` timed training steps, the VAE encode alone over as many batches, a profile of 3."""
-    fill_pipe = train_run._fill_pipe(models)
+    fill_pipe = train_run.fill_pipeline(models)
     params = training.stage_params(models, "fill")
     opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
     ema = train_state.make_ema(list(params.values()), cfg.ema_decay)
@@ -131,7 +131,8 @@ def main(argv=None) -> int:
         for name in args.settings.split(","):
             run = {"setting": name, **probe(replace(cfg, fill_batch=batch, **SETTINGS[name]), models, text, dev,
                                              args.steps, args.warm)}
-            print(f"batch {batch} {name}: {run['samples_per_s']:.0f} samples/s ({run['pairs_per_s']:.0f} pairs/s), step {run['step_s'] * 1e3:.0f} ms, "
+            print(f"batch {batch} {name}: {run['samples_per_s']:.0f} samples/s ({run['pairs_per_s']:.0f} pairs/s), "
+                  f"step {run['step_s'] * 1e3:.0f} ms, "
                   f"VAE encode {run['vae_encode_s_per_step'] * 1e3:.0f} ms ({run['vae_encode_share']:.0%}), "
                   f"data wait {run['data_wait_s_per_step'] * 1e3:.0f} ms", flush=True)
             runs.append(run)

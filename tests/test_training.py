@@ -165,7 +165,7 @@ def test_logo_adapter_is_written_in_the_format_load_lora_reads(tmp_path):
     params = training.stage_params(models, "logo")
     trained = {k: torch.randn_like(p) for k, p in params.items()}
     train_run.write_stage_lora(models, trained, "logo", tmp_path / "lora")
-    fill = train_run._fill_pipe(build_models(TINY))
+    fill = train_run.fill_pipeline(build_models(TINY))
     lora.load_lora(fill, tmp_path / "lora", "logo")
     assert lora.lora_rank(tmp_path / "lora") == 2
     loaded = dict(fill.transformer.named_parameters())

@@ -153,7 +153,7 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
             _add_adapter(models, cfg, frozen, s)
     text = tuple(t.to(dev, torch.float32) for t in text)
     syn = SyntheticConfig(height=cfg.height, width=cfg.width)
-    fill_pipe = _fill_pipe(models)
+    fill_pipe = fill_pipeline(models)
     steps_this_call = 0
     active = record["active"]
     for stage in stages:
@@ -246,7 +246,8 @@ def models_train(models: dict, stage: str, on: bool) -> None:
         models[part].train(on)
 
 
-def _fill_pipe(models: dict):
+def fill_pipeline(models: dict):
+    """The stock ``FluxFillPipeline`` around the models being trained (no text encoders): its packing helpers."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxFillPipeline
 
     from ..checkpoint import SCHEDULER_CONFIG

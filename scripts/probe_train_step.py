@@ -39,9 +39,9 @@ def _sync(dev: torch.device) -> None:
 def probe(cfg: training.TrainConfig, models: dict, text, dev: torch.device, steps: int, warm: int) -> dict:
     """Warm-up, then ``steps`` timed training steps, the VAE encode alone over as many batches, a profile of 3."""
     fill_pipe = train_run.fill_pipeline(models)
-    params = training.stage_params(models, "fill")
-    opt = torch.optim.AdamW(list(params.values()), lr=1e-4)
-    ema = train_state.make_ema(list(params.values()), cfg.ema_decay)
+    params = list(training.stage_params(models, "fill").values())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ema = train_state.make_ema(params, cfg.ema_decay)
     batches, _ = train_data.source("pairs", cfg.data_seed, 0, cfg.fill_batch, SyntheticConfig(cfg.height, cfg.width),
                                    cfg.workers)
     waited = 0.0
@@ -51,12 +51,8 @@ def probe(cfg: training.TrainConfig, models: dict, text, dev: torch.device, step
         t = time.perf_counter()
         b = next(batches)
         waited += time.perf_counter() - t
-        loss = training.stage_loss("fill", models, fill_pipe, text, b, cfg, dev, training.generator(0, i, dev))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-        opt.step()
-        ema.step(list(params.values()))
+        training.train_step("fill", models, fill_pipe, text, b, cfg, dev, opt, ema, params,
+                            training.generator(0, i, dev))
 
     try:
         for i in range(warm):
@@ -69,13 +65,12 @@ def probe(cfg: training.TrainConfig, models: dict, text, dev: torch.device, step
         step_s = (time.perf_counter() - t0) / steps
         data_s = waited / steps
         b = next(batches)
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.fill_encode_bf16):
-            training.fill_batch_inputs(fill_pipe, b, dev)
-            _sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                training.fill_batch_inputs(fill_pipe, b, dev)
-            _sync(dev)
+        training.encode_batch(fill_pipe, b, cfg, dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            training.encode_batch(fill_pipe, b, cfg, dev)
+        _sync(dev)
         encode_s = (time.perf_counter() - t0) / steps
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda"
                                                         else [])
@@ -115,13 +110,10 @@ def main(argv=None) -> int:
     small = default_model.model_config(dict(kv.split("=", 1) for kv in args.model))
     torch.manual_seed(0)
     models = build_models(small)
-    for m in models.values():
-        m.to(dev).eval().requires_grad_(False)
+    train_run.place_models(models, dev, cfg)
     for prm in training.stage_params(models, "fill").values():
         prm.requires_grad_(True)
     train_run.models_train(models, "fill", True)
-    if cfg.compile:
-        models["transformer"].compile(backend=cfg.compile_backend)
     text = tuple(t.to(dev, torch.float32) for t in default_model.load_text(None, small.text_tokens))
     runs = []
     result = {"stamp": provenance.stamp(args.device), "model": f"random weights, shape {vars(small)}",

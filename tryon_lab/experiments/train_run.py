@@ -140,10 +140,7 @@ def train_call(out: Path, cfg: TrainConfig, small: SmallModelConfig, text: tuple
     if init_from is not None and resume is None:
         frozen = init_from_checkpoint(init_from, models, record, stages, log)
     _load_parts(models, frozen)
-    for m in models.values():
-        m.to(dev).eval().requires_grad_(False)
-    if cfg.compile:  # in place: parameter names, and so the saved state, stay as they are
-        models["transformer"].compile(backend=cfg.compile_backend)
+    place_models(models, dev, cfg)
     if record["vae_shift_factor"] is not None:
         models["vae"].register_to_config(shift_factor=record["vae_shift_factor"],
                                          scaling_factor=record["vae_scaling_factor"])
@@ -239,6 +236,14 @@ def _add_adapter(models: dict, cfg: TrainConfig, frozen: dict[str, torch.Tensor]
     done = {k: v for k, v in frozen.items() if k.startswith(f"{stage}.")}
     if done:
         _set_params(stage_params(models, stage), done, f"{stage} adapter")
+
+
+def place_models(models: dict, dev: torch.device, cfg: TrainConfig) -> None:
+    """Every part on ``dev``, frozen and in eval mode (a stage unfreezes its own), the transformer compiled if asked."""
+    for m in models.values():
+        m.to(dev).eval().requires_grad_(False)
+    if cfg.compile:  # in place: parameter names, and so the saved state, stay as they are
+        models["transformer"].compile(backend=cfg.compile_backend)
 
 
 def models_train(models: dict, stage: str, on: bool) -> None:

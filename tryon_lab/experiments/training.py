@@ -214,14 +214,20 @@ def sample_sigmas(n: int, image_seq_len: int, scheduler_config: dict, device,
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
 
+@torch.no_grad()
+def encode_batch(fill_pipe, b: dict, cfg: TrainConfig, device, gen: torch.Generator | None = None):
+    """``fill_batch_inputs`` through the frozen VAE, under bf16 autocast when ``cfg.fill_encode_bf16``; fp32 out."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.fill_encode_bf16):
+        x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device, gen=gen)
+    return x0.float(), cond.float(), img_ids, garment
+
+
 def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, gen: torch.Generator,
               logo_weight: float = 0.0, mask_weight: float = 0.0, draws: int = 1) -> torch.Tensor:
     """Flow-matching loss of a batch; ``draws`` > 1 repeats each encoded pair with that many (sigma, noise) draws."""
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
     prompt_embeds, pooled = text
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.fill_encode_bf16):
-        x0, cond, img_ids, garment = fill_batch_inputs(fill_pipe, b, device, gen=gen)
-    x0, cond, garment = x0.float(), cond.float(), garment.float()
+    x0, cond, img_ids, garment = encode_batch(fill_pipe, b, cfg, device, gen)
     if draws > 1:
         x0, cond = x0.repeat_interleave(draws, 0), cond.repeat_interleave(draws, 0)
     n, seq = x0.shape[0], x0.shape[1]
@@ -231,7 +237,8 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
     guidance = torch.rand(n, device=device, generator=gen) * (cfg.guidance_max - cfg.guidance_min) + cfg.guidance_min
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
         hidden = encoder(pixel_values=siglip_pixels(garment, encoder.config.image_size)).last_hidden_state
-        tokens = embedder(hidden).image_embeds.repeat_interleave(draws, 0)
+        tokens = embedder(hidden).image_embeds
+        tokens = tokens.repeat_interleave(draws, 0) if draws > 1 else tokens
         enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
         txt_ids = torch.zeros(enc.shape[1], 3, device=device)
         pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
@@ -272,6 +279,18 @@ def stage_loss(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainCon
     return fill_loss(models, fill_pipe, text, b, cfg, device, gen)
 
 
+def train_step(stage: str, models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device,
+               opt: torch.optim.Optimizer, ema, params: list[torch.nn.Parameter], gen: torch.Generator) -> torch.Tensor:
+    """One optimiser step of ``stage`` on batch ``b`` (clipped at norm 1, then the EMA); returns the loss."""
+    loss = stage_loss(stage, models, fill_pipe, text, b, cfg, device, gen)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.step(params)
+    return loss
+
+
 @torch.enable_grad()  # training, whatever grad mode the caller left set
 def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg: TrainConfig, device,
               opt: torch.optim.Optimizer, ema, should_stop, log=print, finish_deadline: float | None = None) -> int:
@@ -303,12 +322,8 @@ def run_stage(stage: str, models: dict, fill_pipe, text, batches, rec: dict, cfg
         before = time.time()
         batch = next(batches)  # the time waited here says whether the data workers or the device set the pace
         waited += time.time() - before
-        loss = stage_loss(stage, models, fill_pipe, text, batch, cfg, device, generator(seed, step, device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        ema.step(params)
+        loss = train_step(stage, models, fill_pipe, text, batch, cfg, device, opt, ema, params,
+                          generator(seed, step, device))
         rec["losses"].append(float(f"{loss.item():.5g}"))
         rec["step"], done = step + 1, done + 1
         if rec["step"] % cfg.log_every == 0:

@@ -104,3 +104,26 @@ def test_lora_is_refused_on_a_transformer_with_aot_blocks(tmp_path):
         lora.load_lora(pipe.fill, path)
     assert not aot_blocks.installed(configure.build_pipeline(checkpoint.random_checkpoint(), device="cpu",
                                                              dtype="float32").transformer)
+
+
+def test_code_saved_with_another_gelu_is_not_loaded(tmp_path):
+    """GELU as a sigmoid changes the traced code, not the parameters: blocks saved with the tanh form are
+    compiled again (the report says why), never run in a transformer whose GELU is the sigmoid form."""
+    from tests.test_speed import tiny_transformer
+    from tryon_lab.compiling import sigmoid_gelu
+
+    t = tiny_transformer()
+    folder = tmp_path / "aot"
+    folder.mkdir()
+    for b in (t.transformer_blocks[0], t.single_transformer_blocks[0]):  # as _compile writes them
+        name = type(b).__name__
+        (folder / f"{name}.bin").write_bytes(b"x")
+        (folder / f"{name}.json").write_text(json.dumps({**aot_blocks.environment(b), "signature": "s",
+                                                         "layout": aot_blocks.block_layout(b), "backend": "eager"}))
+    before = [aot_blocks.block_code(b) for b in (t.transformer_blocks[0], t.single_transformer_blocks[0])]
+    assert sigmoid_gelu(t) > 0
+    after = [aot_blocks.block_code(b) for b in (t.transformer_blocks[0], t.single_transformer_blocks[0])]
+    assert before[0] != after[0] and before[1] != after[1]
+    assert any("gelu_tanh_as_sigmoid" in n for n in after[0]) and any("SigmoidGELU" in n for n in after[1])
+    states = aot_blocks.apply_aot_blocks(t, folder, backend="eager")
+    assert {r["compile_reason"] for r in aot_blocks.report(states).values()} == {"saved for another code"}

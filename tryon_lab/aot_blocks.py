@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +76,19 @@ def environment(block: torch.nn.Module) -> dict:
         device = f"{torch.cuda.get_device_name(p.device)} sm{''.join(map(str, torch.cuda.get_device_capability(p.device)))}"
     attention = sorted({f"{type(m.processor).__name__}:{getattr(m.processor, '_attention_backend', None)}"
                         for m in block.modules() if hasattr(m, "processor")})
-    return {"torch": torch.__version__, "device": device, "diffusers": diffusers.__version__, "attention": attention}
+    return {"torch": torch.__version__, "device": device, "diffusers": diffusers.__version__, "attention": attention,
+            "code": block_code(block)}
+
+
+def block_code(block: torch.nn.Module) -> list[str]:
+    """The classes of the block's modules and the functions set on one of them (``compiling.sigmoid_gelu`` sets
+    a diffusers ``GELU``'s ``gelu``): what changes the traced code but not the parameters."""
+    names = set()
+    for m in block.modules():
+        names.add(f"{type(m).__module__}.{type(m).__qualname__}")
+        names.update(f"{type(m).__name__}.{k}={v.__module__}.{v.__qualname__}" for k, v in vars(m).items()
+                     if isinstance(v, types.FunctionType))
+    return sorted(names)
 
 
 @dataclass

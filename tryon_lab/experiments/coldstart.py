@@ -311,7 +311,8 @@ def run_case(name: str, case: Case, model_dir: Path, work: Path, base: dict, tim
     if case.fp8_weights:
         options["fp8_weights"] = str(fp8)
     if case.aot_blocks:  # the folder a deployment would ship beside the weights
-        blocks = work / f"aot-blocks-{options.get('fp8', 'none')}-{options.get('attention', 'native')}"  # per FP8 mode and kernel
+        blocks = work / (f"aot-blocks-{options.get('fp8', 'none')}-{options.get('attention', 'native')}"  # per FP8
+                         + "-sigmoid-gelu" * bool(options.get("sigmoid_gelu")))  # mode, kernel and GELU
         if case.aot_blocks == "save":
             shutil.rmtree(blocks, ignore_errors=True)
         elif not any(blocks.glob("*.bin")):

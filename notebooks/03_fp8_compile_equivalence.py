@@ -210,6 +210,19 @@ fig = plots.phase_bars(early_cold, phases, title="reads started at torch's impor
 notebook.markdown(f"Measured on {measured_on}.")
 
 # %% [markdown]
+# Run 31 (a faster host: stock 18.6 s): the serving process with the best step's blocks (GELU as a sigmoid, the
+# step as one CUDA graph), then the same with Redux in a worker forked right after `import torch`
+# (`RemoteRedux(..., fork=True)`): torch is imported once, transformers never in the serving process, and SigLIP
+# loads beside the build. **9.5 s, 0.51x stock**, the fastest so far (0.5x asked 9.3 s here); with SigLIP in the
+# serving process the same options took 11.3 s. In both, the main thread still waited ~0.5 s for the thread that
+# made the CUDA handles (joined before the build; the harness now joins it after).
+
+# %%
+forked_cold, phases, measured_on = variants_report.gpu_cold_start(key=variants_report.GPU_COLD_FORKED_REDUX_KEY)
+fig = plots.phase_bars(forked_cold, phases, title="Redux forked after torch's import: fresh process -> first image (s)")
+notebook.markdown(f"Measured on {measured_on}.")
+
+# %% [markdown]
 # ### On the GPU: step speed and per image, with a verdict each
 # Every row of one H200 run of `scripts/bench_gpu.py`, beside stock bf16 eager, on the full-size model with random
 # weights. A variant is **equivalent** when its final latents stay within the stated rel-L2 of bf16 eager's; the

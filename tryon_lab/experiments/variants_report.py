@@ -159,6 +159,7 @@ GPU_PEER_KEY = "bench_gpu_peer_transformer"  # run 22: the flux-fast peer recipe
 GPU_TUNED_KEY = "bench_gpu_tuned_steps"  # run 23: our best with the peer's inductor flags
 GPU_EARLY_READS_KEY = "probe_early_reads"  # run 24: the FP8 read started at torch's import, probed alone
 GPU_COLD_EARLY_READS_KEY = "bench_gpu_cold_early_reads"  # run 25: the same lever as a cold-start case
+GPU_COLD_FORKED_REDUX_KEY = "bench_gpu_cold_forked_redux"  # run 31: the best step served; Redux forked after torch
 GPU_SIGMOID_GELU_KEY = "bench_gpu_sigmoid_gelu_steps"  # run 28: GELU as a sigmoid (+ multi_kernel) beside the best
 GPU_SIGMOID_GELU_TUNED_KEY = "bench_gpu_sigmoid_gelu_tuned_steps"  # run 29: the same + coordinate descent
 BLOCK_KERNELS_FILE = "probe_block_kernels.json"  # runs 26, 27 and 30: inductor's fused kernels in the best step's blocks

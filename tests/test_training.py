@@ -467,7 +467,7 @@ def test_the_committed_training_state_assembles_to_the_candidate_its_scores_are_
     """The state a later GPU call resumes is the one the recorded scores came from: assembling it here gives the
     model fingerprint stamped in its results file."""
     root = Path(__file__).resolve().parent.parent
-    record = json.loads((root / "benchmarks" / "training_runs" / "4x-vae-fill-8046+1347x512.json").read_text())
+    record = json.loads((root / "benchmarks" / "training_runs" / "4x-vae-fill-8046+1347x512+2098x256x2.json").read_text())
     from tryon_lab import provenance
     from tryon_lab.experiments import default_model
 

@@ -305,6 +305,35 @@ def test_import_cache_hits_in_a_second_process_and_misses_after_an_install(tmp_p
     assert json.loads(path.read_text())["map"]["newpkg"] == ["newpkg"]
 
 
+LEFT_OUT_CHILD = """
+import json, sys
+from tryon_lab import import_cache
+import_cache.leave_out(import_cache.WITHOUT_TRANSFORMERS)  # a serving process with Redux in a worker
+report = import_cache.use(sys.argv[1])
+import diffusers.models  # the serving process's imports, without transformers
+left_out = "transformers" not in sys.modules or sys.modules["transformers"] is None
+import_cache.bring_back("transformers")  # what the forked Redux worker does: its SigLIP through the cached tables
+import transformers
+siglip = transformers.SiglipVisionModel.__name__
+print(json.dumps({**report, **import_cache.report(), "left_out": left_out, "siglip": siglip}))
+"""
+
+
+def test_import_cache_hits_in_a_process_that_leaves_transformers_out_and_keeps_the_file(tmp_path):
+    # The key must not depend on what a process leaves out: a serving process without transformers (and the Redux
+    # worker forked from it, which brings it back) reads the image build's file, and never rewrites it for the next
+    # process (H200 run 31: each such process missed, rewrote the file without transformers' tables, and the next
+    # process with transformers missed in turn; 0.49-0.55 s a miss).
+    path = tmp_path / "import-cache.json"
+    run_child("-m", "tryon_lab.import_cache", str(path))  # the image build step
+    written = path.read_bytes()
+    served = run_child("-c", LEFT_OUT_CHILD, str(path))
+    assert served["left_out"] and served["hit"] and served["structure_misses"] == 0 and served["siglip"] == "SiglipVisionModel"
+    assert path.read_bytes() == written
+    after = run_child("-c", IMPORT_CACHE_CHILD, str(path))  # a process with transformers, next
+    assert after["hit"] and after["structure_misses"] == 0
+
+
 def test_import_cache_that_cannot_be_written_warns_and_serves_the_true_map(tmp_path):
     # A read-only or impossible place never stops a serving process: it warns, names the fix, and the map it
     # serves is still importlib's own.

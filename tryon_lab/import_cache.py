@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import json
@@ -41,10 +42,16 @@ SERVING_LEFT_OUT = ("peft", "scipy", "sklearn", "sentencepiece")
 WITHOUT_TRANSFORMERS = (*SERVING_LEFT_OUT, "transformers")  # with Redux in its own process (redux_process.py)
 
 
+def _transformers_spec():
+    """transformers' spec found on ``sys.path`` itself, as if nothing had imported or left it out: a serving process
+    that leaves it out (``leave_out``) keys and reads the same file as the image build that imported it."""
+    return importlib.machinery.PathFinder.find_spec("transformers")
+
+
 def path_key() -> list[list]:
     """``sys.path``'s folders and transformers' own folders with their modification times (ns): what a package
     install or removal changes."""
-    spec = importlib.util.find_spec("transformers")
+    spec = _transformers_spec()
     own = [os.path.join(d, sub) for d in (spec.submodule_search_locations or [])
            for sub in ("", "models")] if spec else []
     # absolute and once each: "" (the current folder under -c) and -m's script folder name the same place
@@ -142,7 +149,7 @@ def use(path: str | Path) -> dict:
     importlib.metadata.packages_distributions = cache.packages_distributions
     if _STRUCTURE_MODULE in sys.modules:
         cache.wrap_structures(sys.modules[_STRUCTURE_MODULE])
-    elif importlib.util.find_spec("transformers") is not None:
+    elif _transformers_spec() is not None:  # also when left out here: a forked worker brings it back
         sys.meta_path.insert(0, _AfterLoad(_STRUCTURE_MODULE, cache.wrap_structures))
     if not cache.hit:
         cache.save()  # the map now; each import structure as it is built

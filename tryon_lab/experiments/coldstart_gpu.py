@@ -329,7 +329,7 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     print(f"  snapshot {res['snapshot_s']:.0f} s, fingerprint {res['fingerprint_s']:.0f} s", flush=True)
     base = dict(device=s.device, dtype=s.dtype, embeddings_file=str(root / "embeddings.safetensors"),
                 compile_backend="inductor" if s.device == "cuda" else "aot_eager")
-    cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls, no FA3
+    cpu = s.device != "cuda"  # the CPU smoke run: FP8 weights only, no FP8 matmuls, no FA3, no CUDA graphs
     cases = {k: Case(**{**c.__dict__, "options": {**c.options, "fp8": "fp8_weight_only", "attention": "native",
                                                         "step_graph": False}
                         if c.options and cpu else c.options}) for k, c in chosen.items()}

@@ -184,9 +184,8 @@ def child(t: float) -> None:
     def start_redux(fork: bool):  # the worker keeps transformers and leaves out the rest
         from ..redux_process import RemoteRedux
 
-        o = a["options"]
-        return RemoteRedux(a["model_dir"], o["device"], o["dtype"], import_cache.SERVING_LEFT_OUT * a["leave_out"],
-                           a.get("import_cache"), fork)
+        return RemoteRedux(a["model_dir"], a["options"]["device"], a["options"]["dtype"],
+                           import_cache.SERVING_LEFT_OUT * a["leave_out"], a.get("import_cache"), fork)
 
     # spawned now, its imports, load and CUDA context overlap this process's; forked once torch is imported
     redux = start_redux(False) if a["redux_process"] and not a["redux_fork"] else None
@@ -201,8 +200,7 @@ def child(t: float) -> None:
 
         reads = start_reads(a["model_dir"], PipelineOptions(**a["options"]))
     lap("imports")
-    thread = threading.Thread(target=_cuda_init) if a["cuda_thread"] else None
-    if thread is not None:
+    if thread := (threading.Thread(target=_cuda_init) if a["cuda_thread"] else None):
         thread.start()
     else:
         _cuda_init()

@@ -262,35 +262,6 @@ def prepare_fp8(model_dir: Path, work: Path, options: dict, calibration: int | N
     return {**info, "seconds": time.perf_counter() - start}
 
 
-def compare_reads(path: Path, device: str) -> dict:
-    """The saved FP8 file read onto ``device`` both ways, timed: safetensors' ``load_file`` (tensor by tensor out of
-    the memory map) and ``bulk_read`` (chunked reads in flight through pinned buffers, what the cases use); the
-    two must agree byte for byte."""
-    import torch
-    from safetensors.torch import load_file
-
-    from ..bulk_read import read_safetensors
-    from ..oom import free_cached
-    from ..timers import sync
-
-    seconds, reads = {}, {}
-    for name, read in (("load_file", lambda: load_file(str(path), device=device)),
-                       ("bulk_read", lambda: read_safetensors(path, device)[0])):
-        sync(device)
-        begin = time.perf_counter()
-        reads[name] = read()
-        sync(device)
-        seconds[name] = time.perf_counter() - begin
-    a, b = reads.pop("load_file"), reads.pop("bulk_read")
-    equal = a.keys() == b.keys() and all(torch.equal(a[k].reshape(-1).view(torch.uint8),
-                                                     b[k].reshape(-1).view(torch.uint8)) for k in a)
-    del a, b
-    free_cached()  # both copies' GPU memory back before the cases' processes start
-    size = path.stat().st_size
-    return {"bytes": size, "equal": equal, **{f"{k}_s": v for k, v in seconds.items()},
-            **{f"{k}_gb_per_s": size / v / 1e9 for k, v in seconds.items()}}
-
-
 def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case=None,
             names: list[str] | None = None, bytecode: bool = False, rounds: int = 1) -> dict:
     """The full-size snapshot (random weights, real layout, local disk) and the ``GPU_CASES`` cases on it
@@ -302,7 +273,7 @@ def gpu_run(s, work: str | Path, steps: int = 28, budget_s: float = 540, on_case
     from .. import embeddings
     from ..checkpoint import FILL_SUBDIR
     from ..provenance import fingerprint
-    from .loading_bench import build_snapshot
+    from .loading_bench import build_snapshot, compare_reads
 
     work = Path(work)
     root = work / "model"

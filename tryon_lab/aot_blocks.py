@@ -80,6 +80,12 @@ def environment(block: torch.nn.Module) -> dict:
             "code": block_code(block)}
 
 
+def depends_on(block: torch.nn.Module, backend: str) -> dict:
+    """Everything a class's saved code was built on and is loaded only with: the environment, the block's layout
+    and the compile backend (the JSON beside the code holds these and the call signature)."""
+    return {**environment(block), "layout": block_layout(block), "backend": backend}
+
+
 def block_code(block: torch.nn.Module) -> list[str]:
     """The classes of the block's modules and the functions set on one of them (``compiling.sigmoid_gelu`` sets
     a diffusers ``GELU``'s ``gelu``): what changes the traced code but not the parameters."""
@@ -141,8 +147,7 @@ def _compile(block: torch.nn.Module, st: AotBlocksState, args: tuple, kwargs: di
     st.compiled, st.signature = wrapper.forward.compiled_results[0], call_signature(args, kwargs)
     binary, meta = st.files
     st.folder.mkdir(parents=True, exist_ok=True)
-    info = json.dumps({**environment(block), "signature": st.signature, "layout": block_layout(block),
-                       "backend": st.backend}, indent=1)
+    info = json.dumps({**depends_on(block, st.backend), "signature": st.signature}, indent=1)
     for path, content in ((binary, data), (meta, info.encode())):  # whole files only: other processes may read
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_bytes(content)
@@ -156,7 +161,7 @@ def _load(block: torch.nn.Module, st: AotBlocksState) -> str | None:
     if not (binary.is_file() and meta_file.is_file()):
         return "no saved code"
     meta = json.loads(meta_file.read_text())
-    for key, now in (*environment(block).items(), ("layout", block_layout(block)), ("backend", st.backend)):
+    for key, now in depends_on(block, st.backend).items():
         if meta.get(key) != now:
             return f"saved for another {key}"
     start = time.perf_counter()

@@ -228,8 +228,11 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
     transformer, encoder, embedder = models["transformer"], models["image_encoder"], models["image_embedder"]
     prompt_embeds, pooled = text
     x0, cond, img_ids, garment = encode_batch(fill_pipe, b, cfg, device, gen)
-    if draws > 1:
-        x0, cond = x0.repeat_interleave(draws, 0), cond.repeat_interleave(draws, 0)
+
+    def per_draw(t: torch.Tensor | None) -> torch.Tensor | None:  # each pair's rows once per noise draw
+        return t.repeat_interleave(draws, 0) if t is not None and draws > 1 else t
+
+    x0, cond = per_draw(x0), per_draw(cond)
     n, seq = x0.shape[0], x0.shape[1]
     sigma = sample_sigmas(n, seq, dict(fill_pipe.scheduler.config), device, gen)
     noise = torch.randn(x0.shape, device=device, generator=gen)
@@ -237,15 +240,13 @@ def fill_loss(models: dict, fill_pipe, text, b: dict, cfg: TrainConfig, device, 
     guidance = torch.rand(n, device=device, generator=gen) * (cfg.guidance_max - cfg.guidance_min) + cfg.guidance_min
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), sdpa_kernel(_SDPA):
         hidden = encoder(pixel_values=siglip_pixels(garment, encoder.config.image_size)).last_hidden_state
-        tokens = embedder(hidden).image_embeds
-        tokens = tokens.repeat_interleave(draws, 0) if draws > 1 else tokens
+        tokens = per_draw(embedder(hidden).image_embeds)
         enc = torch.cat([prompt_embeds.repeat(n, 1, 1), tokens.to(prompt_embeds.dtype)], dim=1)
         txt_ids = torch.zeros(enc.shape[1], 3, device=device)
         pred = transformer(hidden_states=torch.cat([xt, cond], dim=2), timestep=sigma, guidance=guidance,
                            pooled_projections=pooled.repeat(n, 1), encoder_hidden_states=enc, txt_ids=txt_ids,
                            img_ids=img_ids, return_dict=False)[0]
-    weight = token_weights(b, 2 * fill_pipe.vae_scale_factor, device, logo_weight, mask_weight)
-    weight = weight.repeat_interleave(draws, 0) if weight is not None and draws > 1 else weight
+    weight = per_draw(token_weights(b, 2 * fill_pipe.vae_scale_factor, device, logo_weight, mask_weight))
     return weighted_mean((pred.float() - (noise - x0)) ** 2, weight)
 
 
